@@ -1,0 +1,74 @@
+//! The command line: `cresnet-opt IN -o OUT --passes …` (optimize) plus the
+//! `stats`, `check` and `pipelines` subcommands, one module each. Errors
+//! print as one `error: …` line with the cause chain and exit with code 2.
+mod check;
+mod optimize;
+mod pipelines;
+mod stats;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "cresnet-opt", version, about = "Compress ResNet-style ONNX models: BN folding, coupled channel pruning, depthwise factorization")]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    optimize: optimize::OptimizeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Graph statistics: params, MACs, per-layer rows; two models side by side.
+    Stats(stats::StatsArgs),
+    /// Accuracy (tract) on labelled images or random inputs, with CI thresholds.
+    Check(check::CheckArgs),
+    /// List the pipelines shipped in the binary.
+    Pipelines,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Stats(args)) => stats::run(&args).map(|_| ExitCode::SUCCESS),
+        Some(Command::Check(args)) => check::run(&args),
+        Some(Command::Pipelines) => pipelines::run().map(|_| ExitCode::SUCCESS),
+        None => optimize::run(&cli.optimize).map(|_| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+/// Parses `name:1,3,224,224` into a shape override.
+fn parse_input_shape(spec: &str) -> Result<(String, Vec<usize>)> {
+    let (name, dims) = spec.rsplit_once(':').with_context(|| format!("--input-shape `{spec}` is not NAME:D1,D2,…"))?;
+    let dims = dims.split(',').map(|d| d.trim().parse::<usize>().with_context(|| format!("--input-shape `{spec}`: `{d}` is not a dimension"))).collect::<Result<Vec<_>>>()?;
+    Ok((name.to_string(), dims))
+}
+
+fn input_shapes(specs: &[String]) -> Result<crate::shape::InputShapes> {
+    specs.iter().map(|s| parse_input_shape(s)).collect()
+}
+
+/// Loads a model with the path in the error context.
+fn load(path: &std::path::Path) -> Result<crate::ir::Model> {
+    crate::io::load(path).with_context(|| format!("cannot load model {}", path.display()))
+}
+
+/// Thousands separators for counts in tables.
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,127 @@
+//! `cresnet-opt IN -o OUT (--passes LIST | --pipeline NAME | --config FILE)`.
+use super::{group, input_shapes, load};
+use crate::config::{recipe, PassName, PassSpec, PipelineFile};
+use crate::passes::PassReport;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Args)]
+pub struct OptimizeArgs {
+    /// The ONNX model to optimize.
+    #[arg(required = true)]
+    input: Option<PathBuf>,
+    /// Where to write the optimized model (written atomically).
+    #[arg(short, long, required = true)]
+    output: Option<PathBuf>,
+    /// Comma-separated passes, applied in order with default options; `none` = round trip.
+    #[arg(long, value_delimiter = ',', value_parser = parse_pass, group = "source")]
+    passes: Vec<Option<PassName>>,
+    /// A shipped pipeline by name (see `cresnet-opt pipelines`).
+    #[arg(long, group = "source")]
+    pipeline: Option<String>,
+    /// A pipeline file (YAML): `pipeline`, `passes`, `calibration`.
+    #[arg(long, group = "source")]
+    config: Option<PathBuf>,
+    /// Write the pass reports as JSON (for CI).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Override an input's shape, e.g. `input:1,3,224,224`.
+    #[arg(long)]
+    input_shape: Vec<String>,
+    /// Write tensor data to `OUT.data` beside the model (models over 2 GB).
+    #[arg(long)]
+    external_data: bool,
+    /// No per-pass summary on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// `none` parses as `None` (no pass); anything else must be a pass name.
+fn parse_pass(s: &str) -> Result<Option<PassName>, String> {
+    if s == "none" {
+        return Ok(None);
+    }
+    <PassName as clap::ValueEnum>::from_str(s, false).map(Some).map_err(|_| format!("unknown pass `{s}` (valid: none, {})", crate::config::PASS_NAMES.join(", ")))
+}
+
+#[derive(Serialize)]
+struct RunReport<'a> {
+    input: &'a Path,
+    output: &'a Path,
+    passes: &'a [PassReport],
+    params_before: u64,
+    params_after: u64,
+    macs_before: u64,
+    macs_after: u64,
+    seconds: f64,
+}
+
+fn pipeline_passes(args: &OptimizeArgs) -> Result<Vec<PassSpec>> {
+    if let Some(path) = &args.config {
+        let file = PipelineFile::load(path).with_context(|| format!("cannot use pipeline file {}", path.display()))?;
+        return Ok(file.resolve_passes()?);
+    }
+    if let Some(name) = &args.pipeline {
+        return Ok(recipe(name)?.passes.unwrap_or_default());
+    }
+    if args.passes.is_empty() {
+        bail!("nothing to do: give --passes LIST (or `none`), --pipeline NAME or --config FILE");
+    }
+    Ok(args.passes.iter().flatten().map(|&p| PassSpec::default_for(p)).collect())
+}
+
+pub fn run(args: &OptimizeArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let (input, output) = (args.input.as_deref().expect("required"), args.output.as_deref().expect("required"));
+    let passes = pipeline_passes(args)?;
+    let overrides = input_shapes(&args.input_shape)?;
+    let mut model = load(input)?;
+    let reports = crate::passes::run_pipeline(&mut model, &passes, &overrides, |r| {
+        if !args.quiet {
+            eprintln!("{}", summary(r));
+        }
+    })?;
+    crate::io::save(&model, output, args.external_data).with_context(|| format!("cannot write {}", output.display()))?;
+    if let Some(path) = &args.report {
+        let (first, last) = (reports.first(), reports.last());
+        let report = RunReport {
+            input,
+            output,
+            passes: &reports,
+            params_before: first.map_or(0, |r| r.params_before),
+            params_after: last.map_or(0, |r| r.params_after),
+            macs_before: first.map_or(0, |r| r.macs_before),
+            macs_after: last.map_or(0, |r| r.macs_after),
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        crate::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("cannot write report {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One pass's line on stderr, plus its first few declines.
+fn summary(r: &PassReport) -> String {
+    let pct = |a: u64, b: u64| if b == 0 { 100.0 } else { 100.0 * a as f64 / b as f64 };
+    let mut s = format!(
+        "{}: {} changed, {} declined; params {} -> {} ({:.1}%), MACs {} -> {} ({:.1}%); {:.2} s",
+        r.pass,
+        r.changed.len(),
+        r.declined.len(),
+        group(r.params_before),
+        group(r.params_after),
+        pct(r.params_after, r.params_before),
+        group(r.macs_before),
+        group(r.macs_after),
+        pct(r.macs_after, r.macs_before),
+        r.seconds
+    );
+    for d in r.declined.iter().take(5) {
+        s.push_str(&format!("\n  declined `{}`: {}", d.node, d.reason));
+    }
+    if r.declined.len() > 5 {
+        s.push_str(&format!("\n  … and {} more (see --report)", r.declined.len() - 5));
+    }
+    s
+}

@@ -1,0 +1,9 @@
+//! `cresnet-opt pipelines`: the recipes shipped in the binary.
+use anyhow::Result;
+
+pub fn run() -> Result<()> {
+    for (name, summary, _) in crate::config::RECIPES {
+        println!("{name:<10} {summary}");
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The pipeline file (YAML) and the pass options it carries. Unknown keys
+//! are rejected with the key named; ratios are checked to lie in (0, 1).
+//!
+//! ```yaml
+//! pipeline: cresnet            # optional: a named recipe shipped with the tool
+//! passes:                      # optional: ordered; a name, or {name: {options}}
+//!   - fold
+//!   - prune: { target_macs: 0.5, importance: l1 }
+//!   - dw: { rank: 1 }
+//! calibration:                 # optional: images for data-aware passes
+//!   { data: DIR, classes: FILE, images: 256, preprocess: caffe }
+//! ```
+use crate::error::{Error, Result};
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The passes this build knows, by their pipeline names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PassName {
+    Fold,
+    Prune,
+    Dw,
+}
+
+pub const PASS_NAMES: &[&str] = &["fold", "prune", "dw"];
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FoldOptions {}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Importance {
+    #[default]
+    L1,
+    L2,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    All,
+    Inner,
+}
+
+/// Options of `prune`; see `passes/prune_channels.rs` for their meaning.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PruneOptions {
+    pub ratio: Option<f64>,
+    pub target_macs: Option<f64>,
+    pub target_params: Option<f64>,
+    pub importance: Importance,
+    pub scope: Scope,
+    pub round_to: usize,
+    pub min_channels: usize,
+    pub ignore: Vec<String>,
+    pub compensate: bool,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions { ratio: None, target_macs: None, target_params: None, importance: Importance::L1, scope: Scope::All, round_to: 1, min_channels: 1, ignore: vec![], compensate: true }
+    }
+}
+
+/// Options of `dw`; see `passes/factorize_depthwise.rs`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DwOptions {
+    pub rank: Option<usize>,
+    pub energy: Option<f64>,
+    pub min_gain: f64,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl Default for DwOptions {
+    fn default() -> Self {
+        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![] }
+    }
+}
+
+/// One step of a pipeline with its options.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum PassSpec {
+    Fold(FoldOptions),
+    Prune(PruneOptions),
+    Dw(DwOptions),
+}
+
+impl PassSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PassSpec::Fold(_) => "fold",
+            PassSpec::Prune(_) => "prune",
+            PassSpec::Dw(_) => "dw",
+        }
+    }
+
+    /// The pass with its default options (the `--passes` shortcut).
+    pub fn default_for(name: PassName) -> PassSpec {
+        match name {
+            PassName::Fold => PassSpec::Fold(FoldOptions::default()),
+            PassName::Prune => PassSpec::Prune(PruneOptions::default()),
+            PassName::Dw => PassSpec::Dw(DwOptions::default()),
+        }
+    }
+
+    fn from_options<E: de::Error>(name: &str, value: yaml_serde::Value) -> std::result::Result<PassSpec, E> {
+        let value = if value.is_null() { yaml_serde::Value::Mapping(Default::default()) } else { value };
+        let opts = |e: yaml_serde::Error| E::custom(format!("options of pass `{name}`: {e}"));
+        Ok(match parse_name::<E>(name)? {
+            PassName::Fold => PassSpec::Fold(yaml_serde::from_value(value).map_err(opts)?),
+            PassName::Prune => PassSpec::Prune(yaml_serde::from_value(value).map_err(opts)?),
+            PassName::Dw => PassSpec::Dw(yaml_serde::from_value(value).map_err(opts)?),
+        })
+    }
+
+    /// Checks option values (ranges, mutually exclusive keys).
+    pub fn check(&self) -> Result<()> {
+        let in_unit = |key: &str, v: Option<f64>| match v {
+            Some(x) if !(x > 0.0 && x < 1.0) => Err(Error::Config(format!("`{}.{key}` is {x}, but must lie strictly between 0 and 1", self.name()))),
+            _ => Ok(()),
+        };
+        match self {
+            PassSpec::Fold(_) => Ok(()),
+            PassSpec::Prune(o) => {
+                in_unit("ratio", o.ratio)?;
+                in_unit("target_macs", o.target_macs)?;
+                in_unit("target_params", o.target_params)?;
+                let set = [o.ratio, o.target_macs, o.target_params].iter().filter(|v| v.is_some()).count();
+                if set > 1 {
+                    return Err(Error::Config("`prune` takes only one of `ratio`, `target_macs`, `target_params`".into()));
+                }
+                if o.round_to == 0 || o.min_channels == 0 {
+                    return Err(Error::Config("`prune.round_to` and `prune.min_channels` must be at least 1".into()));
+                }
+                Ok(())
+            }
+            PassSpec::Dw(o) => {
+                in_unit("energy", o.energy.filter(|&e| e != 1.0))?;
+                if o.rank.is_some() && o.energy.is_some() {
+                    return Err(Error::Config("`dw` takes `rank` or `energy`, not both".into()));
+                }
+                if o.rank == Some(0) {
+                    return Err(Error::Config("`dw.rank` must be at least 1".into()));
+                }
+                if !(0.0..1.0).contains(&o.min_gain) {
+                    return Err(Error::Config(format!("`dw.min_gain` is {}, but must lie in [0, 1)", o.min_gain)));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn parse_name<E: de::Error>(name: &str) -> std::result::Result<PassName, E> {
+    match name {
+        "fold" => Ok(PassName::Fold),
+        "prune" => Ok(PassName::Prune),
+        "dw" => Ok(PassName::Dw),
+        other => Err(E::custom(format!("unknown pass `{other}` (valid passes: {})", PASS_NAMES.join(", ")))),
+    }
+}
+
+impl<'de> Deserialize<'de> for PassSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct SpecVisitor;
+        impl<'de> Visitor<'de> for SpecVisitor {
+            type Value = PassSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a pass name or a one-key map {{name: {{options}}}}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<PassSpec, E> {
+                PassSpec::from_options(v, yaml_serde::Value::Null)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<PassSpec, A::Error> {
+                let (name, value): (String, yaml_serde::Value) = map.next_entry()?.ok_or_else(|| de::Error::custom("empty pass entry"))?;
+                if map.next_key::<String>()?.is_some() {
+                    return Err(de::Error::custom(format!("pass entry `{name}` has more than one key; write each pass as its own list item")));
+                }
+                PassSpec::from_options(&name, value)
+            }
+        }
+        d.deserialize_any(SpecVisitor)
+    }
+}
+
+/// Preprocessing presets (a YAML file may define its own).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Preprocess {
+    Caffe,
+    Torch,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Preprocess {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "caffe" => Preprocess::Caffe,
+            "torch" => Preprocess::Torch,
+            f if f.ends_with(".yaml") || f.ends_with(".yml") => Preprocess::File(PathBuf::from(f)),
+            other => return Err(format!("unknown preprocessing `{other}` (use caffe, torch or a .yaml file)")),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Preprocess {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// Images for the data-aware passes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Calibration {
+    pub data: PathBuf,
+    pub classes: Option<PathBuf>,
+    #[serde(default = "default_images")]
+    pub images: usize,
+    #[serde(default = "default_preprocess")]
+    pub preprocess: Preprocess,
+}
+
+fn default_images() -> usize {
+    256
+}
+fn default_preprocess() -> Preprocess {
+    Preprocess::Caffe
+}
+
+/// A whole pipeline file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    pub pipeline: Option<String>,
+    pub passes: Option<Vec<PassSpec>>,
+    pub calibration: Option<Calibration>,
+}
+
+/// Recipes shipped in the binary: (name, one-line summary, YAML).
+pub const RECIPES: &[(&str, &str, &str)] = &[
+    ("fold", "fold BatchNormalization into convs: lossless, tract-friendly", include_str!("../passes/fold.yaml")),
+    ("cresnet", "CResNet (Luo et al. 2021): fold, coupled L1 pruning, depthwise factorization (data-free stage)", include_str!("../passes/cresnet.yaml")),
+];
+
+impl PipelineFile {
+    pub fn from_yaml(text: &str, what: &str) -> Result<PipelineFile> {
+        let file: PipelineFile = yaml_serde::from_str(text).map_err(|e| Error::Config(format!("{what}: {e}")))?;
+        for spec in file.passes.iter().flatten() {
+            spec.check().map_err(|e| Error::Config(format!("{what}: {}", e.to_string().trim_start_matches("bad pipeline configuration: "))))?;
+        }
+        Ok(file)
+    }
+
+    pub fn load(path: &Path) -> Result<PipelineFile> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        let mut file = Self::from_yaml(&text, &path.display().to_string())?;
+        // Relative data paths are relative to the pipeline file.
+        if let (Some(cal), Some(dir)) = (file.calibration.as_mut(), path.parent()) {
+            cal.data = dir.join(&cal.data);
+            cal.classes = cal.classes.as_ref().map(|c| dir.join(c));
+        }
+        Ok(file)
+    }
+
+    /// The passes to run: the file's own list, else its named recipe's.
+    pub fn resolve_passes(&self) -> Result<Vec<PassSpec>> {
+        if let Some(passes) = &self.passes {
+            return Ok(passes.clone());
+        }
+        match &self.pipeline {
+            Some(name) => Ok(recipe(name)?.passes.unwrap_or_default()),
+            None => Err(Error::Config("the pipeline file has neither `passes` nor `pipeline`".into())),
+        }
+    }
+}
+
+/// A shipped recipe by name.
+pub fn recipe(name: &str) -> Result<PipelineFile> {
+    let (_, _, text) = RECIPES.iter().find(|(n, _, _)| *n == name).ok_or_else(|| {
+        let names: Vec<&str> = RECIPES.iter().map(|(n, _, _)| *n).collect();
+        Error::Config(format!("unknown pipeline `{name}` (shipped pipelines: {})", names.join(", ")))
+    })?;
+    PipelineFile::from_yaml(text, &format!("shipped pipeline `{name}`"))
+}

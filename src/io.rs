@@ -1,0 +1,159 @@
+//! Loading and saving ONNX files. Saving is atomic: the model goes to a
+//! temporary file in the target folder, renamed over the target only once
+//! it is completely written, so a failure never leaves a half-written model
+//! (and `-o` equal to the input replaces it only on success).
+use crate::error::{Error, Result};
+use crate::ir::{Graph, Model, Weight};
+use crate::onnx::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto, TensorProto};
+use bytes::Bytes;
+use indexmap::IndexMap;
+use prost::Message;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Tensors at least this large go to the side file with `--external-data`.
+const EXTERNAL_MIN_BYTES: usize = 1024;
+
+/// Reads, decodes and validates a model.
+pub fn load(path: &Path) -> Result<Model> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+    if bytes.is_empty() {
+        return Err(Error::EmptyFile { path: path.to_path_buf() });
+    }
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let model = from_bytes(Bytes::from(bytes), &path.display().to_string(), Some(&dir))?;
+    crate::validate::validate(&model.graph, &Default::default())?;
+    Ok(model)
+}
+
+/// Decodes a model from memory; `dir` resolves external data.
+pub fn from_bytes(bytes: Bytes, what: &str, dir: Option<&Path>) -> Result<Model> {
+    let mut proto = ModelProto::decode(bytes).map_err(|source| Error::Decode { what: what.to_string(), source })?;
+    let not_onnx = |reason: &str| Error::NotOnnx { what: what.to_string(), reason: reason.to_string() };
+    let mut graph = proto.graph.take().ok_or_else(|| not_onnx("it has no graph"))?;
+    if proto.ir_version.unwrap_or(0) <= 0 {
+        return Err(not_onnx("it has no ir_version"));
+    }
+    if graph.node.is_empty() {
+        return Err(not_onnx("its graph has no nodes"));
+    }
+    let mut files = ExternalFiles { dir: dir.map(Path::to_path_buf), cache: HashMap::new() };
+    let mut weights = IndexMap::with_capacity(graph.initializer.len());
+    for t in std::mem::take(&mut graph.initializer) {
+        let external = files.data_of(&t)?;
+        let w = Weight::decode(t, external)?;
+        if w.name().is_empty() {
+            return Err(Error::invalid("an initializer has no name"));
+        }
+        if weights.insert(w.name().to_string(), w).is_some() {
+            return Err(Error::invalid("two initializers share a name"));
+        }
+    }
+    let nodes = std::mem::take(&mut graph.node);
+    Ok(Model { proto, graph: Graph::new(nodes, weights, graph)? })
+}
+
+/// External-data files, each read once.
+struct ExternalFiles {
+    dir: Option<PathBuf>,
+    cache: HashMap<String, Bytes>,
+}
+
+impl ExternalFiles {
+    fn data_of(&mut self, t: &TensorProto) -> Result<Option<Bytes>> {
+        if t.data_location != Some(DataLocation::External as i32) {
+            return Ok(None);
+        }
+        let entry = |key: &str| t.external_data.iter().find(|e| e.key() == key).map(|e| e.value().to_string());
+        let name = t.name();
+        let location = entry("location").ok_or_else(|| Error::tensor(name, "external data without a location"))?;
+        let number = |key: &str| -> Result<Option<usize>> {
+            entry(key).map(|v| v.parse::<usize>().map_err(|_| Error::tensor(name, format!("external data {key} `{v}` is not a number")))).transpose()
+        };
+        let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+        let dir = self.dir.clone().ok_or_else(|| Error::tensor(name, "external data needs the model's folder"))?;
+        let path = dir.join(&location);
+        let file = match self.cache.get(&location) {
+            Some(b) => b.clone(),
+            None => {
+                let b = Bytes::from(std::fs::read(&path).map_err(|source| Error::Read { path: path.clone(), source })?);
+                self.cache.insert(location.clone(), b.clone());
+                b
+            }
+        };
+        let end = length.map_or(Some(file.len()), |l| offset.checked_add(l));
+        match end {
+            Some(end) if end <= file.len() && offset <= end => Ok(Some(file.slice(offset..end))),
+            _ => Err(Error::tensor(name, format!("external data range offset {offset} length {length:?} exceeds {} ({} bytes)", path.display(), file.len()))),
+        }
+    }
+}
+
+/// Encodes a model. With `external`, tensor data goes to `<file name>.data`
+/// beside `path` (for models over protobuf's 2 GB limit).
+pub fn save(model: &Model, path: &Path, external: bool) -> Result<()> {
+    let mut proto = model.to_proto()?;
+    if external {
+        let side = side_file_name(path);
+        let data = move_data_out(&mut proto, &side);
+        write_atomic(&path.with_file_name(&side), &data)?;
+    }
+    write_atomic(path, &proto.encode_to_vec())
+}
+
+pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
+    Ok(model.to_proto()?.encode_to_vec())
+}
+
+fn side_file_name(path: &Path) -> String {
+    format!("{}.data", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()))
+}
+
+/// Moves large tensors' raw data into one buffer, pointing the protos at it.
+fn move_data_out(proto: &mut ModelProto, location: &str) -> Vec<u8> {
+    let mut data = Vec::new();
+    let Some(graph) = proto.graph.as_mut() else { return data };
+    for t in &mut graph.initializer {
+        let Some(raw) = t.raw_data.take_if(|r| r.len() >= EXTERNAL_MIN_BYTES) else { continue };
+        // Keep 64-byte alignment so readers may memory-map the file.
+        data.resize(data.len().next_multiple_of(64), 0);
+        let offset = data.len();
+        data.extend_from_slice(&raw);
+        t.data_location = Some(DataLocation::External as i32);
+        t.external_data = [("location", location.to_string()), ("offset", offset.to_string()), ("length", raw.len().to_string())]
+            .into_iter()
+            .map(|(k, v)| StringStringEntryProto { key: Some(k.into()), value: Some(v) })
+            .collect();
+    }
+    data
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let werr = |source| Error::Write { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp = tempfile::Builder::new().prefix(".cresnet-opt-").suffix(".tmp").tempfile_in(&dir).map_err(werr)?;
+    tmp.write_all(bytes).map_err(werr)?;
+    // The temp file is created 0600; give the result the usual permissions
+    // (or the replaced file's). No fsync: the rename is what makes the write
+    // all-or-nothing for a failing process, and fsync doubles the save time.
+    let perms = std::fs::metadata(path).map(|m| m.permissions()).unwrap_or_else(|_| default_permissions());
+    tmp.as_file().set_permissions(perms).map_err(werr)?;
+    tmp.persist(path).map_err(|e| werr(e.error))?;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn default_permissions() -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::Permissions::from_mode(0o644)
+}
+
+#[cfg(not(unix))]
+fn default_permissions() -> std::fs::Permissions {
+    tempfile::tempfile().and_then(|f| f.metadata()).map(|m| m.permissions()).expect("a temporary file")
+}

@@ -1,0 +1,77 @@
+//! Running a model with tract: the accuracy check, the round-trip tests and
+//! the latency benchmarks all go through here. The symbolic batch dimension
+//! is fixed by setting the input fact; declared output facts are dropped
+//! (they carry the symbolic `N`, which would clash with the fixed batch).
+use crate::error::{Error, Result};
+use crate::ir::Model;
+use ndarray::ArrayD;
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// A model compiled by tract for one fixed input shape. Cheap to share
+/// between threads: each `run` makes its own state.
+pub struct Runner {
+    plan: Plan,
+    pub input_shape: Vec<usize>,
+}
+
+fn tract_err(e: impl std::fmt::Display) -> Error {
+    Error::Tract(format!("{e:#}"))
+}
+
+impl Runner {
+    /// Compiles `model` with batch size `batch`; `extra_outputs` names
+    /// intermediate tensors to expose after the model's own outputs.
+    pub fn new(model: &Model, batch: usize, extra_outputs: &[String]) -> Result<Runner> {
+        let bytes = crate::io::to_bytes(model)?;
+        let mut shape = model_input_shape(model)?;
+        shape[0] = batch;
+        let plan = compile(&bytes, &shape, extra_outputs).map_err(tract_err)?;
+        Ok(Runner { plan, input_shape: shape })
+    }
+
+    /// Runs one batch; returns every output as an f32 array.
+    pub fn run(&self, input: ArrayD<f32>) -> Result<Vec<ArrayD<f32>>> {
+        if input.shape() != self.input_shape.as_slice() {
+            return Err(Error::Data(format!("input shape {:?} does not match the model's {:?}", input.shape(), self.input_shape)));
+        }
+        let outputs = self.plan.run(tvec!(Tensor::from(input).into_tvalue())).map_err(tract_err)?;
+        outputs.into_iter().map(|t| t.into_tensor().into_plain_array::<f32>().map_err(tract_err)).collect()
+    }
+
+    /// Like `run`, with tract's matrix products spread over `threads` threads.
+    pub fn run_threads(&self, input: ArrayD<f32>, threads: usize) -> Result<Vec<ArrayD<f32>>> {
+        if threads <= 1 {
+            return self.run(input);
+        }
+        let executor = tract_linalg::multithread::Executor::multithread(threads);
+        tract_linalg::multithread::multithread_tract_scope(executor, || self.run(input))
+    }
+}
+
+fn compile(bytes: &[u8], shape: &[usize], extra_outputs: &[String]) -> TractResult<Plan> {
+    let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..])?;
+    model.set_input_fact(0, f32::fact(shape).into())?;
+    for ix in 0..model.output_outlets()?.len() {
+        model.set_output_fact(ix, InferenceFact::default())?;
+    }
+    if !extra_outputs.is_empty() {
+        let mut names: Vec<String> = model.output_outlets()?.iter().map(|o| model.node(o.node).name.clone()).collect();
+        names.extend(extra_outputs.iter().cloned());
+        model.select_output_outlets(&names.iter().map(|n| model.node_by_name(n).map(|node| OutletId::new(node.id, 0))).collect::<TractResult<Vec<_>>>()?)?;
+    }
+    model.into_optimized()?.into_runnable()
+}
+
+/// The first graph input that is not an initializer, with symbolic dims as 1.
+pub fn model_input_shape(model: &Model) -> Result<Vec<usize>> {
+    let g = &model.graph;
+    let input = g.meta.input.iter().find(|i| !g.weights.contains_key(i.name())).ok_or_else(|| Error::invalid("the model has no input"))?;
+    let info = crate::shape::value_info_tensor(input);
+    match info.shape {
+        Some(s) if !s.is_empty() => Ok(s),
+        _ => Err(Error::invalid(format!("input `{}` has no shape", input.name()))),
+    }
+}
