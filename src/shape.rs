@@ -279,7 +279,7 @@ fn flatten(node: &Node, x: &[usize]) -> std::result::Result<Vec<usize>, String> 
 
 fn reshape(graph: &Graph, node: &Node, x: &[usize]) -> std::result::Result<Option<Vec<usize>>, String> {
     let Some(target) = node.input(1).and_then(|n| graph.constant(n)) else { return Ok(None) };
-    let Data::I64(t) = &target.data else { return Err("shape input is not int64".into()) };
+    let Data::I64(t) = target.data() else { return Err("shape input is not int64".into()) };
     let allow_zero = node.attr_int("allowzero").unwrap_or(0) == 1;
     let total: usize = x.iter().product();
     let mut out = Vec::with_capacity(t.len());

@@ -21,7 +21,10 @@ pub enum Data {
 #[derive(Debug, Clone)]
 pub struct Weight {
     pub proto: TensorProto,
-    pub data: Data,
+    data: Data,
+    /// The bytes the data was read from, while the data is unchanged: saving
+    /// an untouched weight then costs no conversion and no copy.
+    original: Option<Bytes>,
 }
 
 /// Bytes per element of the fixed-size ONNX dtypes; `None` for strings and
@@ -64,6 +67,7 @@ impl Weight {
             proto.external_data.clear();
             proto.data_location = None;
         }
+        let original = proto.raw_data.clone().filter(|r| !r.is_empty() && cfg!(target_endian = "little"));
         let data = match DataType::try_from(code) {
             Ok(DataType::Float) => Data::F32(array(&name, shape, take_numbers(&mut proto, count, 4, |p| std::mem::take(&mut p.float_data), f32::from_le_bytes)?)?),
             Ok(DataType::Double) => Data::F64(array(&name, shape, take_numbers(&mut proto, count, 8, |p| std::mem::take(&mut p.double_data), f64::from_le_bytes)?)?),
@@ -73,12 +77,28 @@ impl Weight {
                 Data::Other
             }
         };
-        Ok(Weight { proto, data })
+        let original = if matches!(data, Data::Other) { None } else { original };
+        Ok(Weight { proto, data, original })
+    }
+
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
+    /// Mutable access; the weight will be re-encoded on save.
+    pub fn data_mut(&mut self) -> &mut Data {
+        self.original = None;
+        &mut self.data
+    }
+
+    pub fn set_data(&mut self, data: Data) {
+        self.original = None;
+        self.data = data;
     }
 
     pub fn from_f32(name: &str, array: ArrayD<f32>) -> Weight {
         let proto = TensorProto { name: Some(name.to_string()), data_type: Some(DataType::Float as i32), ..Default::default() };
-        Weight { proto, data: Data::F32(array) }
+        Weight { proto, data: Data::F32(array), original: None }
     }
 
     pub fn name(&self) -> &str {
@@ -114,7 +134,7 @@ impl Weight {
     }
 
     pub fn as_f32_mut(&mut self) -> Option<&mut ArrayD<f32>> {
-        match &mut self.data {
+        match self.data_mut() {
             Data::F32(a) => Some(a),
             _ => None,
         }
@@ -130,6 +150,10 @@ impl Weight {
     /// The proto to write: decoded data goes back as little-endian `raw_data`.
     pub fn encode(&self) -> TensorProto {
         let mut proto = self.proto.clone();
+        if let Some(raw) = &self.original {
+            proto.raw_data = Some(raw.clone());
+            return proto;
+        }
         let (dims, raw) = match &self.data {
             Data::F32(a) => (a.shape().to_vec(), le_bytes(a, f32::to_le_bytes)),
             Data::F64(a) => (a.shape().to_vec(), le_bytes(a, f64::to_le_bytes)),
@@ -147,7 +171,7 @@ fn array<T>(name: &str, shape: Vec<usize>, values: Vec<T>) -> Result<ArrayD<T>> 
 }
 
 /// Takes the numbers out of `raw_data` or the typed field, checking the count.
-fn take_numbers<T, const N: usize>(
+fn take_numbers<T: bytemuck::Pod, const N: usize>(
     proto: &mut TensorProto,
     count: usize,
     size: usize,
@@ -160,7 +184,7 @@ fn take_numbers<T, const N: usize>(
             if raw.len() != count * size {
                 return Err(Error::tensor(&name, format!("holds {} bytes but its shape {:?} needs {}", raw.len(), proto.dims, count * size)));
             }
-            raw.chunks_exact(N).map(|c| from_le(c.try_into().expect("chunk of N bytes"))).collect()
+            from_le_bytes_all(&raw, from_le)
         }
         _ => typed(proto),
     };
@@ -180,7 +204,18 @@ fn check_other_size(name: &str, proto: &TensorProto, code: i32, count: usize) ->
     Ok(())
 }
 
-fn le_bytes<T: Copy, const N: usize>(a: &ArrayD<T>, to_le: fn(T) -> [u8; N]) -> Vec<u8> {
+/// Little-endian bytes to numbers: one bulk copy on little-endian machines.
+fn from_le_bytes_all<T: bytemuck::Pod, const N: usize>(raw: &[u8], from_le: fn([u8; N]) -> T) -> Vec<T> {
+    if cfg!(target_endian = "little") {
+        return bytemuck::pod_collect_to_vec(raw);
+    }
+    raw.chunks_exact(N).map(|c| from_le(c.try_into().expect("chunk of N bytes"))).collect()
+}
+
+fn le_bytes<T: bytemuck::Pod, const N: usize>(a: &ArrayD<T>, to_le: fn(T) -> [u8; N]) -> Vec<u8> {
+    if let (true, Some(slice)) = (cfg!(target_endian = "little"), a.as_slice()) {
+        return bytemuck::cast_slice(slice).to_vec();
+    }
     let mut out = Vec::with_capacity(a.len() * N);
     for &v in a.iter() {
         out.extend_from_slice(&to_le(v));

@@ -72,7 +72,7 @@ fn plan(graph: &Graph, bn: NodeIndex) -> std::result::Result<(NodeIndex, Affine)
     }
     let affine = affine(graph, node)?;
     let w = p.input(1).and_then(|w| graph.constant(w)).ok_or("producer has no constant weight")?;
-    if !matches!(w.data, Data::F32(_) | Data::F64(_)) {
+    if !matches!(w.data(), Data::F32(_) | Data::F64(_)) {
         return Err(format!("weight dtype {} is not f32/f64", w.dtype()));
     }
     Ok((producer, affine))
@@ -92,7 +92,7 @@ fn affine(graph: &Graph, bn: &crate::ir::Node) -> std::result::Result<Affine, St
 }
 
 pub(crate) fn to_f64(w: &Weight) -> Option<Vec<f64>> {
-    match &w.data {
+    match w.data() {
         Data::F32(a) => Some(a.iter().map(|&v| v as f64).collect()),
         Data::F64(a) => Some(a.iter().copied().collect()),
         _ => None,
@@ -117,7 +117,7 @@ fn apply(graph: &mut Graph, producer: NodeIndex, bn: NodeIndex, a: &Affine) -> R
     let w = graph.weights.get_mut(&weight_name).expect("planned");
     // Conv weights and transposed Gemm weights scale along axis 0, plain Gemm along axis 1.
     scale_axis(w, if is_gemm && !trans_b { 1 } else { 0 }, &a.scale);
-    let dtype_is_f64 = matches!(w.data, Data::F64(_));
+    let dtype_is_f64 = matches!(w.data(), Data::F64(_));
     let bias_name = match p.input(2) {
         Some(b) => b.to_string(),
         None => graph.fresh_name(&format!("{}.bias", p.name())),
@@ -141,7 +141,7 @@ fn apply(graph: &mut Graph, producer: NodeIndex, bn: NodeIndex, a: &Affine) -> R
 
 /// Multiplies the slices of `w` along `axis` by `scale`.
 fn scale_axis(w: &mut Weight, axis: usize, scale: &[f64]) {
-    match &mut w.data {
+    match w.data_mut() {
         Data::F32(a) => a.axis_iter_mut(ndarray::Axis(axis)).zip(scale).for_each(|(mut row, &s)| row.mapv_inplace(|v| (v as f64 * s) as f32)),
         Data::F64(a) => a.axis_iter_mut(ndarray::Axis(axis)).zip(scale).for_each(|(mut row, &s)| row.mapv_inplace(|v| v * s)),
         _ => {}
@@ -156,7 +156,7 @@ fn bias_tensor(name: &str, values: &[f64], as_f64: bool, old: Option<&Weight>) -
     }
     if as_f64 {
         w.proto.data_type = Some(crate::onnx::tensor_proto::DataType::Double as i32);
-        w.data = Data::F64(ndarray::Array1::from_vec(values.to_vec()).into_dyn());
+        w.set_data(Data::F64(ndarray::Array1::from_vec(values.to_vec()).into_dyn()));
     }
     w
 }

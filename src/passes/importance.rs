@@ -1,1 +1,45 @@
-//! TODO
+//! Filter importance, pluggable: a criterion scores every output filter of a
+//! producer layer. `l1` (Li et al. 2017, the default) sums |W| of a filter;
+//! `l2` takes its Euclidean norm. The pruning pass normalizes each layer's
+//! scores by their mean, so layers of different scale compare, and sums the
+//! normalized scores over the layers that write a coupled channel.
+use crate::config::Importance;
+use ndarray::{ArrayD, Axis};
+
+/// A way to score filters.
+pub trait Criterion {
+    /// One score per slice of `weight` along `axis` (the output channels).
+    fn scores(&self, weight: &ArrayD<f32>, axis: usize) -> Vec<f64>;
+}
+
+pub struct L1;
+pub struct L2;
+
+impl Criterion for L1 {
+    fn scores(&self, weight: &ArrayD<f32>, axis: usize) -> Vec<f64> {
+        weight.axis_iter(Axis(axis)).map(|f| f.iter().map(|v| v.abs() as f64).sum()).collect()
+    }
+}
+
+impl Criterion for L2 {
+    fn scores(&self, weight: &ArrayD<f32>, axis: usize) -> Vec<f64> {
+        weight.axis_iter(Axis(axis)).map(|f| f.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()).collect()
+    }
+}
+
+pub fn criterion(kind: Importance) -> Box<dyn Criterion> {
+    match kind {
+        Importance::L1 => Box::new(L1),
+        Importance::L2 => Box::new(L2),
+    }
+}
+
+/// Scores divided by their mean (all-zero layers stay zero).
+pub fn normalized(scores: Vec<f64>) -> Vec<f64> {
+    let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
+    if mean > 0.0 {
+        scores.into_iter().map(|s| s / mean).collect()
+    } else {
+        scores
+    }
+}

@@ -1,5 +1,556 @@
+//! Pass `prune`: structured channel pruning over coupled channel groups.
+//!
+//! Before:  conv A (C→M) → BN → Relu → conv B (M→N)
+//! After:   conv A (C→M') → BN(M') → Relu → conv B (M'→N)   with M' < M
+//! and likewise for a residual stream: every conv writing into a stage's
+//! chain of Adds, the downsample conv, and every conv (and the final Gemm,
+//! through GlobalAveragePool/Flatten) reading from it lose the same channels.
+//!
+//! 1. [`ChannelGraph`](super::dependency::ChannelGraph) ties channels; a
+//!    class is a set of tied channels, a group the tensors they span.
+//! 2. Importance: each producer filter's score (`l1`/`l2` of its weights,
+//!    times |γ/√(σ²+ε)| when a BN follows), divided by its layer's mean,
+//!    summed over the class's producers, then divided by the group's mean.
+//! 3. Allocation. `ratio: r` removes ⌊r·n⌋ of each group's n classes.
+//!    `target_macs`/`target_params: f` removes globally the least important
+//!    classes (by the normalized score above) until MACs/params are at most
+//!    f of the original: a binary search on one global score threshold,
+//!    costed exactly by per-layer formulas. Every group keeps at least
+//!    `min_channels` and a multiple of `round_to` channels. `scope: inner`
+//!    prunes only groups not tied through an Add/Concat (bottleneck
+//!    insides); `ignore` keeps the groups of the named nodes' outputs.
+//!    Without options: `ratio: 0.25`, `scope: all`, `importance: l1`.
+//! 4. Apply: producers lose output filters (weight rows, bias), BN and other
+//!    per-channel parameters lose entries, depthwise convs lose both (and
+//!    their group count shrinks), consumers lose input columns.
+//! 5. Data-free compensation (`compensate`, default on): a removed channel is
+//!    taken as its constant part — its producer's bias pushed through the
+//!    BN/activation/pool/Add chain — and W[:, c]·Σkernel · value is added to
+//!    each consumer's bias. Exact for 1x1 consumers when the removed filters
+//!    are zero; approximate at zero-padded borders of KxK consumers.
+//!
+//! Declines (the group stays whole): channels touching graph inputs/outputs,
+//! unknown ops, Reshape/Transpose, grouped non-depthwise convs, shared,
+//! dynamic or non-f32 weights.
+use super::dependency::{per_channel_axis, ChannelGraph, Role};
+use super::importance::{criterion, normalized};
 use super::{PassContext, PassReport};
-use crate::config::PruneOptions;
+use crate::config::{PruneOptions, Scope};
 use crate::error::Result;
-use crate::ir::Graph;
-pub fn run(_graph: &mut Graph, _ctx: &PassContext, _opts: &PruneOptions) -> Result<PassReport> { Ok(PassReport::default()) }
+use crate::ir::{Graph, Weight};
+use crate::shape::Shapes;
+use ndarray::{ArrayD, Axis};
+use petgraph::stable_graph::NodeIndex;
+use std::collections::{HashMap, HashSet};
+
+/// A set of tied channels: pruned all together or not at all.
+#[derive(Debug, Clone)]
+struct Class {
+    root: usize,
+    group: usize,
+    score: f64,
+    /// (tensor, number of its channels in this class).
+    spans: Vec<(usize, usize)>,
+}
+
+pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &PruneOptions) -> Result<PassReport> {
+    let mut report = PassReport::default();
+    let cg = ChannelGraph::build(graph, ctx.shapes);
+    let (classes, groups) = classes(graph, ctx.shapes, &cg, opts);
+    let removed = select(graph, ctx.shapes, &cg, &classes, groups, opts);
+    let removed_roots: HashSet<usize> = removed.iter().map(|&i| classes[i].root).collect();
+    let per_tensor = removed_channels(&cg, &removed_roots);
+    if opts.compensate {
+        compensate(graph, ctx.shapes, &cg, &per_tensor);
+    }
+    apply(graph, ctx.shapes, &cg, &per_tensor, &mut report)?;
+    for (tensor, reason) in cg.block_reasons.iter().filter(|(t, _)| !t.is_empty()) {
+        report.decline(tensor, reason.clone());
+    }
+    report.declined.sort_by(|a, b| a.node.cmp(&b.node));
+    graph.relink()?;
+    Ok(report)
+}
+
+/// Producer filter scores per slot (normalized per layer).
+fn producer_scores(graph: &Graph, cg: &ChannelGraph, opts: &PruneOptions) -> HashMap<usize, f64> {
+    let crit = criterion(opts.importance);
+    let mut out: HashMap<usize, f64> = HashMap::new();
+    for (&ix, &role) in &cg.roles {
+        let node = graph.node(ix);
+        if role != Role::Dense {
+            continue;
+        }
+        let (Some(y), Some(w)) = (node.output(0), node.input(1).and_then(|n| graph.constant_f32(n))) else { continue };
+        let axis = output_axis(node);
+        let mut scores = crit.scores(w, axis);
+        if let Some(scale) = following_bn_scale(graph, y) {
+            scores.iter_mut().zip(scale).for_each(|(s, g)| *s *= g.abs());
+        }
+        for (c, s) in normalized(scores).into_iter().enumerate() {
+            if let Some(slot) = cg.slot(y, c) {
+                *out.entry(slot).or_insert(0.0) += s;
+            }
+        }
+    }
+    out
+}
+
+/// The weight axis holding output channels: 0 for Conv and transposed Gemm.
+fn output_axis(node: &crate::ir::Node) -> usize {
+    match node.op() {
+        "Gemm" if node.attr_int("transB").unwrap_or(0) == 1 => 0,
+        "Gemm" | "MatMul" => 1,
+        _ => 0,
+    }
+}
+
+/// |γ/√(σ²+ε)| of a BN that alone reads `tensor`.
+fn following_bn_scale(graph: &Graph, tensor: &str) -> Option<Vec<f64>> {
+    let consumers = graph.consumers(tensor);
+    let [(bn, 0)] = consumers.as_slice() else { return None };
+    let node = graph.node(*bn);
+    if node.op() != "BatchNormalization" {
+        return None;
+    }
+    let p = |slot: usize| node.input(slot).and_then(|n| graph.constant(n)).and_then(super::fold_batchnorm::to_f64);
+    let (g, v) = (p(1)?, p(4)?);
+    let eps = node.attr_float("epsilon").unwrap_or(1e-5) as f64;
+    Some(g.iter().zip(&v).map(|(g, v)| g / (v + eps).sqrt()).collect())
+}
+
+/// The prunable classes with their scores, and the number of groups.
+fn classes(graph: &Graph, _shapes: &Shapes, cg: &ChannelGraph, opts: &PruneOptions) -> (Vec<Class>, usize) {
+    let blocked = cg.blocked_roots();
+    let scores = producer_scores(graph, cg, opts);
+    let ignored = ignored_roots(graph, cg, opts);
+    // Tensor components: tensors sharing a class belong to one group.
+    let mut tensor_group: Vec<usize> = (0..cg.tensors.len()).collect();
+    let mut root_tensor: HashMap<usize, usize> = HashMap::new();
+    let mut root_score: HashMap<usize, f64> = HashMap::new();
+    let mut spans: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    for (t, _) in cg.tensors.iter().enumerate() {
+        for c in 0..cg.channels[t] {
+            let slot = cg.base[t] + c;
+            let root = cg.find(slot);
+            *root_score.entry(root).or_insert(0.0) += scores.get(&slot).copied().unwrap_or(0.0);
+            let span = spans.entry(root).or_default();
+            match span.last_mut() {
+                Some((last, n)) if *last == t => *n += 1,
+                _ => span.push((t, 1)),
+            }
+            match root_tensor.get(&root) {
+                Some(&t0) => merge(&mut tensor_group, t0, t),
+                None => {
+                    root_tensor.insert(root, t);
+                }
+            }
+        }
+    }
+    let producer_roots: HashSet<usize> = scores.keys().map(|&s| cg.find(s)).collect();
+    let residual: HashSet<usize> = (0..cg.tensors.len()).filter(|&t| cg.residual[t]).map(|t| find(&tensor_group, t)).collect();
+    let mut group_ids: HashMap<usize, usize> = HashMap::new();
+    let mut out = Vec::new();
+    let mut roots: Vec<(&usize, &usize)> = root_tensor.iter().collect();
+    roots.sort();
+    for (&root, &t) in roots {
+        let g = find(&tensor_group, t);
+        let has_producer = root_score.get(&root).copied().unwrap_or(0.0) > 0.0 || producer_roots.contains(&root);
+        if blocked.get(&root).copied().unwrap_or(false) || ignored.contains(&root) || !has_producer || (opts.scope == Scope::Inner && residual.contains(&g)) {
+            continue;
+        }
+        let next = group_ids.len();
+        let group = *group_ids.entry(g).or_insert(next);
+        out.push(Class { root, group, score: root_score[&root], spans: spans.remove(&root).unwrap_or_default() });
+    }
+    normalize_groups(&mut out, group_ids.len());
+    (out, group_ids.len())
+}
+
+fn find(parent: &[usize], mut t: usize) -> usize {
+    while parent[t] != t {
+        t = parent[t];
+    }
+    t
+}
+
+fn merge(parent: &mut [usize], a: usize, b: usize) {
+    let (ra, rb) = (find(parent, a), find(parent, b));
+    if ra != rb {
+        parent[ra.max(rb)] = ra.min(rb);
+    }
+}
+
+/// Class scores divided by their group's mean score.
+fn normalize_groups(classes: &mut [Class], groups: usize) {
+    let mut sum = vec![0.0; groups];
+    let mut count = vec![0usize; groups];
+    for c in classes.iter() {
+        sum[c.group] += c.score;
+        count[c.group] += 1;
+    }
+    for c in classes.iter_mut() {
+        let mean = sum[c.group] / count[c.group].max(1) as f64;
+        if mean > 0.0 {
+            c.score /= mean;
+        }
+    }
+}
+
+/// Roots of the classes written by the nodes named in `ignore`.
+fn ignored_roots(graph: &Graph, cg: &ChannelGraph, opts: &PruneOptions) -> HashSet<usize> {
+    let mut out = HashSet::new();
+    for name in &opts.ignore {
+        let Some(ix) = graph.find_node(name) else { continue };
+        for y in graph.node(ix).outputs() {
+            if let Some(&t) = cg.index.get(y) {
+                out.extend((0..cg.channels[t]).map(|c| cg.find(cg.base[t] + c)));
+            }
+        }
+    }
+    out
+}
+
+/// Indices (into `classes`) of the classes to remove.
+fn select(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, classes: &[Class], groups: usize, opts: &PruneOptions) -> Vec<usize> {
+    let mut by_group: Vec<Vec<usize>> = vec![vec![]; groups];
+    for (i, c) in classes.iter().enumerate() {
+        by_group[c.group].push(i);
+    }
+    for members in &mut by_group {
+        members.sort_by(|&a, &b| classes[a].score.total_cmp(&classes[b].score).then(a.cmp(&b)));
+    }
+    let limit = |members: &[usize], k: usize| allowed_removals(members.len(), k, opts);
+    match (opts.target_macs, opts.target_params) {
+        (None, None) => {
+            let ratio = opts.ratio.unwrap_or(0.25);
+            by_group.iter().flat_map(|m| m[..limit(m, (ratio * m.len() as f64).floor() as usize)].to_vec()).collect()
+        }
+        (macs, params) => {
+            let cost = CostModel::new(graph, shapes, cg);
+            let (target, use_macs) = macs.map_or((params.unwrap_or(1.0), false), |m| (m, true));
+            let at = |t: f64| -> Vec<usize> {
+                by_group.iter().flat_map(|m| {
+                    let k = m.iter().take_while(|&&i| classes[i].score < t).count();
+                    m[..limit(m, k)].to_vec()
+                }).collect()
+            };
+            let metric = |sel: &[usize]| {
+                let (p, m) = cost.eval(cg, &removed_counts(cg, classes, sel));
+
+                if use_macs { m } else { p }
+            };
+            let goal = target * metric(&[]);
+            let (mut lo, mut hi) = (0.0, classes.iter().map(|c| c.score).fold(0.0, f64::max) * 1.0001 + 1e-9);
+            for _ in 0..60 {
+                let mid = 0.5 * (lo + hi);
+                if metric(&at(mid)) <= goal { hi = mid } else { lo = mid }
+            }
+            at(hi)
+        }
+    }
+}
+
+/// How many of a group's `n` classes may go when `k` are asked for.
+fn allowed_removals(n: usize, k: usize, opts: &PruneOptions) -> usize {
+    let keep_min = opts.min_channels.min(n);
+    let mut keep = n - k.min(n - keep_min);
+    let r = opts.round_to.max(1);
+    keep = keep.div_ceil(r) * r;
+    n - keep.min(n)
+}
+
+/// Removed slot count per tensor for a selection.
+fn removed_counts(cg: &ChannelGraph, classes: &[Class], sel: &[usize]) -> Vec<usize> {
+    let mut counts = vec![0; cg.tensors.len()];
+    for &i in sel {
+        for &(t, n) in &classes[i].spans {
+            counts[t] += n;
+        }
+    }
+    counts
+}
+
+/// Removed channel indices per tensor (ascending).
+fn removed_channels(cg: &ChannelGraph, roots: &HashSet<usize>) -> Vec<Vec<usize>> {
+    (0..cg.tensors.len()).map(|t| (0..cg.channels[t]).filter(|&c| roots.contains(&cg.find(cg.base[t] + c))).collect()).collect()
+}
+
+/// Exact params/MACs of the prunable layers as a function of kept channels.
+struct CostModel {
+    terms: Vec<Term>,
+    fixed_params: f64,
+    fixed_macs: f64,
+}
+
+/// params = a·in·out + b·out (+ c·ch) and MACs = params_w·area, with `in`
+/// and `out` the kept channels of the given tensors (or fixed counts).
+struct Term {
+    input: Dim,
+    output: Dim,
+    per_pair: f64,
+    per_out: f64,
+    area: f64,
+}
+
+#[derive(Clone, Copy)]
+enum Dim {
+    Tensor(usize),
+    Fixed(usize),
+    One,
+}
+
+impl CostModel {
+    fn new(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph) -> CostModel {
+        let stats = crate::stats::from_shapes(graph, shapes);
+        let mut terms = vec![];
+        for (&ix, &role) in &cg.roles {
+            terms.extend(term(graph, shapes, cg, ix, role));
+        }
+        let mut m = CostModel { terms, fixed_params: 0.0, fixed_macs: 0.0 };
+        let (p, macs) = m.eval(cg, &vec![0; cg.tensors.len()]);
+        m.fixed_params = stats.params as f64 - p;
+        m.fixed_macs = stats.macs as f64 - macs;
+        m
+    }
+
+    fn eval(&self, cg: &ChannelGraph, removed: &[usize]) -> (f64, f64) {
+        let dim = |d: Dim| match d {
+            Dim::Tensor(t) => (cg.channels[t] - removed[t]) as f64,
+            Dim::Fixed(n) => n as f64,
+            Dim::One => 1.0,
+        };
+        let (mut p, mut m) = (self.fixed_params, self.fixed_macs);
+        for t in &self.terms {
+            let (i, o) = (dim(t.input), dim(t.output));
+            p += t.per_pair * i * o + t.per_out * o;
+            m += t.per_pair * i * o * t.area;
+        }
+        (p, m)
+    }
+}
+
+fn tensor_dim(cg: &ChannelGraph, shapes: &Shapes, name: &str) -> Dim {
+    match cg.index.get(name) {
+        Some(&t) => Dim::Tensor(t),
+        None => Dim::Fixed(shapes.get(name).and_then(|t| t.shape.as_ref()).and_then(|s| s.get(1).copied()).unwrap_or(1)),
+    }
+}
+
+fn term(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, ix: NodeIndex, role: Role) -> Option<Term> {
+    let node = graph.node(ix);
+    let (x, y) = (node.input(0)?, node.output(0)?);
+    let out_shape = shapes.get(y)?.shape.clone()?;
+    let has_bias = node.input(2).is_some() as u8 as f64;
+    let area_of = |s: &[usize]| s.iter().skip(2).product::<usize>() as f64;
+    match (node.op(), role) {
+        ("Conv", Role::Dense) => {
+            let w = graph.constant(node.input(1)?)?.shape();
+            Some(Term { input: tensor_dim(cg, shapes, x), output: tensor_dim(cg, shapes, y), per_pair: w[2..].iter().product::<usize>() as f64, per_out: has_bias, area: area_of(&out_shape) })
+        }
+        ("Conv", Role::Depthwise) => {
+            let w = graph.constant(node.input(1)?)?.shape();
+            Some(Term { input: Dim::One, output: tensor_dim(cg, shapes, y), per_pair: w[2..].iter().product::<usize>() as f64, per_out: has_bias, area: area_of(&out_shape) })
+        }
+        ("Gemm" | "MatMul", Role::Dense) => Some(Term { input: tensor_dim(cg, shapes, x), output: tensor_dim(cg, shapes, y), per_pair: 1.0, per_out: has_bias, area: out_shape[0] as f64 }),
+        ("BatchNormalization", _) => Some(Term { input: Dim::One, output: tensor_dim(cg, shapes, y), per_pair: 0.0, per_out: 4.0, area: 0.0 }),
+        _ => None,
+    }
+}
+
+/// Folds the constant part of removed channels into the consumers' biases.
+fn compensate(graph: &mut Graph, shapes: &Shapes, cg: &ChannelGraph, removed: &[Vec<usize>]) {
+    let values = constant_parts(graph, shapes, cg);
+    let consumers: Vec<NodeIndex> = cg.roles.iter().filter(|(_, &r)| r == Role::Dense).map(|(&ix, _)| ix).collect();
+    for ix in consumers {
+        let node = graph.node(ix).clone();
+        let Some(&t) = node.input(0).and_then(|x| cg.index.get(x)) else { continue };
+        let shift: Vec<(usize, f64)> = removed[t].iter().map(|&c| (c, values[cg.base[t] + c])).filter(|(_, v)| v.is_finite() && *v != 0.0).collect();
+        if shift.is_empty() {
+            continue;
+        }
+        let Some(w) = node.input(1).and_then(|n| graph.constant_f32(n)) else { continue };
+        let out_axis = output_axis(&node);
+        let in_axis = 1 - out_axis;
+        let mut delta = vec![0.0f64; w.shape()[out_axis]];
+        for &(c, v) in &shift {
+            let col = w.index_axis(Axis(in_axis), c);
+            // After removing `in_axis`, the output axis index shifts down if it came after it.
+            let oa = if out_axis > in_axis { out_axis - 1 } else { out_axis };
+            for (o, filter) in col.axis_iter(Axis(oa)).enumerate() {
+                delta[o] += v * filter.iter().map(|&x| x as f64).sum::<f64>();
+            }
+        }
+        let beta = if node.op() == "Gemm" { node.attr_float("beta").unwrap_or(1.0) as f64 } else { 1.0 };
+        add_to_bias(graph, ix, &delta.iter().map(|d| d / beta).collect::<Vec<_>>());
+    }
+}
+
+/// Adds `delta` to the bias of node `ix`, creating the bias if needed.
+fn add_to_bias(graph: &mut Graph, ix: NodeIndex, delta: &[f64]) {
+    let node = graph.node(ix).clone();
+    let name = match node.input(2) {
+        Some(b) => b.to_string(),
+        None => {
+            let name = graph.fresh_name(&format!("{}.bias", node.name()));
+            graph.weights.insert(name.clone(), Weight::from_f32(&name, ArrayD::zeros(ndarray::IxDyn(&[delta.len()]))));
+            let n = graph.node_mut(ix);
+            n.proto.input.resize(3, String::new());
+            n.proto.input[2] = name.clone();
+            if n.op() == "Gemm" {
+                n.proto.attribute.retain(|a| a.name() != "beta");
+            }
+            name
+        }
+    };
+    if let Some(b) = graph.weights.get_mut(&name).and_then(Weight::as_f32_mut) {
+        if b.len() == delta.len() {
+            b.iter_mut().zip(delta).for_each(|(v, d)| *v += *d as f32);
+        }
+    }
+}
+
+/// For every slot, the value its channel would hold if its producer's
+/// filter were zero: the bias pushed through per-channel ops. NaN where
+/// unknown (then nothing is compensated).
+fn constant_parts(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph) -> Vec<f64> {
+    let mut v = vec![f64::NAN; cg.slot_count()];
+    let _ = shapes;
+    for ix in graph.topo_order().unwrap_or_default() {
+        let Some(&role) = cg.roles.get(&ix) else { continue };
+        let node = graph.node(ix);
+        let (Some(x), Some(y)) = (node.input(0), node.output(0)) else { continue };
+        let Some(&yt) = cg.index.get(y) else { continue };
+        let n = cg.channels[yt];
+        let at = |name: &str, c: usize, v: &[f64]| cg.slot(name, c).map_or(f64::NAN, |s| v[s]);
+        let param = |slot: usize| node.input(slot).and_then(|p| graph.constant(p)).and_then(super::fold_batchnorm::to_f64);
+        let out: Vec<f64> = match (node.op(), role) {
+            (_, Role::Dense) => param(2).filter(|b| b.len() == n).unwrap_or_else(|| vec![0.0; n]),
+            ("Conv", Role::Depthwise) => {
+                let w = graph.constant_f32(node.input(1).unwrap_or("")).map(|w| w.axis_iter(Axis(0)).map(|f| f.iter().map(|&x| x as f64).sum()).collect::<Vec<f64>>());
+                let b = param(2).unwrap_or_else(|| vec![0.0; n]);
+                (0..n).map(|c| w.as_ref().map_or(f64::NAN, |w| at(x, c, &v) * w[c] + b[c])).collect()
+            }
+            ("BatchNormalization", _) => match (param(1), param(2), param(3), param(4)) {
+                (Some(g), Some(b), Some(m), Some(var)) => {
+                    let eps = node.attr_float("epsilon").unwrap_or(1e-5) as f64;
+                    (0..n).map(|c| (at(x, c, &v) - m[c]) * g[c] / (var[c] + eps).sqrt() + b[c]).collect()
+                }
+                _ => vec![f64::NAN; n],
+            },
+            ("Relu", _) => (0..n).map(|c| at(x, c, &v).max(0.0)).collect(),
+            ("Identity" | "Dropout" | "MaxPool" | "AveragePool" | "GlobalAveragePool" | "GlobalMaxPool", _) => (0..n).map(|c| at(x, c, &v)).collect(),
+            ("Add" | "Sum", _) => (0..n).map(|c| node.inputs().iter().filter(|i| !i.is_empty()).map(|i| operand(graph, cg, i, c, &v)).sum()).collect(),
+            ("Flatten", _) => {
+                let xc = cg.index.get(x).map_or(1, |&t| cg.channels[t]);
+                let area = (n / xc.max(1)).max(1);
+                (0..n).map(|c| at(x, c / area, &v)).collect()
+            }
+            _ => vec![f64::NAN; n],
+        };
+        for (c, val) in out.into_iter().enumerate() {
+            v[cg.base[yt] + c] = val;
+        }
+    }
+    v
+}
+
+/// Value of operand `name` at channel `c`: a slot's value or a constant's entry.
+fn operand(graph: &Graph, cg: &ChannelGraph, name: &str, c: usize, v: &[f64]) -> f64 {
+    if let Some(s) = cg.slot(name, c) {
+        return v[s];
+    }
+    match graph.constant_f32(name) {
+        Some(w) if w.len() == 1 => w.iter().next().copied().unwrap_or(0.0) as f64,
+        Some(w) => w.iter().nth(c).copied().map_or(f64::NAN, |x| x as f64),
+        None => f64::NAN,
+    }
+}
+
+/// Removes the selected channels from every weight that carries them.
+fn apply(graph: &mut Graph, shapes: &Shapes, cg: &ChannelGraph, removed: &[Vec<usize>], report: &mut PassReport) -> Result<()> {
+    let of = |name: Option<&str>| -> &[usize] { name.and_then(|n| cg.index.get(n)).map_or(&[], |&t| removed[t].as_slice()) };
+    let mut roles: Vec<(NodeIndex, Role)> = cg.roles.iter().map(|(&i, &r)| (i, r)).collect();
+    roles.sort_by_key(|&(ix, _)| ix);
+    for (ix, role) in roles {
+        let node = graph.node(ix).clone();
+        let (rin, rout) = (of(node.input(0)).to_vec(), of(node.output(0)).to_vec());
+        if rin.is_empty() && rout.is_empty() {
+            continue;
+        }
+        let w = |slot: usize| node.input(slot).map(str::to_string);
+        match (node.op(), role) {
+            ("Conv", Role::Dense) => {
+                drop_along(graph, w(1), 0, &rout);
+                drop_along(graph, w(1), 1, &rin);
+                drop_along(graph, w(2), 0, &rout);
+            }
+            ("Conv", Role::Depthwise) => {
+                drop_along(graph, w(1), 0, &rout);
+                drop_along(graph, w(2), 0, &rout);
+                let channels = node.input(1).and_then(|n| graph.constant(n)).map_or(1, |w| w.shape()[0]);
+                graph.node_mut(ix).set_attr_int("group", channels as i64);
+            }
+            ("Gemm" | "MatMul", Role::Dense) => {
+                let oa = output_axis(&node);
+                drop_along(graph, w(1), oa, &rout);
+                drop_along(graph, w(1), 1 - oa, &rin);
+                let bias_axis = node.input(2).and_then(|n| graph.constant(n)).map(|b| b.shape().len().saturating_sub(1)).unwrap_or(0);
+                drop_along(graph, w(2), bias_axis, &rout);
+            }
+            ("BatchNormalization", _) => (1..5).for_each(|s| drop_along(graph, w(s), 0, &rout)),
+            (_, Role::Passthrough) => {
+                let rank = node.output(0).and_then(|y| shapes.get(y)).and_then(|t| t.shape.as_ref()).map_or(0, |s| s.len());
+                let channels = node.output(0).and_then(|y| cg.index.get(y)).map_or(0, |&t| cg.channels[t]);
+                drop_constant_operands(graph, &node, rank, channels, &rout);
+            }
+            _ => {}
+        }
+        report.change(node.name(), format!("in -{} / out -{} channels", rin.len(), rout.len()));
+    }
+    Ok(())
+}
+
+/// Per-channel constant operands of an elementwise node lose the removed entries.
+fn drop_constant_operands(graph: &mut Graph, node: &crate::ir::Node, rank: usize, channels: usize, removed: &[usize]) {
+    for x in node.inputs().iter().filter(|n| !n.is_empty()) {
+        let Some(w) = graph.constant(x) else { continue };
+        if let Ok(Some(axis)) = per_channel_axis(&w.shape(), rank, channels) {
+            drop_along(graph, Some(x.clone()), axis, removed);
+        }
+    }
+}
+
+/// Removes indices `removed` along `axis` of weight `name` (if f32).
+fn drop_along(graph: &mut Graph, name: Option<String>, axis: usize, removed: &[usize]) {
+    let Some(name) = name else { return };
+    if removed.is_empty() {
+        return;
+    }
+    let Some(w) = graph.weights.get_mut(&name).and_then(Weight::as_f32_mut) else { return };
+    if axis >= w.ndim() {
+        return;
+    }
+    let gone: HashSet<usize> = removed.iter().copied().collect();
+    let keep: Vec<usize> = (0..w.shape()[axis]).filter(|i| !gone.contains(i)).collect();
+    *w = select_axis(w, axis, &keep);
+}
+
+/// `a.select(Axis(axis), keep)` by contiguous chunk copies (ndarray's
+/// generic select is element-wise, 30x slower on large conv weights).
+pub(crate) fn select_axis(a: &ArrayD<f32>, axis: usize, keep: &[usize]) -> ArrayD<f32> {
+    let a = a.as_standard_layout();
+    let shape = a.shape().to_vec();
+    let (outer, len, inner) = (shape[..axis].iter().product::<usize>(), shape[axis], shape[axis + 1..].iter().product::<usize>());
+    let data = a.as_slice().expect("standard layout");
+    let mut out = Vec::with_capacity(outer * keep.len() * inner);
+    for o in 0..outer {
+        for &k in keep {
+            let start = (o * len + k) * inner;
+            out.extend_from_slice(&data[start..start + inner]);
+        }
+    }
+    let mut new_shape = shape;
+    new_shape[axis] = keep.len();
+    ArrayD::from_shape_vec(new_shape, out).expect("sizes match")
+}
