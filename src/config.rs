@@ -149,8 +149,8 @@ impl PassSpec {
                 if o.rank == Some(0) {
                     return Err(Error::Config("`dw.rank` must be at least 1".into()));
                 }
-                if !(0.0..1.0).contains(&o.min_gain) {
-                    return Err(Error::Config(format!("`dw.min_gain` is {}, but must lie in [0, 1)", o.min_gain)));
+                if !(o.min_gain < 1.0) {
+                    return Err(Error::Config(format!("`dw.min_gain` is {}, but must be below 1 (negative allows growth)", o.min_gain)));
                 }
                 Ok(())
             }

@@ -234,3 +234,123 @@ pub fn resnet50(spec: &FixtureSpec) -> Result<Model> {
 pub fn vector(name: &str, values: &[f32]) -> Weight {
     Weight::from_f32(name, Array1::from_vec(values.to_vec()).into_dyn())
 }
+
+/// A small graph builder for tests and examples: NCHW f32 tensors, seeded
+/// weights. `Net::new(seed).input("x", &[1, 4, 8, 8])`, then ops, then `model(&["y"])`.
+pub struct Net {
+    nodes: Vec<Node>,
+    weights: IndexMap<String, Weight>,
+    inputs: Vec<ValueInfoProto>,
+    pub rng: Rng,
+}
+
+/// Geometry of a test conv.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvSpec {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub dilation: usize,
+    pub group: usize,
+    pub bias: bool,
+}
+
+impl ConvSpec {
+    pub fn new(c_in: usize, c_out: usize, k: usize) -> ConvSpec {
+        ConvSpec { c_in, c_out, k, stride: 1, pad: k / 2, dilation: 1, group: 1, bias: true }
+    }
+}
+
+impl Net {
+    pub fn new(seed: u64) -> Net {
+        Net { nodes: vec![], weights: IndexMap::new(), inputs: vec![], rng: Rng::new(seed) }
+    }
+
+    pub fn input(mut self, name: &str, shape: &[usize]) -> Net {
+        let dims: Vec<Option<i64>> = shape.iter().map(|&d| Some(d as i64)).collect();
+        self.inputs.push(tensor_info(name, &dims));
+        self
+    }
+
+    /// Adds a seeded f32 weight (normal × `scale`) and returns its name.
+    pub fn weight(&mut self, name: &str, shape: &[usize], scale: f32) -> String {
+        let rng = &mut self.rng;
+        let a = ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.normal() * scale);
+        self.weights.insert(name.to_string(), Weight::from_f32(name, a));
+        name.to_string()
+    }
+
+    pub fn set_weight(&mut self, name: &str, value: ArrayD<f32>) {
+        self.weights.insert(name.to_string(), Weight::from_f32(name, value));
+    }
+
+    pub fn node(&mut self, node: Node) -> String {
+        let out = node.outputs().first().cloned().unwrap_or_default();
+        self.nodes.push(node);
+        out
+    }
+
+    pub fn op(&mut self, op: &str, name: &str, inputs: &[&str]) -> String {
+        self.node(Node::new(op, name, inputs, &[name]))
+    }
+
+    pub fn conv(&mut self, name: &str, x: &str, s: ConvSpec) -> String {
+        let std = (2.0 / (s.c_in / s.group * s.k * s.k) as f32).sqrt();
+        let w = self.weight(&format!("{name}.w"), &[s.c_out, s.c_in / s.group, s.k, s.k], std);
+        let mut inputs = vec![x, w.as_str()];
+        let b = s.bias.then(|| self.weight(&format!("{name}.b"), &[s.c_out], 0.1));
+        if let Some(b) = &b {
+            inputs.push(b);
+        }
+        let mut node = Node::new("Conv", name, &inputs, &[name]);
+        let (k, st, p, d) = (s.k as i64, s.stride as i64, s.pad as i64, s.dilation as i64);
+        node.set_attr_ints("kernel_shape", &[k, k]);
+        node.set_attr_ints("strides", &[st, st]);
+        node.set_attr_ints("pads", &[p, p, p, p]);
+        node.set_attr_ints("dilations", &[d, d]);
+        node.set_attr_int("group", s.group as i64);
+        self.node(node)
+    }
+
+    /// BN with random statistics (γ around 1, β, μ around 0, σ² around 1).
+    pub fn bn(&mut self, name: &str, x: &str, c: usize) -> String {
+        let rng = &mut self.rng;
+        let mut vec = |f: &mut dyn FnMut(&mut Rng) -> f32| Array1::from_shape_fn(c, |_| f(rng)).into_dyn();
+        let (g, b, m, v) = (vec(&mut |r| 0.5 + r.uniform()), vec(&mut |r| 0.2 * r.normal()), vec(&mut |r| 0.2 * r.normal()), vec(&mut |r| 0.5 + r.uniform()));
+        for (suffix, a) in [("g", g), ("b", b), ("m", m), ("v", v)] {
+            self.set_weight(&format!("{name}.{suffix}"), a);
+        }
+        let inputs = [x.to_string(), format!("{name}.g"), format!("{name}.b"), format!("{name}.m"), format!("{name}.v")];
+        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        self.node(Node::new("BatchNormalization", name, &refs, &[name]))
+    }
+
+    /// Finishes the model; `outputs` are graph outputs (shapes left to inference).
+    pub fn model(self, outputs: &[&str]) -> Result<Model> {
+        let output = outputs.iter().map(|o| ValueInfoProto { name: Some(o.to_string()), ..Default::default() }).collect();
+        let meta = GraphProto { name: Some("test".into()), input: self.inputs, output, ..Default::default() };
+        let graph = Graph::new(self.nodes.into_iter().map(|n| n.proto).collect(), self.weights, meta)?;
+        let proto = ModelProto {
+            ir_version: Some(10),
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+            ..Default::default()
+        };
+        let mut model = Model { proto, graph };
+        set_output_types(&mut model)?;
+        Ok(model)
+    }
+}
+
+/// Gives graph outputs a tensor type (tract needs the element type).
+fn set_output_types(model: &mut Model) -> Result<()> {
+    let shapes = crate::shape::infer(&model.graph, &Default::default())?;
+    for out in &mut model.graph.meta.output {
+        if out.r#type.is_none() {
+            let dims: Vec<Option<i64>> = shapes.get(out.name()).and_then(|t| t.shape.clone()).unwrap_or_default().iter().map(|&d| Some(d as i64)).collect();
+            out.r#type = tensor_info(out.name(), &dims).r#type;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+#![allow(dead_code)]
+use cresnet_opt::config::{DwOptions, FoldOptions, PassSpec, PruneOptions};
+use cresnet_opt::fixture::Rng;
+use cresnet_opt::ir::Model;
+use cresnet_opt::runner::Runner;
+use ndarray::ArrayD;
+use std::path::PathBuf;
+
+pub fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+pub fn shared_model() -> PathBuf {
+    shared().join("models/resnet50-imagenet.onnx")
+}
+
+pub fn fixture_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/resnet50-w8.onnx")
+}
+
+/// A seeded input for the model's first input (batch `batch`).
+pub fn random_input(model: &Model, batch: usize, scale: f32, seed: u64) -> ArrayD<f32> {
+    let mut shape = cresnet_opt::runner::model_input_shape(model).expect("input shape");
+    shape[0] = batch;
+    let mut rng = Rng::new(seed);
+    ArrayD::from_shape_simple_fn(shape, || (rng.uniform() * 2.0 - 1.0) * scale)
+}
+
+/// Runs `model` with tract on `input`, returns the first output.
+pub fn run(model: &Model, input: &ArrayD<f32>) -> ArrayD<f32> {
+    let runner = Runner::new(model, input.shape()[0], &[]).expect("tract compiles the model");
+    runner.run(input.clone()).expect("tract runs the model").remove(0)
+}
+
+/// max |a − b| / max |a|.
+pub fn rel_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    cresnet_opt::evaluate::rel_diff(a.as_slice().unwrap(), b.as_slice().unwrap())
+}
+
+pub fn run_passes(model: &mut Model, passes: &[PassSpec]) -> Vec<cresnet_opt::passes::PassReport> {
+    cresnet_opt::passes::run_pipeline(model, passes, &Default::default(), |_| {}).expect("passes run")
+}
+
+pub fn fold() -> PassSpec {
+    PassSpec::Fold(FoldOptions::default())
+}
+
+pub fn dw(rank: usize) -> PassSpec {
+    PassSpec::Dw(DwOptions { rank: Some(rank), min_gain: -10.0, ..Default::default() })
+}
+
+/// `dw` at `rank` on every KxK conv, the stem included.
+pub fn dw_all(rank: usize) -> PassSpec {
+    PassSpec::Dw(DwOptions { rank: Some(rank), min_gain: -10.0, include: vec!["*".into()], ..Default::default() })
+}
+
+pub fn prune(opts: PruneOptions) -> PassSpec {
+    PassSpec::Prune(opts)
+}
+
+/// The CLI binary.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cresnet-opt"))
+}
