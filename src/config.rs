@@ -76,11 +76,14 @@ pub struct DwOptions {
     pub min_gain: f64,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
+    /// With calibration: also refit the convs reading each factorized
+    /// conv's output (through a Relu), which absorb what the pair misses.
+    pub refit_next: bool,
 }
 
 impl Default for DwOptions {
     fn default() -> Self {
-        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![] }
+        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], refit_next: true }
     }
 }
 
@@ -226,6 +229,19 @@ pub struct Calibration {
     pub images: usize,
     #[serde(default = "default_preprocess")]
     pub preprocess: Preprocess,
+    /// Output positions sampled per image and layer for the refits.
+    #[serde(default = "default_positions")]
+    pub positions: usize,
+    /// Relative ridge strength λ / (tr(XᵀX)/D).
+    #[serde(default = "default_ridge")]
+    pub ridge: f64,
+}
+
+fn default_positions() -> usize {
+    32
+}
+fn default_ridge() -> f64 {
+    1e-3
 }
 
 fn default_images() -> usize {
@@ -253,6 +269,11 @@ pub const RECIPES: &[(&str, &str, &str)] = &[
 impl PipelineFile {
     pub fn from_yaml(text: &str, what: &str) -> Result<PipelineFile> {
         let file: PipelineFile = yaml_serde::from_str(text).map_err(|e| Error::Config(format!("{what}: {e}")))?;
+        if let Some(c) = &file.calibration {
+            if c.images == 0 || c.positions == 0 || !(c.ridge >= 0.0) {
+                return Err(Error::Config(format!("{what}: calibration needs images and positions of at least 1 and a ridge >= 0")));
+            }
+        }
         for spec in file.passes.iter().flatten() {
             spec.check().map_err(|e| Error::Config(format!("{what}: {}", e.to_string().trim_start_matches("bad pipeline configuration: "))))?;
         }

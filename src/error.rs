@@ -18,7 +18,7 @@ pub enum Error {
     BadTensor { name: String, reason: String },
     #[error("invalid model: {0}")]
     Invalid(String),
-    #[error("after pass `{pass}`: {source}")]
+    #[error("after pass `{pass}`")]
     AfterPass { pass: String, #[source] source: Box<Error> },
     #[error("shape inference failed at node `{node}` ({op}): {reason}")]
     Shape { node: String, op: String, reason: String },

@@ -172,7 +172,7 @@ fn bottleneck(b: &mut Builder, layout: Layout, x: &str, (stage, block): (usize, 
     b.op("Relu", &relu, &[&y])
 }
 
-fn tensor_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
+pub(crate) fn tensor_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
     use tensor_shape_proto::dimension::Value;
     let dim = dims
         .iter()

@@ -25,10 +25,20 @@ impl Runner {
     /// Compiles `model` with batch size `batch`; `extra_outputs` names
     /// intermediate tensors to expose after the model's own outputs.
     pub fn new(model: &Model, batch: usize, extra_outputs: &[String]) -> Result<Runner> {
+        Self::build(model, batch, extra_outputs, true)
+    }
+
+    /// Compiles only what computes `outputs` (intermediate tensors): the
+    /// rest of the network is pruned away, so early layers run cheaply.
+    pub fn truncated(model: &Model, batch: usize, outputs: &[String]) -> Result<Runner> {
+        Self::build(model, batch, outputs, false)
+    }
+
+    fn build(model: &Model, batch: usize, extra_outputs: &[String], keep_model_outputs: bool) -> Result<Runner> {
         let bytes = crate::io::to_bytes(model)?;
         let mut shape = model_input_shape(model)?;
         shape[0] = batch;
-        let plan = compile(&bytes, &shape, extra_outputs).map_err(tract_err)?;
+        let plan = compile(&bytes, &shape, extra_outputs, keep_model_outputs).map_err(tract_err)?;
         Ok(Runner { plan, input_shape: shape })
     }
 
@@ -51,18 +61,28 @@ impl Runner {
     }
 }
 
-fn compile(bytes: &[u8], shape: &[usize], extra_outputs: &[String]) -> TractResult<Plan> {
+fn compile(bytes: &[u8], shape: &[usize], extra_outputs: &[String], keep_model_outputs: bool) -> TractResult<Plan> {
     let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..])?;
     model.set_input_fact(0, f32::fact(shape).into())?;
     for ix in 0..model.output_outlets()?.len() {
         model.set_output_fact(ix, InferenceFact::default())?;
     }
     if !extra_outputs.is_empty() {
-        let mut names: Vec<String> = model.output_outlets()?.iter().map(|o| model.node(o.node).name.clone()).collect();
-        names.extend(extra_outputs.iter().cloned());
-        model.select_output_outlets(&names.iter().map(|n| model.node_by_name(n).map(|node| OutletId::new(node.id, 0))).collect::<TractResult<Vec<_>>>()?)?;
+        let mut outlets = if keep_model_outputs { model.output_outlets()?.to_vec() } else { vec![] };
+        for name in extra_outputs {
+            outlets.push(outlet(&model, name)?);
+        }
+        model.select_output_outlets(&outlets)?;
     }
     model.into_optimized()?.into_runnable()
+}
+
+/// The outlet carrying ONNX tensor `name` (tract labels outlets with tensor names).
+fn outlet(model: &InferenceModel, name: &str) -> TractResult<OutletId> {
+    if let Some(o) = model.find_outlet_label(name) {
+        return Ok(o);
+    }
+    model.node_by_name(name).map(|n| OutletId::new(n.id, 0))
 }
 
 /// The first graph input that is not an initializer, with symbolic dims as 1.

@@ -58,27 +58,34 @@ struct RunReport<'a> {
     seconds: f64,
 }
 
-fn pipeline_passes(args: &OptimizeArgs) -> Result<Vec<PassSpec>> {
+/// The passes to run and, from a pipeline file, the calibration settings.
+fn pipeline_passes(args: &OptimizeArgs) -> Result<(Vec<PassSpec>, Option<crate::config::Calibration>)> {
     if let Some(path) = &args.config {
         let file = PipelineFile::load(path).with_context(|| format!("cannot use pipeline file {}", path.display()))?;
-        return Ok(file.resolve_passes()?);
+        return Ok((file.resolve_passes()?, file.calibration));
     }
     if let Some(name) = &args.pipeline {
-        return Ok(recipe(name)?.passes.unwrap_or_default());
+        return Ok((recipe(name)?.passes.unwrap_or_default(), None));
     }
     if args.passes.is_empty() {
         bail!("nothing to do: give --passes LIST (or `none`), --pipeline NAME or --config FILE");
     }
-    Ok(args.passes.iter().flatten().map(|&p| PassSpec::default_for(p)).collect())
+    Ok((args.passes.iter().flatten().map(|&p| PassSpec::default_for(p)).collect(), None))
 }
 
 pub fn run(args: &OptimizeArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let (input, output) = (args.input.as_deref().expect("required"), args.output.as_deref().expect("required"));
-    let passes = pipeline_passes(args)?;
+    let (passes, calibration) = pipeline_passes(args)?;
     let overrides = input_shapes(&args.input_shape)?;
     let mut model = load(input)?;
-    let reports = crate::passes::run_pipeline(&mut model, &passes, &overrides, |r| {
+    let calibration = calibration
+        .map(|c| crate::recover::Calibration::load(&c).with_context(|| format!("cannot load calibration images from {}", c.data.display())))
+        .transpose()?;
+    if calibration.is_none() && passes.iter().any(|p| matches!(p, PassSpec::Prune(_) | PassSpec::Dw(_))) && !args.quiet {
+        eprintln!("note: no calibration images: lossy passes run data-free, so accuracy will suffer (add `calibration:` to a pipeline file)");
+    }
+    let reports = crate::passes::run_pipeline_calibrated(&mut model, &passes, &overrides, calibration.as_ref(), |r| {
         if !args.quiet {
             eprintln!("{}", summary(r));
         }

@@ -44,8 +44,9 @@ pub struct Factorization {
     pub pointwise: Array4<f32>,
 }
 
-pub fn run(graph: &mut Graph, _ctx: &PassContext, opts: &DwOptions) -> Result<PassReport> {
+pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
+    let mut pointwise = Vec::new();
     let convs: Vec<NodeIndex> = graph.topo_order()?.into_iter().filter(|&ix| graph.node(ix).op() == "Conv" && graph.node(ix).is_standard()).collect();
     for ix in convs {
         let name = graph.node(ix).name().to_string();
@@ -54,7 +55,7 @@ pub fn run(graph: &mut Graph, _ctx: &PassContext, opts: &DwOptions) -> Result<Pa
             Ok(Some(weight)) => match factorize(&weight, opts) {
                 Ok(f) => {
                     let what = format!("rank {} (energy {:.4}), params {} -> {}", f.rank, f.energy, weight.len(), f.depthwise.len() + f.pointwise.len());
-                    replace(graph, ix, f)?;
+                    pointwise.push(replace(graph, ix, f)?);
                     report.change(&name, what);
                 }
                 Err(reason) => report.decline(&name, reason),
@@ -62,7 +63,30 @@ pub fn run(graph: &mut Graph, _ctx: &PassContext, opts: &DwOptions) -> Result<Pa
             Err(reason) => report.decline(&name, reason),
         }
     }
+    // The pointwise half carries the conv's output name: refit it to the
+    // conv's outputs (and, with refit_next, the convs after it to theirs).
+    let mut nodes = pointwise.clone();
+    if opts.refit_next {
+        nodes.extend(pointwise.iter().flat_map(|&pw| next_convs(graph, pw)));
+    }
+    let order = graph.topo_order()?;
+    nodes.sort_by_key(|n| order.iter().position(|o| o == n));
+    nodes.dedup();
+    let layers = nodes.into_iter().map(|node| crate::recover::Layer { node, kept: None }).collect();
+    ctx.recover(graph, layers, &mut report)?;
     Ok(report)
+}
+
+/// Group-1 convs reading `ix`'s output directly or through one Relu.
+fn next_convs(graph: &Graph, ix: NodeIndex) -> Vec<NodeIndex> {
+    let Some(out) = graph.node(ix).output(0) else { return vec![] };
+    let mut readers = graph.consumers(out);
+    if let [(relu, 0)] = readers.as_slice() {
+        if graph.node(*relu).op() == "Relu" {
+            readers = graph.node(*relu).output(0).map(|o| graph.consumers(o)).unwrap_or_default();
+        }
+    }
+    readers.into_iter().map(|(n, _)| n).filter(|&n| graph.node(n).op() == "Conv" && graph.node(n).attr_int("group").unwrap_or(1) == 1).collect()
 }
 
 /// Simple glob: `*` matches any run of characters.
@@ -151,8 +175,8 @@ pub fn factorize(w: &ArrayD<f32>, opts: &DwOptions) -> std::result::Result<Facto
     Ok(Factorization { rank, energy, depthwise, pointwise })
 }
 
-/// Replaces conv `ix` by the depthwise + pointwise pair.
-fn replace(graph: &mut Graph, ix: NodeIndex, f: Factorization) -> Result<()> {
+/// Replaces conv `ix` by the depthwise + pointwise pair; returns the pointwise node.
+fn replace(graph: &mut Graph, ix: NodeIndex, f: Factorization) -> Result<NodeIndex> {
     let conv = graph.node(ix).clone();
     let name = conv.name().to_string();
     let (dw_name, pw_name) = (graph.fresh_name(&format!("{name}_dw")), graph.fresh_name(&format!("{name}_pw")));
@@ -175,6 +199,7 @@ fn replace(graph: &mut Graph, ix: NodeIndex, f: Factorization) -> Result<()> {
     pw.set_attr_ints("kernel_shape", &[1, 1]);
     graph.remove_node(ix)?;
     graph.net.add_node(dw);
-    graph.net.add_node(pw);
-    graph.relink()
+    let pw = graph.net.add_node(pw);
+    graph.relink()?;
+    Ok(pw)
 }

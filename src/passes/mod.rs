@@ -54,16 +54,47 @@ pub struct PassContext<'a> {
     /// Shapes of the graph as it is before this pass.
     pub shapes: &'a Shapes,
     pub overrides: &'a InputShapes,
+    /// The model before this pass (the reference for calibrated recovery;
+    /// only kept when calibrating).
+    pub before: Option<&'a Model>,
+    /// Calibration images, when the pipeline has them.
+    pub calibration: Option<&'a crate::recover::Calibration>,
+}
+
+impl PassContext<'_> {
+    /// Refits `layers` of `graph` against the pre-pass model, when calibrating.
+    pub fn recover(&self, graph: &mut crate::ir::Graph, layers: Vec<crate::recover::Layer>, report: &mut PassReport) -> Result<()> {
+        let (Some(calib), Some(before)) = (self.calibration, self.before) else { return Ok(()) };
+        let mut model = Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
+        let result = crate::recover::refit(before, &mut model, &layers, calib);
+        *graph = model.graph;
+        for (layer, before, after) in result? {
+            report.change(&layer, format!("refit: relative error {before:.4} -> {after:.4}"));
+        }
+        Ok(())
+    }
 }
 
 /// Runs the passes in order, validating after each one.
-pub fn run_pipeline(model: &mut Model, passes: &[PassSpec], overrides: &InputShapes, mut on_done: impl FnMut(&PassReport)) -> Result<Vec<PassReport>> {
+pub fn run_pipeline(model: &mut Model, passes: &[PassSpec], overrides: &InputShapes, on_done: impl FnMut(&PassReport)) -> Result<Vec<PassReport>> {
+    run_pipeline_calibrated(model, passes, overrides, None, on_done)
+}
+
+/// `run_pipeline` with calibration images for the data-aware passes.
+pub fn run_pipeline_calibrated(
+    model: &mut Model,
+    passes: &[PassSpec],
+    overrides: &InputShapes,
+    calibration: Option<&crate::recover::Calibration>,
+    mut on_done: impl FnMut(&PassReport),
+) -> Result<Vec<PassReport>> {
     let mut shapes = crate::validate::validate(&model.graph, overrides)?;
     let mut reports = Vec::new();
     for spec in passes {
         let started = std::time::Instant::now();
         let before = crate::stats::from_shapes(&model.graph, &shapes);
-        let ctx = PassContext { shapes: &shapes, overrides };
+        let before_model = calibration.map(|_| model.clone());
+        let ctx = PassContext { shapes: &shapes, overrides, before: before_model.as_ref(), calibration };
         let mut report = match spec {
             PassSpec::Fold(o) => fold_batchnorm::run(&mut model.graph, &ctx, o),
             PassSpec::Prune(o) => prune_channels::run(&mut model.graph, &ctx, o),

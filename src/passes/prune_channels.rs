@@ -63,7 +63,10 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &PruneOptions) -> Result<
     if opts.compensate {
         compensate(graph, ctx.shapes, &cg, &per_tensor);
     }
+    let refit = refit_layers(graph, &cg, &per_tensor);
     apply(graph, ctx.shapes, &cg, &per_tensor, &mut report)?;
+    graph.relink()?;
+    ctx.recover(graph, refit, &mut report)?;
     for (tensor, reason) in cg.block_reasons.iter().filter(|(t, _)| !t.is_empty()) {
         report.decline(tensor, reason.clone());
     }
@@ -274,6 +277,29 @@ fn removed_counts(cg: &ChannelGraph, classes: &[Class], sel: &[usize]) -> Vec<us
 /// Removed channel indices per tensor (ascending).
 fn removed_channels(cg: &ChannelGraph, roots: &HashSet<usize>) -> Vec<Vec<usize>> {
     (0..cg.tensors.len()).map(|t| (0..cg.channels[t]).filter(|&c| roots.contains(&cg.find(cg.base[t] + c))).collect()).collect()
+}
+
+/// The convs whose inputs or outputs lose channels, with the output
+/// channels they keep: the calibrated recovery refits exactly these.
+fn refit_layers(graph: &Graph, cg: &ChannelGraph, removed: &[Vec<usize>]) -> Vec<crate::recover::Layer> {
+    let mut out: Vec<crate::recover::Layer> = cg
+        .roles
+        .iter()
+        .filter(|(&ix, &role)| role == Role::Dense && graph.node(ix).op() == "Conv")
+        .filter_map(|(&ix, _)| {
+            let node = graph.node(ix);
+            let t_in = node.input(0).and_then(|x| cg.index.get(x)).copied();
+            let t_out = node.output(0).and_then(|y| cg.index.get(y)).copied()?;
+            let lost_in = t_in.is_some_and(|t| !removed[t].is_empty());
+            let gone: HashSet<usize> = removed[t_out].iter().copied().collect();
+            let kept: Vec<usize> = (0..cg.channels[t_out]).filter(|c| !gone.contains(c)).collect();
+            (lost_in || !gone.is_empty()).then_some(crate::recover::Layer { node: ix, kept: (!gone.is_empty()).then_some(kept) })
+        })
+        .collect();
+    out.sort_by_key(|l| l.node);
+    let order: HashMap<NodeIndex, usize> = graph.topo_order().unwrap_or_default().into_iter().enumerate().map(|(i, n)| (n, i)).collect();
+    out.sort_by_key(|l| order.get(&l.node).copied().unwrap_or(usize::MAX));
+    out
 }
 
 /// Exact params/MACs of the prunable layers as a function of kept channels.

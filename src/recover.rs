@@ -1,0 +1,351 @@
+//! Calibrated recovery: after a lossy pass, refit the weights and bias of
+//! chosen conv layers by ridge least squares so that each reproduces the
+//! output the graph had *before the pass* at the same tensor, on the
+//! compressed graph's own inputs (ThiNet / He et al. 2017 reconstruction,
+//! Network Decoupling's pointwise refit). Shared by `prune` and `dw`.
+//!
+//! Memory stays bounded: per calibration image and layer, `positions`
+//! output positions are sampled (seeded); a sample is the input patch
+//! (C_in·kh·kw values, zero outside the padded border) and the reference
+//! output vector. Layers are refit one at a time in topological order, each
+//! on inputs computed by the graph with every earlier layer already refit,
+//! so errors do not pile up. To keep that cheap, activations are cached at
+//! the last cut point (a tensor all later data flows through: a ResNet
+//! block output) and only the graph after it is re-run for the next layer.
+//!
+//! Solve: min ‖[X 1]·[Wᵀ; bᵀ] − Y‖² + λ‖W‖², λ = `ridge`·tr(XᵀX)/D, by Cholesky.
+use crate::error::{Error, Result};
+use crate::fixture::Rng;
+use crate::ir::{Graph, Model, Weight};
+use crate::runner::Runner;
+use faer::prelude::*;
+use faer::{Mat, Side};
+use ndarray::{Array3, ArrayD, ArrayView4, Dimension, IxDyn};
+use petgraph::stable_graph::NodeIndex;
+use rayon::prelude::*;
+
+/// Calibration images (preprocessed) and sampling settings.
+pub struct Calibration {
+    pub images: Vec<Array3<f32>>,
+    pub positions: usize,
+    pub ridge: f64,
+}
+
+/// A conv to refit: its output should match the reference tensor of the
+/// same name, restricted to `kept` channels (all when None).
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub node: NodeIndex,
+    pub kept: Option<Vec<usize>>,
+}
+
+/// Geometry of a dense conv, for patch extraction.
+#[derive(Debug, Clone)]
+struct Geometry {
+    kh: usize,
+    kw: usize,
+    stride: [usize; 2],
+    pad: [usize; 2],
+    dilation: [usize; 2],
+}
+
+fn geometry(graph: &Graph, ix: NodeIndex) -> Option<Geometry> {
+    let node = graph.node(ix);
+    let w = graph.constant_f32(node.input(1)?)?;
+    let ints = |name: &str, default: [usize; 2]| node.attr_ints(name).map_or(Some(default), |v| (v.len() >= 2 && v.iter().all(|&x| x >= 0)).then(|| [v[0] as usize, v[1] as usize]));
+    let auto_pad = node.attr_str("auto_pad").unwrap_or_default();
+    let ok = node.op() == "Conv" && node.attr_int("group").unwrap_or(1) == 1 && w.ndim() == 4 && matches!(auto_pad.as_str(), "" | "NOTSET");
+    ok.then_some(Geometry { kh: w.shape()[2], kw: w.shape()[3], stride: ints("strides", [1, 1])?, pad: ints("pads", [0, 0])?, dilation: ints("dilations", [1, 1])? })
+}
+
+/// The layers of `layers` that can be refit (dense 2-d convs with f32 weights).
+pub fn refittable(graph: &Graph, layers: Vec<Layer>) -> Vec<Layer> {
+    layers.into_iter().filter(|l| geometry(graph, l.node).is_some()).collect()
+}
+
+/// Seeded output positions of one image for one layer.
+fn positions(h: usize, w: usize, count: usize, seed: u64) -> Vec<(usize, usize)> {
+    let mut rng = Rng::new(seed);
+    (0..count).map(|_| (rng.below(h), rng.below(w))).collect()
+}
+
+fn seed(image: usize, layer: usize) -> u64 {
+    (image as u64) << 20 | layer as u64
+}
+
+/// Runs `model` on every calibration image, handing each image's extra outputs to `take`.
+fn run_all<T: Send>(model: &Model, names: &[String], calib: &Calibration, take: impl Fn(usize, &[ArrayD<f32>]) -> T + Sync) -> Result<Vec<T>> {
+    let runner = Runner::truncated(model, 1, names)?;
+    calib
+        .images
+        .par_iter()
+        .enumerate()
+        .map(|(i, img)| {
+            let x = img.view().insert_axis(ndarray::Axis(0)).to_owned().into_dyn();
+            let outs = runner.run(x)?;
+            Ok(take(i, &outs[outs.len() - names.len()..]))
+        })
+        .collect()
+}
+
+fn as4(a: &ArrayD<f32>) -> Result<ArrayView4<'_, f32>> {
+    a.view().into_dimensionality().map_err(|_| Error::Data(format!("expected a 4-d activation, got {:?}", a.shape())))
+}
+
+/// Reference targets: per layer, an N×C matrix (row = one sampled position).
+fn targets(reference: &Model, graph: &Graph, layers: &[Layer], calib: &Calibration) -> Result<Vec<Vec<f32>>> {
+    let names: Vec<String> = layers.iter().map(|l| graph.node(l.node).outputs()[0].clone()).collect();
+    let per_image = run_all(reference, &names, calib, |i, outs| {
+        outs.iter()
+            .zip(layers)
+            .enumerate()
+            .map(|(li, (y, layer))| {
+                let y = as4(y).ok()?;
+                let (c, h, w) = (y.shape()[1], y.shape()[2], y.shape()[3]);
+                let channels: Vec<usize> = layer.kept.clone().unwrap_or_else(|| (0..c).collect());
+                let mut out = Vec::with_capacity(calib.positions * channels.len());
+                for (py, px) in positions(h, w, calib.positions, seed(i, li)) {
+                    out.extend(channels.iter().map(|&ch| y[[0, ch, py, px]]));
+                }
+                Some(out)
+            })
+            .collect::<Option<Vec<Vec<f32>>>>()
+    })?;
+    let mut out = vec![Vec::new(); layers.len()];
+    for img in per_image {
+        let img = img.ok_or_else(|| Error::Data("a reference activation is not 4-d".into()))?;
+        for (acc, rows) in out.iter_mut().zip(img) {
+            acc.extend(rows);
+        }
+    }
+    Ok(out)
+}
+
+/// Input patches of one layer at the positions of its output map.
+fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usize, seed: u64) -> Vec<f32> {
+    let (c, h, w) = (x.shape()[1], x.shape()[2] as isize, x.shape()[3] as isize);
+    let mut out = Vec::with_capacity(count * c * g.kh * g.kw);
+    for (oy, ox) in positions(out_hw.0, out_hw.1, count, seed) {
+        for ch in 0..c {
+            for ky in 0..g.kh {
+                let iy = (oy * g.stride[0] + ky * g.dilation[0]) as isize - g.pad[0] as isize;
+                for kx in 0..g.kw {
+                    let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pad[1] as isize;
+                    let inside = (0..h).contains(&iy) && (0..w).contains(&ix);
+                    out.push(if inside { x[[0, ch, iy as usize, ix as usize]] } else { 0.0 });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Refits `layers` of `model.graph` against `reference` (the model before
+/// the pass), one layer at a time in topological order. Returns, per layer,
+/// the relative reconstruction error before and after.
+pub fn refit(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration) -> Result<Vec<(String, f64, f64)>> {
+    let layers = refittable(&model.graph, layers.to_vec());
+    if layers.is_empty() || calib.images.is_empty() {
+        return Ok(vec![]);
+    }
+    let mut ys = targets(reference, &model.graph, &layers, calib)?;
+    let shapes = crate::shape::infer(&model.graph, &Default::default())?;
+    let cuts = cut_points(&model.graph);
+    let mut cursor = Cursor { tensor: None, acts: calib.images.iter().map(|i| i.view().insert_axis(ndarray::Axis(0)).to_owned().into_dyn()).collect() };
+    let mut report = Vec::new();
+    for (li, layer) in layers.iter().enumerate() {
+        let input = model.graph.node(layer.node).inputs()[0].clone();
+        let geo = geometry(&model.graph, layer.node).expect("refittable");
+        let out = shapes.get(&model.graph.node(layer.node).outputs()[0]).and_then(|t| t.shape.clone()).unwrap_or_default();
+        let out_hw = (out.get(2).copied().unwrap_or(1), out.get(3).copied().unwrap_or(1));
+        let xs = cursor.advance(model, &shapes, &cuts, &input)?;
+        let patches: Vec<f32> = xs.par_iter().enumerate().map(|(i, x)| as4(x).map(|x| patches(x, &geo, out_hw, calib.positions, seed(i, li)))).collect::<Result<Vec<_>>>()?.concat();
+        let y = std::mem::take(&mut ys[li]);
+        let (before, after) = solve_layer(&mut model.graph, layer.node, &patches, &y, calib.ridge)?;
+        report.push((model.graph.node(layer.node).name().to_string(), before, after));
+    }
+    Ok(report)
+}
+
+/// Tensors every later node's data flows through (block outputs of a
+/// ResNet), by position in the topological order: the network can be
+/// restarted from any of them.
+fn cut_points(graph: &Graph) -> Vec<(usize, String)> {
+    let order = graph.topo_order().unwrap_or_default();
+    let pos: std::collections::HashMap<NodeIndex, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    // For each node, the earliest position its activation inputs come from (graph inputs: before everything).
+    let earliest: Vec<Option<usize>> = order
+        .iter()
+        .map(|&ix| {
+            graph.node(ix).inputs().iter().filter(|n| !n.is_empty() && !graph.weights.contains_key(n.as_str())).map(|n| graph.producer(n).map(|(p, _)| pos[&p])).min().flatten()
+        })
+        .collect();
+    let reads_input: Vec<bool> = order.iter().map(|&ix| graph.node(ix).inputs().iter().any(|n| graph.is_graph_input(n) && !graph.weights.contains_key(n.as_str()))).collect();
+    let mut cuts = Vec::new();
+    for p in 0..order.len() {
+        let node = graph.node(order[p]);
+        if node.outputs().len() != 1 {
+            continue;
+        }
+        let later_ok = (p + 1..order.len()).all(|q| !reads_input[q] && earliest[q].is_none_or(|e| e >= p));
+        if later_ok {
+            cuts.push((p, node.outputs()[0].clone()));
+        }
+    }
+    cuts
+}
+
+/// Cached activations of every calibration image at one cut point.
+struct Cursor {
+    /// None = the graph input.
+    tensor: Option<String>,
+    acts: Vec<ArrayD<f32>>,
+}
+
+impl Cursor {
+    /// Moves to the last cut point before `target`'s producer and returns
+    /// `target`'s activations, running only the graph between the two.
+    fn advance(&mut self, model: &Model, shapes: &crate::shape::Shapes, cuts: &[(usize, String)], target: &str) -> Result<Vec<ArrayD<f32>>> {
+        let at_input = self.tensor.is_none() && model.graph.is_graph_input(target);
+        if self.tensor.as_deref() == Some(target) || at_input {
+            return Ok(self.acts.clone());
+        }
+        let order = model.graph.topo_order()?;
+        let target_pos = model.graph.producer(target).and_then(|(p, _)| order.iter().position(|&n| n == p));
+        let from_pos = self.tensor.as_deref().and_then(|t| model.graph.producer(t)).and_then(|(p, _)| order.iter().position(|&n| n == p));
+        // The last cut point after the cursor and not after the target.
+        let next_cut = cuts.iter().filter(|(p, _)| from_pos.is_none_or(|f| *p > f) && target_pos.is_some_and(|t| *p <= t)).last().map(|(_, t)| t.clone());
+        let mut names = vec![target.to_string()];
+        if let Some(cut) = next_cut.as_ref().filter(|c| c.as_str() != target) {
+            names.push(cut.clone());
+        }
+        let sub = sub_model(model, shapes, self.tensor.as_deref(), &names)?;
+        let runner = Runner::truncated(&sub, 1, &names)?;
+        let outs: Vec<Vec<ArrayD<f32>>> = self.acts.par_iter().map(|x| runner.run(x.clone())).collect::<Result<_>>()?;
+        let mut target_acts = Vec::with_capacity(outs.len());
+        let mut cut_acts = Vec::with_capacity(outs.len());
+        for mut o in outs {
+            if o.len() > 1 {
+                cut_acts.push(o.pop().expect("two outputs"));
+            }
+            target_acts.push(o.pop().expect("one output"));
+        }
+        if let Some(cut) = next_cut {
+            self.acts = if cut == target { target_acts.clone() } else { cut_acts };
+            self.tensor = Some(cut);
+        }
+        Ok(target_acts)
+    }
+}
+
+/// The part of `model` from tensor `from` (a cut point; None = the graph
+/// input) to `outputs`, with `from` as its input.
+fn sub_model(model: &Model, shapes: &crate::shape::Shapes, from: Option<&str>, outputs: &[String]) -> Result<Model> {
+    let mut sub = model.clone();
+    let Some(from) = from else { return Ok(sub) };
+    let order = sub.graph.topo_order()?;
+    let (producer, _) = sub.graph.producer(from).ok_or_else(|| Error::invalid(format!("`{from}` has no producer")))?;
+    let cut = order.iter().position(|&n| n == producer).expect("in order");
+    for &ix in &order[..=cut] {
+        sub.graph.net.remove_node(ix);
+    }
+    let dims: Vec<Option<i64>> = shapes.get(from).and_then(|t| t.shape.clone()).unwrap_or_default().iter().map(|&d| Some(d as i64)).collect();
+    sub.graph.meta.input = vec![crate::fixture::tensor_info(from, &dims)];
+    sub.graph.meta.output = outputs
+        .iter()
+        .map(|o| {
+            let mut vi = crate::fixture::tensor_info(o, &[]);
+            if let Some(crate::onnx::type_proto::Value::TensorType(t)) = vi.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+                t.shape = None;
+            }
+            vi
+        })
+        .collect();
+    sub.graph.meta.value_info.clear();
+    sub.graph.relink()?;
+    sub.graph.drop_unused_weights();
+    Ok(sub)
+}
+
+/// Solves one layer's ridge problem and writes W and b back.
+fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], ridge: f64) -> Result<(f64, f64)> {
+    let node = graph.node(ix).clone();
+    let wname = node.input(1).expect("refittable").to_string();
+    let wshape = graph.weights[&wname].shape();
+    let (c_out, d) = (wshape[0], wshape[1..].iter().product::<usize>());
+    let n = x.len() / d.max(1);
+    if n == 0 || y.len() != n * c_out {
+        return Err(Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: {} samples of {d} inputs but {} targets for {c_out} channels", node.name(), n, y.len()) });
+    }
+    let xa = Mat::<f64>::from_fn(n, d + 1, |r, c| if c == d { 1.0 } else { x[r * d + c] as f64 });
+    let ya = Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
+    let old = current_solution(graph, &node, d, c_out);
+    let before = residual(&xa, &old, &ya);
+    let mut g = xa.transpose() * &xa;
+    let trace: f64 = (0..d).map(|i| g[(i, i)]).sum();
+    let lambda = ridge * trace / d.max(1) as f64 + 1e-12;
+    for i in 0..d {
+        g[(i, i)] += lambda;
+    }
+    g[(d, d)] += 1e-9 * (1.0 + trace / d.max(1) as f64);
+    let mut sol = xa.transpose() * &ya;
+    let llt = g.llt(Side::Lower).map_err(|_| Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: the normal equations are not positive definite", node.name()) })?;
+    llt.solve_in_place(sol.as_mut());
+    let after = residual(&xa, &sol, &ya);
+    if !(after < before) {
+        return Ok((before, before));
+    }
+    write_solution(graph, ix, &sol, d, c_out);
+    Ok((before, after))
+}
+
+/// The layer's present weights as a (D+1)×C_out matrix.
+fn current_solution(graph: &Graph, node: &crate::ir::Node, d: usize, c_out: usize) -> Mat<f64> {
+    let w = graph.constant_f32(node.input(1).unwrap_or("")).expect("refittable").as_standard_layout().into_owned();
+    let flat = w.as_slice().expect("standard layout");
+    let b = node.input(2).and_then(|n| graph.constant_f32(n)).map(|b| b.iter().copied().collect::<Vec<f32>>()).unwrap_or_else(|| vec![0.0; c_out]);
+    Mat::<f64>::from_fn(d + 1, c_out, |r, c| if r == d { b[c] as f64 } else { flat[c * d + r] as f64 })
+}
+
+/// ‖X·S − Y‖² / ‖Y‖².
+fn residual(x: &Mat<f64>, s: &Mat<f64>, y: &Mat<f64>) -> f64 {
+    let e = x * s - y;
+    e.squared_norm_l2() / y.squared_norm_l2().max(f64::MIN_POSITIVE)
+}
+
+fn write_solution(graph: &mut Graph, ix: NodeIndex, sol: &Mat<f64>, d: usize, c_out: usize) {
+    let node = graph.node(ix).clone();
+    let wname = node.input(1).expect("refittable").to_string();
+    let shape = graph.weights[&wname].shape();
+    let w = ArrayD::from_shape_fn(IxDyn(&shape), |i| {
+        let idx = i.slice();
+        let r = idx[1..].iter().zip(&shape[1..]).fold(0, |acc, (&v, &s)| acc * s + v);
+        sol[(r, idx[0])] as f32
+    });
+    if let Some(old) = graph.weights.get_mut(&wname) {
+        old.set_data(crate::ir::Data::F32(w));
+    }
+    let bias: Vec<f32> = (0..c_out).map(|c| sol[(d, c)] as f32).collect();
+    let bname = match node.input(2) {
+        Some(b) => b.to_string(),
+        None => {
+            let b = graph.fresh_name(&format!("{}.bias", node.name()));
+            let n = graph.node_mut(ix);
+            n.proto.input.resize(3, String::new());
+            n.proto.input[2] = b.clone();
+            b
+        }
+    };
+    graph.weights.insert(bname.clone(), Weight::from_f32(&bname, ndarray::Array1::from_vec(bias).into_dyn()));
+    let _ = graph.relink();
+}
+
+impl Calibration {
+    /// The first `images` images (sorted by path) of the configured folder, preprocessed.
+    pub fn load(cfg: &crate::config::Calibration) -> Result<Calibration> {
+        let pre = crate::imagedata::Preprocessing::from_choice(&cfg.preprocess)?;
+        let paths = crate::imagedata::list_images(&cfg.data)?;
+        let images = paths.par_iter().take(cfg.images).map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
+        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge })
+    }
+}
