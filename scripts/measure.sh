@@ -37,7 +37,7 @@ declare -A PASSES=(
   [dw-e0.95-free]="[fold, {dw: {energy: 0.95}}]"
   [dw-e0.95-cal]="[fold, {dw: {energy: 0.95}}]"
 )
-ORDER="prune-m0.7-cal dw-r2-cal dw-r1-cal dw-r2-free dw-r1-free prune-m0.7-free prune-m0.7-none prune-m0.9-cal prune-m0.5-cal dw-r3-cal dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-cal dw-e0.95-free"
+ORDER="dw-r2-cal prune-m0.7-cal dw-r1-cal dw-r2-free dw-r1-free prune-m0.7-free prune-m0.7-none prune-m0.9-cal prune-m0.5-cal dw-r3-cal dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-cal dw-e0.95-free"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
   echo "passes: ${PASSES[$name]}" > "$cfg"

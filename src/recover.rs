@@ -241,14 +241,15 @@ impl Cursor {
 /// The part of `model` from tensor `from` (a cut point; None = the graph
 /// input) to `outputs`, with `from` as its input.
 fn sub_model(model: &Model, shapes: &crate::shape::Shapes, from: Option<&str>, outputs: &[String]) -> Result<Model> {
-    let mut sub = model.clone();
-    let Some(from) = from else { return Ok(sub) };
-    let order = sub.graph.topo_order()?;
-    let (producer, _) = sub.graph.producer(from).ok_or_else(|| Error::invalid(format!("`{from}` has no producer")))?;
+    let Some(from) = from else { return Ok(model.clone()) };
+    let g = &model.graph;
+    let order = g.topo_order()?;
+    let (producer, _) = g.producer(from).ok_or_else(|| Error::invalid(format!("`{from}` has no producer")))?;
     let cut = order.iter().position(|&n| n == producer).expect("in order");
-    for &ix in &order[..=cut] {
-        sub.graph.net.remove_node(ix);
-    }
+    // Copy only the nodes after the cut and the weights they read.
+    let nodes: Vec<crate::onnx::NodeProto> = order[cut + 1..].iter().map(|&ix| g.node(ix).proto.clone()).collect();
+    let weights = nodes.iter().flat_map(|n| n.input.iter()).filter_map(|n| g.weights.get(n).map(|w| (n.clone(), w.clone()))).collect();
+    let mut sub = Model { proto: model.proto.clone(), graph: Graph::new(nodes, weights, g.meta.clone())? };
     let dims: Vec<Option<i64>> = shapes.get(from).and_then(|t| t.shape.clone()).unwrap_or_default().iter().map(|&d| Some(d as i64)).collect();
     sub.graph.meta.input = vec![crate::fixture::tensor_info(from, &dims)];
     sub.graph.meta.output = outputs
@@ -262,8 +263,6 @@ fn sub_model(model: &Model, shapes: &crate::shape::Shapes, from: Option<&str>, o
         })
         .collect();
     sub.graph.meta.value_info.clear();
-    sub.graph.relink()?;
-    sub.graph.drop_unused_weights();
     Ok(sub)
 }
 

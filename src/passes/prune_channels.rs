@@ -56,12 +56,12 @@ struct Class {
 pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &PruneOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
     let cg = ChannelGraph::build(graph, ctx.shapes);
-    let (classes, groups) = classes(graph, ctx.shapes, &cg, opts);
+    let (classes, groups) = classes(graph, &cg, opts);
     let removed = select(graph, ctx.shapes, &cg, &classes, groups, opts);
     let removed_roots: HashSet<usize> = removed.iter().map(|&i| classes[i].root).collect();
     let per_tensor = removed_channels(&cg, &removed_roots);
     if opts.compensate {
-        compensate(graph, ctx.shapes, &cg, &per_tensor);
+        compensate(graph, &cg, &per_tensor);
     }
     let refit = refit_layers(graph, &cg, &per_tensor);
     apply(graph, ctx.shapes, &cg, &per_tensor, &mut report)?;
@@ -123,7 +123,7 @@ fn following_bn_scale(graph: &Graph, tensor: &str) -> Option<Vec<f64>> {
 }
 
 /// The prunable classes with their scores, and the number of groups.
-fn classes(graph: &Graph, _shapes: &Shapes, cg: &ChannelGraph, opts: &PruneOptions) -> (Vec<Class>, usize) {
+fn classes(graph: &Graph, cg: &ChannelGraph, opts: &PruneOptions) -> (Vec<Class>, usize) {
     let blocked = cg.blocked_roots();
     let scores = producer_scores(graph, cg, opts);
     let ignored = ignored_roots(graph, cg, opts);
@@ -385,8 +385,8 @@ fn term(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, ix: NodeIndex, role: 
 }
 
 /// Folds the constant part of removed channels into the consumers' biases.
-fn compensate(graph: &mut Graph, shapes: &Shapes, cg: &ChannelGraph, removed: &[Vec<usize>]) {
-    let values = constant_parts(graph, shapes, cg);
+fn compensate(graph: &mut Graph, cg: &ChannelGraph, removed: &[Vec<usize>]) {
+    let values = constant_parts(graph, cg);
     let consumers: Vec<NodeIndex> = cg.roles.iter().filter(|(_, &r)| r == Role::Dense).map(|(&ix, _)| ix).collect();
     for ix in consumers {
         let node = graph.node(ix).clone();
@@ -439,9 +439,8 @@ fn add_to_bias(graph: &mut Graph, ix: NodeIndex, delta: &[f64]) {
 /// For every slot, the value its channel would hold if its producer's
 /// filter were zero: the bias pushed through per-channel ops. NaN where
 /// unknown (then nothing is compensated).
-fn constant_parts(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph) -> Vec<f64> {
+fn constant_parts(graph: &Graph, cg: &ChannelGraph) -> Vec<f64> {
     let mut v = vec![f64::NAN; cg.slot_count()];
-    let _ = shapes;
     for ix in graph.topo_order().unwrap_or_default() {
         let Some(&role) = cg.roles.get(&ix) else { continue };
         let node = graph.node(ix);
