@@ -44,4 +44,38 @@ fn main() {
         println!("passes {name:<26} {:>8.1} ms (in memory, incl. validation)", 1e3 * t);
     }
     let _ = std::fs::remove_file(out);
+    if std::env::args().any(|a| a == "--tract") {
+        tract_benches(&path, &model);
+    }
+}
+
+/// tract latency at batch 1 (1 and 2 threads) of the original, the folded
+/// model and any compressed models left by scripts/measure.sh, and the
+/// throughput of `check` (model + reference) on 64 real images.
+fn tract_benches(path: &Path, model: &cresnet_opt::ir::Model) {
+    use cresnet_opt::runner::Runner;
+    let mut folded = model.clone();
+    cresnet_opt::passes::run_pipeline(&mut folded, &[PassSpec::Fold(FoldOptions::default())], &Default::default(), |_| {}).expect("fold");
+    let mut models = vec![("original".to_string(), model.clone()), ("fold".to_string(), folded.clone())];
+    let measured = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/measure");
+    for name in ["dw-r1-cal", "dw-r2-cal", "prune-m0.7-cal", "prune-m0.5-cal"] {
+        if let Ok(m) = cresnet_opt::io::load(&measured.join(format!("{name}.onnx"))) {
+            models.push((name.to_string(), m));
+        }
+    }
+    let x = ndarray::ArrayD::<f32>::from_elem(vec![1, 3, 224, 224], 1.0);
+    for (name, m) in &models {
+        let runner = Runner::new(m, 1, &[]).expect("tract");
+        let t1 = time(10, || runner.run(x.clone()).expect("run"));
+        let t2 = time(10, || runner.run_threads(x.clone(), 2).expect("run"));
+        println!("tract batch 1 {name:<16} {:>7.1} ms (1 thread) {:>7.1} ms (2 threads)", 1e3 * t1, 1e3 * t2);
+    }
+    let data = path.parent().and_then(Path::parent).expect("shared").join("data");
+    let samples = cresnet_opt::imagedata::labelled(&data.join("imagenet-1k-sample"), Some(&data.join("imagenet-1k-classes.txt")), 1000).expect("data");
+    let samples = &samples[..64];
+    let pre = cresnet_opt::imagedata::Preprocessing::caffe();
+    let inputs = cresnet_opt::evaluate::Inputs::Images { samples, preprocessing: &pre, label_map: None };
+    let (a, b) = (Runner::new(&folded, 4, &[]).expect("tract"), Runner::new(model, 4, &[]).expect("tract"));
+    let t = time(3, || cresnet_opt::evaluate::evaluate(&a, Some(&b), &inputs, 4, &|_| {}).expect("check"));
+    println!("check throughput (model + reference, 2 cores, batch 4): {:.1} images/s", samples.len() as f64 / t);
 }

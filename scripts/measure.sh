@@ -23,6 +23,8 @@ declare -A PASSES=(
   [prune-m0.7-none]="[fold, {prune: {target_macs: 0.7, compensate: false}}]"
   [prune-m0.7-free]="[fold, {prune: {target_macs: 0.7}}]"
   [prune-m0.7-cal]="[fold, {prune: {target_macs: 0.7}}]"
+  [prune-m0.7-inner-cal]="[fold, {prune: {target_macs: 0.7, scope: inner}}]"
+  [prune-m0.7-inner-free]="[fold, {prune: {target_macs: 0.7, scope: inner}}]"
   [prune-m0.5-none]="[fold, {prune: {target_macs: 0.5, compensate: false}}]"
   [prune-m0.5-free]="[fold, {prune: {target_macs: 0.5}}]"
   [prune-m0.5-cal]="[fold, {prune: {target_macs: 0.5}}]"
@@ -37,7 +39,7 @@ declare -A PASSES=(
   [dw-e0.95-free]="[fold, {dw: {energy: 0.95}}]"
   [dw-e0.95-cal]="[fold, {dw: {energy: 0.95}}]"
 )
-ORDER="dw-r2-cal prune-m0.7-cal dw-r1-cal dw-r2-free dw-r1-free prune-m0.7-free prune-m0.7-none prune-m0.9-cal prune-m0.5-cal dw-r3-cal dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-cal dw-e0.95-free"
+ORDER="dw-r2-cal dw-r1-cal prune-m0.7-inner-cal prune-m0.9-cal dw-r1-free dw-r3-cal prune-m0.7-free prune-m0.7-none dw-e0.95-cal prune-m0.7-cal dw-r2-free dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-cal prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-free prune-m0.7-inner-free"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
   echo "passes: ${PASSES[$name]}" > "$cfg"

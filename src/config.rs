@@ -76,15 +76,11 @@ pub struct DwOptions {
     pub min_gain: f64,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
-    /// With calibration: also refit the convs reading each factorized
-    /// conv's output (through a Relu). Off by default: measured on
-    /// ResNet-50 rank 2 it lowered top-1 from 0.804 to 0.766.
-    pub refit_next: bool,
 }
 
 impl Default for DwOptions {
     fn default() -> Self {
-        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], refit_next: false }
+        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![] }
     }
 }
 

@@ -144,25 +144,41 @@ fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usiz
 /// the pass), one layer at a time in topological order. Returns, per layer,
 /// the relative reconstruction error before and after.
 pub fn refit(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration) -> Result<Vec<(String, f64, f64)>> {
+    refit_with(reference, model, layers, calib, |graph, layer, x, y| {
+        let (before, after) = solve_layer(graph, layer.node, x, y, calib.ridge)?;
+        Ok((graph.node(layer.node).name().to_string(), before, after))
+    })
+}
+
+/// A per-layer solver gets the layer's input patches X (N × C_in·kh·kw,
+/// row-major) and reference outputs Y (N × C_out).
+/// The sequential loop of [`refit`] with a custom per-layer solver, which
+/// may also rewrite the graph around the layer (the `dw` pass replaces the
+/// conv by its factorized pair there).
+pub fn refit_with(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration, mut solver: impl FnMut(&mut Graph, &Layer, &[f32], &[f32]) -> Result<(String, f64, f64)>) -> Result<Vec<(String, f64, f64)>> {
     let layers = refittable(&model.graph, layers.to_vec());
     if layers.is_empty() || calib.images.is_empty() {
         return Ok(vec![]);
     }
     let mut ys = targets(reference, &model.graph, &layers, calib)?;
     let shapes = crate::shape::infer(&model.graph, &Default::default())?;
-    let cuts = cut_points(&model.graph);
+    let plans: Vec<(String, Geometry, (usize, usize))> = layers
+        .iter()
+        .map(|l| {
+            let node = model.graph.node(l.node);
+            let out = shapes.get(&node.outputs()[0]).and_then(|t| t.shape.clone()).unwrap_or_default();
+            (node.inputs()[0].clone(), geometry(&model.graph, l.node).expect("refittable"), (out.get(2).copied().unwrap_or(1), out.get(3).copied().unwrap_or(1)))
+        })
+        .collect();
     let mut cursor = Cursor { tensor: None, acts: calib.images.iter().map(|i| i.view().insert_axis(ndarray::Axis(0)).to_owned().into_dyn()).collect() };
     let mut report = Vec::new();
-    for (li, layer) in layers.iter().enumerate() {
-        let input = model.graph.node(layer.node).inputs()[0].clone();
-        let geo = geometry(&model.graph, layer.node).expect("refittable");
-        let out = shapes.get(&model.graph.node(layer.node).outputs()[0]).and_then(|t| t.shape.clone()).unwrap_or_default();
-        let out_hw = (out.get(2).copied().unwrap_or(1), out.get(3).copied().unwrap_or(1));
-        let xs = cursor.advance(model, &shapes, &cuts, &input)?;
-        let patches: Vec<f32> = xs.par_iter().enumerate().map(|(i, x)| as4(x).map(|x| patches(x, &geo, out_hw, calib.positions, seed(i, li)))).collect::<Result<Vec<_>>>()?.concat();
+    for (li, (layer, (input, geo, out_hw))) in layers.iter().zip(&plans).enumerate() {
+        // The solver may restructure the graph: cut points are found anew.
+        let cuts = cut_points(&model.graph);
+        let xs = cursor.advance(model, &shapes, &cuts, input)?;
+        let patches: Vec<f32> = xs.par_iter().enumerate().map(|(i, x)| as4(x).map(|x| patches(x, geo, *out_hw, calib.positions, seed(i, li)))).collect::<Result<Vec<_>>>()?.concat();
         let y = std::mem::take(&mut ys[li]);
-        let (before, after) = solve_layer(&mut model.graph, layer.node, &patches, &y, calib.ridge)?;
-        report.push((model.graph.node(layer.node).name().to_string(), before, after));
+        report.push(solver(&mut model.graph, layer, &patches, &y)?);
     }
     Ok(report)
 }
@@ -267,7 +283,7 @@ fn sub_model(model: &Model, shapes: &crate::shape::Shapes, from: Option<&str>, o
 }
 
 /// Solves one layer's ridge problem and writes W and b back.
-fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], ridge: f64) -> Result<(f64, f64)> {
+pub fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], ridge: f64) -> Result<(f64, f64)> {
     let node = graph.node(ix).clone();
     let wname = node.input(1).expect("refittable").to_string();
     let wshape = graph.weights[&wname].shape();
@@ -276,26 +292,38 @@ fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], ridge: f6
     if n == 0 || y.len() != n * c_out {
         return Err(Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: {} samples of {d} inputs but {} targets for {c_out} channels", node.name(), n, y.len()) });
     }
-    let xa = Mat::<f64>::from_fn(n, d + 1, |r, c| if c == d { 1.0 } else { x[r * d + c] as f64 });
+    let xa = with_ones(x, n, d);
     let ya = Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
     let old = current_solution(graph, &node, d, c_out);
     let before = residual(&xa, &old, &ya);
-    let mut g = xa.transpose() * &xa;
-    let trace: f64 = (0..d).map(|i| g[(i, i)]).sum();
-    let lambda = ridge * trace / d.max(1) as f64 + 1e-12;
-    for i in 0..d {
-        g[(i, i)] += lambda;
-    }
-    g[(d, d)] += 1e-9 * (1.0 + trace / d.max(1) as f64);
-    let mut sol = xa.transpose() * &ya;
-    let llt = g.llt(Side::Lower).map_err(|_| Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: the normal equations are not positive definite", node.name()) })?;
-    llt.solve_in_place(sol.as_mut());
+    let sol = ridge_solve(&xa, &ya, ridge).ok_or_else(|| Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: the normal equations are not positive definite", node.name()) })?;
     let after = residual(&xa, &sol, &ya);
     if !(after < before) {
         return Ok((before, before));
     }
     write_solution(graph, ix, &sol, d, c_out);
     Ok((before, after))
+}
+
+/// [X 1] as an N×(D+1) f64 matrix.
+pub fn with_ones(x: &[f32], n: usize, d: usize) -> Mat<f64> {
+    Mat::<f64>::from_fn(n, d + 1, |r, c| if c == d { 1.0 } else { x[r * d + c] as f64 })
+}
+
+/// argmin_S ‖X·S − Y‖² + λ‖S without its last row‖², X's last column being
+/// the ones of the bias; λ = `ridge`·tr(XᵀX)/D. None if not solvable.
+pub fn ridge_solve(xa: &Mat<f64>, ya: &Mat<f64>, ridge: f64) -> Option<Mat<f64>> {
+    let d = xa.ncols() - 1;
+    let mut g = xa.transpose() * xa;
+    let trace: f64 = (0..d).map(|i| g[(i, i)]).sum();
+    let lambda = ridge * trace / d.max(1) as f64 + 1e-12;
+    for i in 0..d {
+        g[(i, i)] += lambda;
+    }
+    g[(d, d)] += 1e-9 * (1.0 + trace / d.max(1) as f64);
+    let mut sol = xa.transpose() * ya;
+    g.llt(Side::Lower).ok()?.solve_in_place(sol.as_mut());
+    Some(sol)
 }
 
 /// The layer's present weights as a (D+1)×C_out matrix.
@@ -307,7 +335,7 @@ fn current_solution(graph: &Graph, node: &crate::ir::Node, d: usize, c_out: usiz
 }
 
 /// ‖X·S − Y‖² / ‖Y‖².
-fn residual(x: &Mat<f64>, s: &Mat<f64>, y: &Mat<f64>) -> f64 {
+pub fn residual(x: &Mat<f64>, s: &Mat<f64>, y: &Mat<f64>) -> f64 {
     let e = x * s - y;
     e.squared_norm_l2() / y.squared_norm_l2().max(f64::MIN_POSITIVE)
 }

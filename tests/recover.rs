@@ -59,11 +59,11 @@ fn refit_reports_every_factorized_layer_with_a_smaller_error() {
     let original = fixture();
     let calib = Calibration { images: images(8, 3), positions: 16, ridge: 1e-3 };
     let mut m = original.clone();
-    let r = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &[fold(), PassSpec::Dw(DwOptions { rank: Some(2), refit_next: false, ..Default::default() })], &Default::default(), Some(&calib), |_| {}).unwrap();
-    let refits: Vec<_> = r[1].changed.iter().filter(|c| c.what.starts_with("refit")).collect();
+    let r = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &[fold(), PassSpec::Dw(DwOptions { rank: Some(2), ..Default::default() })], &Default::default(), Some(&calib), |_| {}).unwrap();
+    let refits: Vec<_> = r[1].changed.iter().filter(|c| c.what.starts_with("factorized on data")).collect();
     assert_eq!(refits.len(), 16);
     for c in refits {
-        let nums: Vec<f64> = c.what.trim_start_matches("refit: relative error ").split(" -> ").map(|v| v.parse().unwrap()).collect();
+        let nums: Vec<f64> = c.what.trim_start_matches("factorized on data: relative error ").split(" -> ").map(|v| v.parse().unwrap()).collect();
         assert!(nums[1] <= nums[0], "{}: {}", c.node, c.what);
     }
 }

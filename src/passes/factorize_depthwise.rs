@@ -45,8 +45,10 @@ pub struct Factorization {
 }
 
 pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<PassReport> {
+    if let (Some(calib), Some(before)) = (ctx.calibration, ctx.before) {
+        return run_calibrated(graph, before, calib, opts);
+    }
     let mut report = PassReport::default();
-    let mut pointwise = Vec::new();
     let convs: Vec<NodeIndex> = graph.topo_order()?.into_iter().filter(|&ix| graph.node(ix).op() == "Conv" && graph.node(ix).is_standard()).collect();
     for ix in convs {
         let name = graph.node(ix).name().to_string();
@@ -55,7 +57,7 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<Pas
             Ok(Some(weight)) => match factorize(&weight, opts) {
                 Ok(f) => {
                     let what = format!("rank {} (energy {:.4}), params {} -> {}", f.rank, f.energy, weight.len(), f.depthwise.len() + f.pointwise.len());
-                    pointwise.push(replace(graph, ix, f)?);
+                    replace(graph, ix, f)?;
                     report.change(&name, what);
                 }
                 Err(reason) => report.decline(&name, reason),
@@ -63,30 +65,155 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<Pas
             Err(reason) => report.decline(&name, reason),
         }
     }
-    // The pointwise half carries the conv's output name: refit it to the
-    // conv's outputs (and, with refit_next, the convs after it to theirs).
-    let mut nodes = pointwise.clone();
-    if opts.refit_next {
-        nodes.extend(pointwise.iter().flat_map(|&pw| next_convs(graph, pw)));
-    }
-    let order = graph.topo_order()?;
-    nodes.sort_by_key(|n| order.iter().position(|o| o == n));
-    nodes.dedup();
-    let layers = nodes.into_iter().map(|node| crate::recover::Layer { node, kept: None }).collect();
-    ctx.recover(graph, layers, &mut report)?;
     Ok(report)
 }
 
-/// Group-1 convs reading `ix`'s output directly or through one Relu.
-fn next_convs(graph: &Graph, ix: NodeIndex) -> Vec<NodeIndex> {
-    let Some(out) = graph.node(ix).output(0) else { return vec![] };
-    let mut readers = graph.consumers(out);
-    if let [(relu, 0)] = readers.as_slice() {
-        if graph.node(*relu).op() == "Relu" {
-            readers = graph.node(*relu).output(0).map(|o| graph.consumers(o)).unwrap_or_default();
+/// With calibration, layer by layer in topological order on the compressed
+/// model's own activations: the depthwise filters come from a
+/// data-weighted SVD (per input channel i, of W_i·C_i^½ with C_i the
+/// covariance of channel i's input patches; filters = V_rᵀ·C_i^-½), so
+/// they keep what the data excites; the pointwise weights and bias are then
+/// a ridge least-squares fit of the conv's outputs.
+fn run_calibrated(graph: &mut Graph, before: &crate::ir::Model, calib: &crate::recover::Calibration, opts: &DwOptions) -> Result<PassReport> {
+    let mut report = PassReport::default();
+    let mut layers = Vec::new();
+    for ix in graph.topo_order()? {
+        if graph.node(ix).op() != "Conv" || !graph.node(ix).is_standard() {
+            continue;
+        }
+        match eligible(graph, ix, opts) {
+            Ok(Some(_)) => layers.push(crate::recover::Layer { node: ix, kept: None }),
+            Ok(None) => {}
+            Err(reason) => report.decline(graph.node(ix).name(), reason),
         }
     }
-    readers.into_iter().map(|(n, _)| n).filter(|&n| graph.node(n).op() == "Conv" && graph.node(n).attr_int("group").unwrap_or(1) == 1).collect()
+    let mut model = crate::ir::Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
+    let result = crate::recover::refit_with(before, &mut model, &layers, calib, |g, layer, x, y| factorize_on_data(g, layer.node, x, y, opts, calib.ridge));
+    *graph = model.graph;
+    for outcome in result? {
+        match outcome {
+            (name, before, after) if after.is_finite() => report.change(&name, format!("factorized on data: relative error {before:.4} -> {after:.4}")),
+            (name, _, _) => report.decline(&name, format!("rank saves less than min_gain {:.1} % of the layer", 100.0 * opts.min_gain)),
+        }
+    }
+    Ok(report)
+}
+
+/// Per input channel: covariance C of its K² patch values, C^½ and C^-½.
+fn patch_whitening(x: &[f32], n: usize, c_in: usize, kk: usize, i: usize) -> (faer::Mat<f64>, faer::Mat<f64>) {
+    let d = c_in * kk;
+    let mut cov = faer::Mat::<f64>::zeros(kk, kk);
+    for r in 0..n {
+        let p = &x[r * d + i * kk..r * d + (i + 1) * kk];
+        for a in 0..kk {
+            for b in 0..=a {
+                cov[(a, b)] += p[a] as f64 * p[b] as f64;
+            }
+        }
+    }
+    for a in 0..kk {
+        for b in 0..a {
+            cov[(b, a)] = cov[(a, b)];
+        }
+    }
+    let Ok(eig) = cov.self_adjoint_eigen(faer::Side::Lower) else { return (faer::Mat::identity(kk, kk), faer::Mat::identity(kk, kk)) };
+    let (q, s) = (eig.U(), eig.S().column_vector());
+    let top = (0..kk).map(|k| s[k]).fold(0.0, f64::max);
+    if !(top > 1e-20) || !top.is_finite() {
+        // A dead channel (all-zero patches): nothing to weight by.
+        return (faer::Mat::identity(kk, kk), faer::Mat::identity(kk, kk));
+    }
+    // Directions the data barely excites are floored, so C^-½ stays tame.
+    let floor = 1e-3 * top;
+    let root = |pw: f64| faer::Mat::<f64>::from_fn(kk, kk, |a, b| (0..kk).map(|k| q[(a, k)] * s[k].max(floor).powf(pw) * q[(b, k)]).sum());
+    (root(0.5), root(-0.5))
+}
+
+/// Factorizes conv `ix` using its sampled input patches `x` and reference outputs `y`.
+fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opts: &DwOptions, ridge: f64) -> Result<(String, f64, f64)> {
+    let name = graph.node(ix).name().to_string();
+    let w = graph.constant_f32(graph.node(ix).input(1).unwrap_or("")).cloned().ok_or_else(|| crate::Error::invalid("weight vanished"))?;
+    let (c_out, c_in, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
+    let kk = kh * kw;
+    let n = x.len() / (c_in * kk);
+    // Data-weighted SVD per channel: W_i·C^½ = U Σ Vᵀ.
+    let parts: Vec<(ChannelSvd, faer::Mat<f64>)> = (0..c_in)
+        .into_par_iter()
+        .map(|i| {
+            let (half, inv_half) = patch_whitening(x, n, c_in, kk, i);
+            let wi = faer::Mat::<f64>::from_fn(c_out, kk, |o, k| w[[o, i, k / kw, k % kw]] as f64);
+            (svd_of(&(&wi * &half)), inv_half)
+        })
+        .collect();
+    let svds: Vec<&ChannelSvd> = parts.iter().map(|(s, _)| s).collect();
+    let (rank, _) = choose_rank_refs(&svds, c_out.min(kk), opts);
+    let after_params = c_in * rank * kk + c_out * c_in * rank;
+    if (1.0 - after_params as f64 / (c_out * c_in * kk) as f64) < opts.min_gain {
+        return Ok((name, f64::NAN, f64::NAN));
+    }
+    if svds.iter().any(|s| s.sigma2.iter().any(|v| !v.is_finite())) {
+        return Err(crate::Error::Pass { pass: "dw".into(), reason: format!("`{name}`: weight or activations hold NaN or infinity") });
+    }
+    // Depthwise filters d_ij = (V_rᵀ C^-½)_j, and the features z = d_ij · p_i.
+    let depthwise = ndarray::Array4::from_shape_fn((c_in * rank, 1, kh, kw), |(dd, _, a, b)| {
+        let (i, j) = (dd / rank, dd % rank);
+        let (svd, inv_half) = &parts[i];
+        (0..kk).map(|k| svd.vt[j][k] * inv_half[(k, a * kw + b)]).sum::<f64>() as f32
+    });
+    let dflat = depthwise.as_slice().expect("standard layout");
+    let zd = c_in * rank;
+    let z: Vec<f32> = (0..n)
+        .into_par_iter()
+        .flat_map_iter(|r| {
+            let row = &x[r * c_in * kk..(r + 1) * c_in * kk];
+            (0..zd).map(move |dd| {
+                let i = dd / rank;
+                (0..kk).map(|k| dflat[dd * kk + k] * row[i * kk + k]).sum::<f32>()
+            })
+        })
+        .collect();
+    let za = crate::recover::with_ones(&z, n, zd);
+    let ya = faer::Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
+    let init = faer::Mat::<f64>::from_fn(zd + 1, c_out, |r, o| if r == zd { 0.0 } else { parts[r / rank].0.us[r % rank][o] });
+    let before_err = crate::recover::residual(&za, &init, &ya);
+    let sol = crate::recover::ridge_solve(&za, &ya, ridge).filter(|s| s.norm_l2().is_finite()).unwrap_or(init);
+    let after_err = crate::recover::residual(&za, &sol, &ya);
+    if !after_err.is_finite() || !before_err.is_finite() {
+        return Err(crate::Error::Pass { pass: "dw".into(), reason: format!("`{name}`: non-finite values in the calibrated factorization") });
+    }
+    let pointwise = ndarray::Array4::from_shape_fn((c_out, zd, 1, 1), |(o, dd, _, _)| sol[(dd, o)] as f32);
+    let pw = replace(graph, ix, Factorization { rank, energy: f64::NAN, depthwise, pointwise })?;
+    set_bias(graph, pw, (0..c_out).map(|o| sol[(zd, o)] as f32).collect());
+    Ok((format!("{name} (rank {rank})"), before_err, after_err))
+}
+
+fn set_bias(graph: &mut Graph, ix: NodeIndex, bias: Vec<f32>) {
+    let node = graph.node(ix).clone();
+    let name = match node.input(2) {
+        Some(b) => b.to_string(),
+        None => graph.fresh_name(&format!("{}.bias", node.name())),
+    };
+    graph.weights.insert(name.clone(), Weight::from_f32(&name, ndarray::Array1::from_vec(bias).into_dyn()));
+    let n = graph.node_mut(ix);
+    n.proto.input.resize(3, String::new());
+    n.proto.input[2] = name;
+    let _ = graph.relink();
+}
+
+fn svd_of(m: &faer::Mat<f64>) -> ChannelSvd {
+    let (rows, cols) = (m.nrows(), m.ncols());
+    let k = rows.min(cols);
+    match m.thin_svd() {
+        Ok(svd) => {
+            let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
+            ChannelSvd {
+                us: (0..k).map(|j| (0..rows).map(|o| u[(o, j)] * s[j]).collect()).collect(),
+                vt: (0..k).map(|j| (0..cols).map(|p| v[(p, j)]).collect()).collect(),
+                sigma2: (0..k).map(|j| s[j] * s[j]).collect(),
+            }
+        }
+        Err(_) => ChannelSvd { us: vec![vec![f64::NAN; rows]; k], vt: vec![vec![0.0; cols]; k], sigma2: vec![f64::NAN; k] },
+    }
 }
 
 /// Simple glob: `*` matches any run of characters.
@@ -126,24 +253,15 @@ fn eligible(graph: &Graph, ix: NodeIndex, opts: &DwOptions) -> std::result::Resu
 
 fn channel_svd(w: &ArrayD<f32>, i: usize) -> ChannelSvd {
     let (c_out, kk) = (w.shape()[0], w.shape()[2] * w.shape()[3]);
-    let m = faer::Mat::<f64>::from_fn(c_out, kk, |o, k| w[[o, i, k / w.shape()[3], k % w.shape()[3]]] as f64);
-    let k = c_out.min(kk);
-    match m.thin_svd() {
-        Ok(svd) => {
-            let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
-            ChannelSvd {
-                us: (0..k).map(|j| (0..c_out).map(|o| u[(o, j)] * s[j]).collect()).collect(),
-                vt: (0..k).map(|j| (0..kk).map(|p| v[(p, j)]).collect()).collect(),
-                sigma2: (0..k).map(|j| s[j] * s[j]).collect(),
-            }
-        }
-        // faer reports non-convergence only for NaN/inf input.
-        Err(_) => ChannelSvd { us: vec![vec![f64::NAN; c_out]; k], vt: vec![vec![0.0; kk]; k], sigma2: vec![f64::NAN; k] },
-    }
+    svd_of(&faer::Mat::<f64>::from_fn(c_out, kk, |o, k| w[[o, i, k / w.shape()[3], k % w.shape()[3]]] as f64))
 }
 
 /// The rank for `opts`, and the energy it keeps.
 fn choose_rank(svds: &[ChannelSvd], max_rank: usize, opts: &DwOptions) -> (usize, f64) {
+    choose_rank_refs(&svds.iter().collect::<Vec<_>>(), max_rank, opts)
+}
+
+fn choose_rank_refs(svds: &[&ChannelSvd], max_rank: usize, opts: &DwOptions) -> (usize, f64) {
     let total: f64 = svds.iter().flat_map(|s| &s.sigma2).sum();
     let kept = |r: usize| svds.iter().map(|s| s.sigma2.iter().take(r).sum::<f64>()).sum::<f64>() / total.max(f64::MIN_POSITIVE);
     let rank = match (opts.rank, opts.energy) {
