@@ -238,7 +238,9 @@ fn default_positions() -> usize {
     32
 }
 fn default_ridge() -> f64 {
-    1e-3
+    // Measured on ResNet-50 pruned to 70 % MACs (inner): 1e-3 with 32
+    // positions overfits wide 3x3 refits (top-1 0.005); 1e-2 with 96: 0.099.
+    1e-2
 }
 
 fn default_images() -> usize {
