@@ -161,7 +161,7 @@ fn eval_batch(model: &Runner, reference: Option<&Runner>, inputs: &Inputs, start
 
 fn first_output(outputs: Vec<ArrayD<f32>>) -> Result<ArrayD<f32>> {
     let out = outputs.into_iter().next().ok_or_else(|| Error::Data("the model produced no output".into()))?;
-    if out.ndim() != 2 {
+    if out.ndim() != 2 || out.shape()[1] == 0 {
         return Err(Error::Data(format!("expected [batch, classes] logits, got shape {:?}", out.shape())));
     }
     Ok(out.as_standard_layout().into_owned())

@@ -224,7 +224,13 @@ impl LabelMap {
             if let Some(bad) = outs.iter().find(|&&o| o >= outputs) {
                 return Err(Error::Config(format!("label map {}: class `{class}` names output {bad}, but the model has {outputs}", path.display())));
             }
+            if outs.is_empty() {
+                return Err(Error::Config(format!("label map {}: class `{class}` maps to no output", path.display())));
+            }
             classes.push((class, outs));
+        }
+        if classes.is_empty() {
+            return Err(Error::Config(format!("label map {} names no class", path.display())));
         }
         Ok(LabelMap { classes })
     }
