@@ -230,11 +230,6 @@ pub fn resnet50(spec: &FixtureSpec) -> Result<Model> {
     Ok(model)
 }
 
-/// A 1-d f32 weight (test helper).
-pub fn vector(name: &str, values: &[f32]) -> Weight {
-    Weight::from_f32(name, Array1::from_vec(values.to_vec()).into_dyn())
-}
-
 /// A small graph builder for tests and examples: NCHW f32 tensors, seeded
 /// weights. `Net::new(seed).input("x", &[1, 4, 8, 8])`, then ops, then `model(&["y"])`.
 pub struct Net {

@@ -16,7 +16,7 @@
 //! Solve: min ‖[X 1]·[Wᵀ; bᵀ] − Y‖² + λ‖W‖², λ = `ridge`·tr(XᵀX)/D, by Cholesky.
 use crate::error::{Error, Result};
 use crate::fixture::Rng;
-use crate::ir::{Graph, Model, Weight};
+use crate::ir::{Graph, Model};
 use crate::runner::Runner;
 use faer::prelude::*;
 use faer::{Mat, Side};
@@ -308,7 +308,7 @@ pub fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], ridge
     }
     let xa = with_ones(x, n, d);
     let ya = Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
-    let old = current_solution(graph, &node, d, c_out);
+    let old = current_solution(graph, ix, d, c_out);
     let before = residual(&xa, &old, &ya);
     let sol = ridge_solve(&xa, &ya, ridge).ok_or_else(|| Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: the normal equations are not positive definite", node.name()) })?;
     let after = residual(&xa, &sol, &ya);
@@ -341,10 +341,11 @@ pub fn ridge_solve(xa: &Mat<f64>, ya: &Mat<f64>, ridge: f64) -> Option<Mat<f64>>
 }
 
 /// The layer's present weights as a (D+1)×C_out matrix.
-fn current_solution(graph: &Graph, node: &crate::ir::Node, d: usize, c_out: usize) -> Mat<f64> {
+fn current_solution(graph: &Graph, ix: NodeIndex, d: usize, c_out: usize) -> Mat<f64> {
+    let node = graph.node(ix);
     let w = graph.constant_f32(node.input(1).unwrap_or("")).expect("refittable").as_standard_layout().into_owned();
     let flat = w.as_slice().expect("standard layout");
-    let b = node.input(2).and_then(|n| graph.constant_f32(n)).map(|b| b.iter().copied().collect::<Vec<f32>>()).unwrap_or_else(|| vec![0.0; c_out]);
+    let b = graph.bias_or_zeros(ix, c_out);
     Mat::<f64>::from_fn(d + 1, c_out, |r, c| if r == d { b[c] as f64 } else { flat[c * d + r] as f64 })
 }
 
@@ -366,19 +367,7 @@ fn write_solution(graph: &mut Graph, ix: NodeIndex, sol: &Mat<f64>, d: usize, c_
     if let Some(old) = graph.weights.get_mut(&wname) {
         old.set_data(crate::ir::Data::F32(w));
     }
-    let bias: Vec<f32> = (0..c_out).map(|c| sol[(d, c)] as f32).collect();
-    let bname = match node.input(2) {
-        Some(b) => b.to_string(),
-        None => {
-            let b = graph.fresh_name(&format!("{}.bias", node.name()));
-            let n = graph.node_mut(ix);
-            n.proto.input.resize(3, String::new());
-            n.proto.input[2] = b.clone();
-            b
-        }
-    };
-    graph.weights.insert(bname.clone(), Weight::from_f32(&bname, ndarray::Array1::from_vec(bias).into_dyn()));
-    let _ = graph.relink();
+    graph.set_bias(ix, (0..c_out).map(|c| sol[(d, c)] as f32).collect());
 }
 
 impl Calibration {

@@ -265,6 +265,30 @@ impl Graph {
         unused.len()
     }
 
+    /// The f32 bias (input 2) of node `ix`, or `len` zeros if it has none.
+    pub fn bias_or_zeros(&self, ix: NodeIndex, len: usize) -> Vec<f32> {
+        self.net[ix].input(2).and_then(|b| self.constant_f32(b)).map_or_else(|| vec![0.0; len], |b| b.iter().copied().collect())
+    }
+
+    /// Sets node `ix`'s bias (input 2) to `values`, adding the input when the
+    /// node has none (a new Gemm bias drops `beta`, which would scale it).
+    pub fn set_bias(&mut self, ix: NodeIndex, values: Vec<f32>) {
+        let node = &self.net[ix];
+        let name = match node.input(2) {
+            Some(b) => b.to_string(),
+            None => self.fresh_name(&format!("{}.bias", node.name())),
+        };
+        self.weights.insert(name.clone(), Weight::from_f32(&name, ndarray::Array1::from_vec(values).into_dyn()));
+        let node = &mut self.net[ix];
+        if node.input(2).is_none() {
+            node.proto.input.resize(node.proto.input.len().max(3), String::new());
+            node.proto.input[2] = name;
+            if node.op() == "Gemm" {
+                node.proto.attribute.retain(|a| a.name() != "beta");
+            }
+        }
+    }
+
     /// A name not yet used by any tensor or node, built from `base`.
     pub fn fresh_name(&self, base: &str) -> String {
         let taken = |n: &str| self.weights.contains_key(n) || self.producers.contains_key(n) || self.is_graph_input(n) || self.find_node(n).is_some();

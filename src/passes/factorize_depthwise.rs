@@ -108,8 +108,7 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     let parts: Vec<ChannelSvd> = (0..c_in).into_par_iter().map(|i| channel_svd(&w, i)).collect();
     let svds: Vec<&ChannelSvd> = parts.iter().collect();
     let (rank, _) = choose_rank_refs(&svds, c_out.min(kk), opts);
-    let after_params = c_in * rank * kk + c_out * c_in * rank;
-    if (1.0 - after_params as f64 / (c_out * c_in * kk) as f64) < opts.min_gain {
+    if gain(c_out, c_in, kk, rank) < opts.min_gain {
         return Ok((name, f64::NAN, f64::NAN));
     }
     if svds.iter().any(|s| s.sigma2.iter().any(|v| !v.is_finite())) {
@@ -131,8 +130,8 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
         .collect();
     let za = crate::recover::with_ones(&z, n, zd);
     let ya = faer::Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
-    let bias = graph.node(ix).input(2).and_then(|b| graph.constant_f32(b)).map(|b| b.iter().map(|&v| v as f64).collect::<Vec<_>>()).unwrap_or_else(|| vec![0.0; c_out]);
-    let init = faer::Mat::<f64>::from_fn(zd + 1, c_out, |r, o| if r == zd { bias[o] } else { parts[r / rank].us[r % rank][o] });
+    let bias = graph.bias_or_zeros(ix, c_out);
+    let init = faer::Mat::<f64>::from_fn(zd + 1, c_out, |r, o| if r == zd { bias[o] as f64 } else { parts[r / rank].us[r % rank][o] });
     let before_err = crate::recover::residual(&za, &init, &ya);
     let sol = crate::recover::ridge_solve(&za, &ya, ridge).filter(|s| s.norm_l2().is_finite()).unwrap_or(init);
     let after_err = crate::recover::residual(&za, &sol, &ya);
@@ -141,21 +140,8 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     }
     let pointwise = ndarray::Array4::from_shape_fn((c_out, zd, 1, 1), |(o, dd, _, _)| sol[(dd, o)] as f32);
     let pw = replace(graph, ix, Factorization { rank, energy: f64::NAN, depthwise, pointwise })?;
-    set_bias(graph, pw, (0..c_out).map(|o| sol[(zd, o)] as f32).collect());
+    graph.set_bias(pw, (0..c_out).map(|o| sol[(zd, o)] as f32).collect());
     Ok((format!("{name} (rank {rank})"), before_err, after_err))
-}
-
-fn set_bias(graph: &mut Graph, ix: NodeIndex, bias: Vec<f32>) {
-    let node = graph.node(ix).clone();
-    let name = match node.input(2) {
-        Some(b) => b.to_string(),
-        None => graph.fresh_name(&format!("{}.bias", node.name())),
-    };
-    graph.weights.insert(name.clone(), Weight::from_f32(&name, ndarray::Array1::from_vec(bias).into_dyn()));
-    let n = graph.node_mut(ix);
-    n.proto.input.resize(3, String::new());
-    n.proto.input[2] = name;
-    let _ = graph.relink();
 }
 
 fn svd_of(m: &faer::Mat<f64>) -> ChannelSvd {
@@ -232,6 +218,12 @@ fn choose_rank_refs(svds: &[&ChannelSvd], max_rank: usize, opts: &DwOptions) -> 
     (rank, if total > 0.0 { kept(rank) } else { 1.0 })
 }
 
+/// Share of a layer's weights (= of its MACs) that factorizing at `rank` saves.
+fn gain(c_out: usize, c_in: usize, kk: usize, rank: usize) -> f64 {
+    let after = c_in * rank * kk + c_out * c_in * rank;
+    1.0 - after as f64 / (c_out * c_in * kk) as f64
+}
+
 /// SVD factorization of a [C_out, C_in, K, K] weight.
 pub fn factorize(w: &ArrayD<f32>, opts: &DwOptions) -> std::result::Result<Factorization, String> {
     let (c_out, c_in, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
@@ -241,8 +233,7 @@ pub fn factorize(w: &ArrayD<f32>, opts: &DwOptions) -> std::result::Result<Facto
     }
     let max_rank = c_out.min(kh * kw);
     let (rank, energy) = choose_rank(&svds, max_rank, opts);
-    let after = c_in * rank * kh * kw + c_out * c_in * rank;
-    let gain = 1.0 - after as f64 / (c_out * c_in * kh * kw) as f64;
+    let gain = gain(c_out, c_in, kh * kw, rank);
     if gain < opts.min_gain {
         return Err(format!("rank {rank} saves {:.1} % of the layer, less than min_gain {:.1} %", 100.0 * gain, 100.0 * opts.min_gain));
     }

@@ -53,7 +53,6 @@ impl PassReport {
 pub struct PassContext<'a> {
     /// Shapes of the graph as it is before this pass.
     pub shapes: &'a Shapes,
-    pub overrides: &'a InputShapes,
     /// The model before this pass (the reference for calibrated recovery;
     /// only kept when calibrating).
     pub before: Option<&'a Model>,
@@ -94,7 +93,7 @@ pub fn run_pipeline_calibrated(
         let started = std::time::Instant::now();
         let before = crate::stats::from_shapes(&model.graph, &shapes);
         let before_model = calibration.map(|_| model.clone());
-        let ctx = PassContext { shapes: &shapes, overrides, before: before_model.as_ref(), calibration };
+        let ctx = PassContext { shapes: &shapes, before: before_model.as_ref(), calibration };
         let mut report = match spec {
             PassSpec::Fold(o) => fold_batchnorm::run(&mut model.graph, &ctx, o),
             PassSpec::Prune(o) => prune_channels::run(&mut model.graph, &ctx, o),

@@ -407,32 +407,18 @@ fn compensate(graph: &mut Graph, cg: &ChannelGraph, removed: &[Vec<usize>]) {
                 delta[o] += v * filter.iter().map(|&x| x as f64).sum::<f64>();
             }
         }
-        let beta = if node.op() == "Gemm" { node.attr_float("beta").unwrap_or(1.0) as f64 } else { 1.0 };
+        // An existing Gemm bias is scaled by beta; a new one comes without it.
+        let beta = if node.op() == "Gemm" && node.input(2).is_some() { node.attr_float("beta").unwrap_or(1.0) as f64 } else { 1.0 };
         add_to_bias(graph, ix, &delta.iter().map(|d| d / beta).collect::<Vec<_>>());
     }
 }
 
 /// Adds `delta` to the bias of node `ix`, creating the bias if needed.
 fn add_to_bias(graph: &mut Graph, ix: NodeIndex, delta: &[f64]) {
-    let node = graph.node(ix).clone();
-    let name = match node.input(2) {
-        Some(b) => b.to_string(),
-        None => {
-            let name = graph.fresh_name(&format!("{}.bias", node.name()));
-            graph.weights.insert(name.clone(), Weight::from_f32(&name, ArrayD::zeros(ndarray::IxDyn(&[delta.len()]))));
-            let n = graph.node_mut(ix);
-            n.proto.input.resize(3, String::new());
-            n.proto.input[2] = name.clone();
-            if n.op() == "Gemm" {
-                n.proto.attribute.retain(|a| a.name() != "beta");
-            }
-            name
-        }
-    };
-    if let Some(b) = graph.weights.get_mut(&name).and_then(Weight::as_f32_mut) {
-        if b.len() == delta.len() {
-            b.iter_mut().zip(delta).for_each(|(v, d)| *v += *d as f32);
-        }
+    let mut bias = graph.bias_or_zeros(ix, delta.len());
+    if bias.len() == delta.len() {
+        bias.iter_mut().zip(delta).for_each(|(v, d)| *v += *d as f32);
+        graph.set_bias(ix, bias);
     }
 }
 
