@@ -21,6 +21,12 @@
 //! conv reading a graph input, ResNet's 7x7 on RGB — is left alone: it
 //! holds 0.04 % of the weights, its 3 input channels make the depthwise
 //! half tiny, and its features feed everything after it. `include` it by name.
+//!
+//! With `calibration` (see `src/recover.rs`), layers are factorized one at a
+//! time in topological order on the compressed model's own activations: the
+//! depthwise filters come from the SVD, the pointwise weights and bias from a
+//! ridge least-squares fit of the original conv's outputs. Measured on
+//! ResNet-50 rank 2: top-1 0.012 data-free, 0.809 calibrated (README).
 use super::{PassContext, PassReport};
 use crate::config::DwOptions;
 use crate::error::Result;
