@@ -296,7 +296,6 @@ fn refit_layers(graph: &Graph, cg: &ChannelGraph, removed: &[Vec<usize>]) -> Vec
             (lost_in || !gone.is_empty()).then_some(crate::recover::Layer { node: ix, kept: (!gone.is_empty()).then_some(kept) })
         })
         .collect();
-    out.sort_by_key(|l| l.node);
     let order: HashMap<NodeIndex, usize> = graph.topo_order().unwrap_or_default().into_iter().enumerate().map(|(i, n)| (n, i)).collect();
     out.sort_by_key(|l| order.get(&l.node).copied().unwrap_or(usize::MAX));
     out
