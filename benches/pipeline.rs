@@ -47,6 +47,41 @@ fn main() {
     if std::env::args().any(|a| a == "--tract") {
         tract_benches(&path, &model);
     }
+    if std::env::args().any(|a| a == "--train") {
+        train_benches(&model);
+    }
+}
+
+/// One training step (forward + backward, batch 16, 224x224) of the
+/// training engine on the folded model and on data-free compressed students.
+fn train_benches(model: &cresnet_opt::ir::Model) {
+    let fold = PassSpec::Fold(FoldOptions::default());
+    let dw1 = PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() });
+    let prune = PassSpec::Prune(PruneOptions { target_params: Some(0.3), ..Default::default() });
+    let students = [("fold", vec![fold.clone()]), ("fold,dw r1", vec![fold.clone(), dw1.clone(), fold.clone()]), ("fold,prune p0.3,dw r1", vec![fold.clone(), prune, dw1, fold])];
+    let batch = 16;
+    for b in [1, 4, 16] {
+        let runner = cresnet_opt::runner::Runner::new(model, b, &[]).expect("tract");
+        let x = ndarray::ArrayD::<f32>::from_elem(vec![b, 3, 224, 224], 0.5);
+        let t1 = time(3, || runner.run(x.clone()).expect("run"));
+        let t2 = time(3, || runner.run_threads(x.clone(), 2).expect("run"));
+        println!("teacher (tract) batch {b:>2}: {:>6.1} ms/image (1 thread) {:>6.1} ms/image (2 threads)", 1e3 * t1 / b as f64, 1e3 * t2 / b as f64);
+    }
+    for (name, specs) in students {
+        let mut m = model.clone();
+        cresnet_opt::passes::run_pipeline(&mut m, &specs, &Default::default(), |_| {}).expect("passes");
+        let shapes = cresnet_opt::validate::validate(&m.graph, &Default::default()).expect("valid");
+        let net = cresnet_opt::train::Network::from_graph(&m.graph, &shapes).expect("engine");
+        let x = vec![0.5f32; batch * net.input_len()];
+        let seed = vec![1e-3f32; batch * net.output_len()];
+        let fwd = time(3, || net.forward(x.clone(), batch).expect("forward"));
+        let step = time(3, || {
+            let acts = net.forward(x.clone(), batch).expect("forward");
+            net.backward(&acts, vec![(net.output(), seed.clone())])
+        });
+        let params: usize = net.params.iter().map(|p| p.data.len()).sum();
+        println!("train {name:<22} params {params:>10}  forward {:>6.0} ms  forward+backward {:>6.0} ms per batch of {batch}", 1e3 * fwd, 1e3 * step);
+    }
 }
 
 /// tract latency at batch 1 (1 and 2 threads) of the original, the folded

@@ -22,9 +22,10 @@ pub enum PassName {
     Fold,
     Prune,
     Dw,
+    Distill,
 }
 
-pub const PASS_NAMES: &[&str] = &["fold", "prune", "dw"];
+pub const PASS_NAMES: &[&str] = &["fold", "prune", "dw", "distill"];
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -84,12 +85,73 @@ impl Default for DwOptions {
     }
 }
 
+/// An image folder for training: every image below `dir` (sorted by path),
+/// or the first `images` of them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSource {
+    pub dir: PathBuf,
+    pub images: Option<usize>,
+}
+
+/// Options of `distill`; see `passes/distill_model.rs`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillOptions {
+    /// Training images; empty = the pipeline's calibration images.
+    pub data: Vec<DataSource>,
+    /// Preprocessing; default: the calibration's, else caffe.
+    pub preprocess: Option<Preprocess>,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub optimizer: crate::train::optim::Kind,
+    pub weight_decay: f64,
+    pub temperature: f64,
+    /// Weight of the MSE on stage outputs (0 = logits only).
+    pub feature_weight: f64,
+    /// Share of the training images held back to pick the best epoch.
+    pub holdout: f64,
+    /// Smallest area share of a random resized crop.
+    pub min_scale: f64,
+    pub seed: u64,
+    /// Threads (default: all cores).
+    pub threads: Option<usize>,
+    /// Resume from / write to this file after every epoch.
+    pub checkpoint: Option<PathBuf>,
+    /// The teacher model; default: the model as loaded, before any pass.
+    pub teacher: Option<PathBuf>,
+}
+
+impl Default for DistillOptions {
+    fn default() -> Self {
+        DistillOptions {
+            data: vec![],
+            preprocess: None,
+            epochs: 1,
+            batch: 16,
+            lr: 1e-4,
+            optimizer: crate::train::optim::Kind::Adam,
+            weight_decay: 0.0,
+            temperature: 2.0,
+            feature_weight: 0.0,
+            holdout: 0.1,
+            min_scale: 0.35,
+            seed: 0,
+            threads: None,
+            checkpoint: None,
+            teacher: None,
+        }
+    }
+}
+
 /// One step of a pipeline with its options.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum PassSpec {
     Fold(FoldOptions),
     Prune(PruneOptions),
     Dw(DwOptions),
+    Distill(DistillOptions),
 }
 
 impl PassSpec {
@@ -98,6 +160,7 @@ impl PassSpec {
             PassSpec::Fold(_) => "fold",
             PassSpec::Prune(_) => "prune",
             PassSpec::Dw(_) => "dw",
+            PassSpec::Distill(_) => "distill",
         }
     }
 
@@ -107,6 +170,7 @@ impl PassSpec {
             PassName::Fold => PassSpec::Fold(FoldOptions::default()),
             PassName::Prune => PassSpec::Prune(PruneOptions::default()),
             PassName::Dw => PassSpec::Dw(DwOptions::default()),
+            PassName::Distill => PassSpec::Distill(DistillOptions::default()),
         }
     }
 
@@ -117,6 +181,7 @@ impl PassSpec {
             PassName::Fold => PassSpec::Fold(yaml_serde::from_value(value).map_err(opts)?),
             PassName::Prune => PassSpec::Prune(yaml_serde::from_value(value).map_err(opts)?),
             PassName::Dw => PassSpec::Dw(yaml_serde::from_value(value).map_err(opts)?),
+            PassName::Distill => PassSpec::Distill(yaml_serde::from_value(value).map_err(opts)?),
         })
     }
 
@@ -154,6 +219,22 @@ impl PassSpec {
                 }
                 Ok(())
             }
+            PassSpec::Distill(o) => {
+                let positive = [("lr", o.lr), ("temperature", o.temperature)];
+                if let Some((key, v)) = positive.iter().find(|(_, v)| !(*v > 0.0 && v.is_finite())) {
+                    return Err(Error::Config(format!("`distill.{key}` is {v}, but must be positive")));
+                }
+                if o.epochs == 0 || o.batch == 0 || o.threads == Some(0) {
+                    return Err(Error::Config("`distill.epochs`, `distill.batch` and `distill.threads` must be at least 1".into()));
+                }
+                if !(o.weight_decay >= 0.0 && o.feature_weight >= 0.0) {
+                    return Err(Error::Config("`distill.weight_decay` and `distill.feature_weight` must be >= 0".into()));
+                }
+                if !(0.0..1.0).contains(&o.holdout) {
+                    return Err(Error::Config(format!("`distill.holdout` is {}, but must lie in [0, 1)", o.holdout)));
+                }
+                in_unit("min_scale", Some(o.min_scale).filter(|&m| m != 1.0))
+            }
         }
     }
 }
@@ -163,6 +244,7 @@ fn parse_name<E: de::Error>(name: &str) -> std::result::Result<PassName, E> {
         "fold" => Ok(PassName::Fold),
         "prune" => Ok(PassName::Prune),
         "dw" => Ok(PassName::Dw),
+        "distill" => Ok(PassName::Distill),
         other => Err(E::custom(format!("unknown pass `{other}` (valid passes: {})", PASS_NAMES.join(", ")))),
     }
 }
@@ -283,9 +365,17 @@ impl PipelineFile {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
         let mut file = Self::from_yaml(&text, &path.display().to_string())?;
         // Relative data paths are relative to the pipeline file.
-        if let (Some(cal), Some(dir)) = (file.calibration.as_mut(), path.parent()) {
+        let Some(dir) = path.parent() else { return Ok(file) };
+        if let Some(cal) = file.calibration.as_mut() {
             cal.data = dir.join(&cal.data);
             cal.classes = cal.classes.as_ref().map(|c| dir.join(c));
+        }
+        for spec in file.passes.iter_mut().flatten() {
+            if let PassSpec::Distill(o) = spec {
+                o.data.iter_mut().for_each(|d| d.dir = dir.join(&d.dir));
+                o.checkpoint = o.checkpoint.as_ref().map(|c| dir.join(c));
+                o.teacher = o.teacher.as_ref().map(|c| dir.join(c));
+            }
         }
         Ok(file)
     }

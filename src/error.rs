@@ -28,6 +28,8 @@ pub enum Error {
     Data(String),
     #[error("tract: {0}")]
     Tract(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
     #[error("pass `{pass}` failed: {reason}")]
     Pass { pass: String, reason: String },
 }

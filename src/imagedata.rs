@@ -72,24 +72,36 @@ impl Preprocessing {
     }
 
     pub fn apply(&self, img: &image::RgbImage) -> Array3<f32> {
+        let resized = self.resize_short(img);
+        let (rw, rh) = resized.dimensions();
+        let (x0, y0) = ((rw - self.crop) / 2, (rh - self.crop) / 2);
+        self.to_tensor(&image::imageops::crop_imm(&resized, x0, y0, self.crop, self.crop).to_image())
+    }
+
+    /// The image scaled (bilinear) so its shorter side is `resize`, and
+    /// neither side is below `crop`.
+    pub fn resize_short(&self, img: &image::RgbImage) -> image::RgbImage {
         let (w, h) = img.dimensions();
         let short = w.min(h).max(1) as f64;
         let (nw, nh) = ((w as f64 * self.resize as f64 / short).round() as u32, (h as f64 * self.resize as f64 / short).round() as u32);
-        let resized = if (nw, nh) == (w, h) { img.clone() } else { image::imageops::resize(img, nw.max(self.crop), nh.max(self.crop), FilterType::Triangle) };
-        let (rw, rh) = resized.dimensions();
-        let (x0, y0) = ((rw - self.crop) / 2, (rh - self.crop) / 2);
-        let c = self.crop as usize;
-        let mut out = Array3::<f32>::zeros((3, c, c));
-        for y in 0..c {
-            for x in 0..c {
-                let px = resized.get_pixel(x0 + x as u32, y0 + y as u32).0;
-                for ch in 0..3 {
-                    let src = match self.channel_order {
-                        ChannelOrder::Rgb => ch,
-                        ChannelOrder::Bgr => 2 - ch,
-                    };
-                    out[[ch, y, x]] = (px[src] as f32 * self.scale - self.mean[ch]) / self.std[ch];
-                }
+        if (nw, nh) == (w, h) {
+            img.clone()
+        } else {
+            image::imageops::resize(img, nw.max(self.crop), nh.max(self.crop), FilterType::Triangle)
+        }
+    }
+
+    /// Channel order, scale, mean and std applied to a `crop`-sized image.
+    pub fn to_tensor(&self, img: &image::RgbImage) -> Array3<f32> {
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mut out = Array3::<f32>::zeros((3, h, w));
+        for (x, y, px) in img.enumerate_pixels() {
+            for ch in 0..3 {
+                let src = match self.channel_order {
+                    ChannelOrder::Rgb => ch,
+                    ChannelOrder::Bgr => 2 - ch,
+                };
+                out[[ch, y as usize, x as usize]] = (px.0[src] as f32 * self.scale - self.mean[ch]) / self.std[ch];
             }
         }
         out

@@ -17,6 +17,7 @@ pub mod recover;
 pub mod runner;
 pub mod shape;
 pub mod stats;
+pub mod train;
 pub mod validate;
 
 pub use error::{Error, Result};

@@ -29,6 +29,9 @@ pub struct Calibration {
     pub images: Vec<Array3<f32>>,
     pub positions: usize,
     pub ridge: f64,
+    /// The image files (the default training data of `distill`).
+    pub sources: Vec<std::path::PathBuf>,
+    pub preprocessing: crate::imagedata::Preprocessing,
 }
 
 /// A conv to refit: its output should match the reference tensor of the
@@ -374,8 +377,14 @@ impl Calibration {
     /// The first `images` images (sorted by path) of the configured folder, preprocessed.
     pub fn load(cfg: &crate::config::Calibration) -> Result<Calibration> {
         let pre = crate::imagedata::Preprocessing::from_choice(&cfg.preprocess)?;
-        let paths = crate::imagedata::list_images(&cfg.data)?;
-        let images = paths.par_iter().take(cfg.images).map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
-        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge })
+        let mut paths = crate::imagedata::list_images(&cfg.data)?;
+        paths.truncate(cfg.images);
+        let images = paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
+        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, sources: paths, preprocessing: pre })
+    }
+
+    /// Calibration on in-memory images (caffe preprocessing, no source files).
+    pub fn from_images(images: Vec<Array3<f32>>, positions: usize, ridge: f64) -> Calibration {
+        Calibration { images, positions, ridge, sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
     }
 }

@@ -37,7 +37,7 @@ fn fixture() -> Model {
 #[test]
 fn calibrated_dw_is_closer_to_the_original_than_data_free() {
     let original = fixture();
-    let calib = Calibration { images: images(24, 1), positions: 24, ridge: 1e-3 };
+    let calib = Calibration::from_images(images(24, 1), 24, 1e-3);
     let passes = [fold(), PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() })];
     let free = error_on_fresh_images(&original, &compress(&original, &passes, None));
     let cal = error_on_fresh_images(&original, &compress(&original, &passes, Some(&calib)));
@@ -47,7 +47,7 @@ fn calibrated_dw_is_closer_to_the_original_than_data_free() {
 #[test]
 fn calibrated_prune_is_closer_to_the_original_than_data_free() {
     let original = fixture();
-    let calib = Calibration { images: images(24, 2), positions: 24, ridge: 1e-3 };
+    let calib = Calibration::from_images(images(24, 2), 24, 1e-3);
     let passes = [fold(), prune(PruneOptions { target_macs: Some(0.7), ..Default::default() })];
     let free = error_on_fresh_images(&original, &compress(&original, &passes, None));
     let cal = error_on_fresh_images(&original, &compress(&original, &passes, Some(&calib)));
@@ -57,7 +57,7 @@ fn calibrated_prune_is_closer_to_the_original_than_data_free() {
 #[test]
 fn refit_reports_every_factorized_layer_with_a_smaller_error() {
     let original = fixture();
-    let calib = Calibration { images: images(8, 3), positions: 16, ridge: 1e-3 };
+    let calib = Calibration::from_images(images(8, 3), 16, 1e-3);
     let mut m = original.clone();
     let r = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &[fold(), PassSpec::Dw(DwOptions { rank: Some(2), ..Default::default() })], &Default::default(), Some(&calib), |_| {}).unwrap();
     let refits: Vec<_> = r[1].changed.iter().filter(|c| c.what.starts_with("factorized on data")).collect();

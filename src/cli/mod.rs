@@ -1,6 +1,7 @@
 //! The command line: `cresnet-opt IN -o OUT --passes …` (optimize) plus the
-//! `stats`, `check` and `pipelines` subcommands, one module each. Errors
+//! `stats`, `check`, `bench` and `pipelines` subcommands, one module each. Errors
 //! print as one `error: …` line with the cause chain and exit with code 2.
+mod bench;
 mod check;
 mod optimize;
 mod pipelines;
@@ -28,20 +29,34 @@ enum Command {
     Check(check::CheckArgs),
     /// List the pipelines shipped in the binary.
     Pipelines,
+    /// tract latency of models at a fixed batch (median of several runs).
+    Bench(bench::BenchArgs),
 }
 
 pub fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Stats(args)) => stats::run(&args).map(|_| ExitCode::SUCCESS),
         Some(Command::Check(args)) => check::run(&args),
         Some(Command::Pipelines) => pipelines::run().map(|_| ExitCode::SUCCESS),
+        Some(Command::Bench(args)) => bench::run(&args).map(|_| ExitCode::SUCCESS),
         None => optimize::run(&cli.optimize).map(|_| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
         ExitCode::from(2)
     })
+}
+
+/// Rust ignores SIGPIPE, so `println!` into a closed pipe (`stats | head`)
+/// would panic; like other Unix tools, end quietly instead.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 /// Parses `name:1,3,224,224` into a shape override.

@@ -33,6 +33,9 @@ pub struct OptimizeArgs {
     /// Write tensor data to `OUT.data` beside the model (models over 2 GB).
     #[arg(long)]
     external_data: bool,
+    /// Checkpoint file of the `distill` pass: resumed if it exists, rewritten after every epoch.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
     /// No per-pass summary on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -76,7 +79,14 @@ fn pipeline_passes(args: &OptimizeArgs) -> Result<(Vec<PassSpec>, Option<crate::
 pub fn run(args: &OptimizeArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let (input, output) = (args.input.as_deref().expect("required"), args.output.as_deref().expect("required"));
-    let (passes, calibration) = pipeline_passes(args)?;
+    let (mut passes, calibration) = pipeline_passes(args)?;
+    if let Some(path) = &args.checkpoint {
+        let mut distills = passes.iter_mut().filter_map(|p| if let PassSpec::Distill(o) = p { Some(o) } else { None }).peekable();
+        if distills.peek().is_none() {
+            bail!("--checkpoint is for the `distill` pass, and the pipeline has none");
+        }
+        distills.for_each(|o| o.checkpoint = Some(path.clone()));
+    }
     let overrides = input_shapes(&args.input_shape)?;
     let mut model = load(input)?;
     let calibration = calibration

@@ -3,6 +3,7 @@
 //! [`PassReport`] of what it changed and what it declined, and the pipeline
 //! validates the graph after every pass, naming the pass in any error.
 pub mod dependency;
+pub mod distill_model;
 pub mod factorize_depthwise;
 pub mod fold_batchnorm;
 pub mod importance;
@@ -58,6 +59,9 @@ pub struct PassContext<'a> {
     pub before: Option<&'a Model>,
     /// Calibration images, when the pipeline has them.
     pub calibration: Option<&'a crate::recover::Calibration>,
+    /// The model as it was loaded (the teacher of `distill`; only kept
+    /// when the pipeline distills).
+    pub original: Option<&'a Model>,
 }
 
 impl PassContext<'_> {
@@ -89,15 +93,17 @@ pub fn run_pipeline_calibrated(
 ) -> Result<Vec<PassReport>> {
     let mut shapes = crate::validate::validate(&model.graph, overrides)?;
     let mut reports = Vec::new();
+    let original = passes.iter().any(|p| matches!(p, PassSpec::Distill(o) if o.teacher.is_none())).then(|| model.clone());
     for spec in passes {
         let started = std::time::Instant::now();
         let before = crate::stats::from_shapes(&model.graph, &shapes);
-        let before_model = calibration.map(|_| model.clone());
-        let ctx = PassContext { shapes: &shapes, before: before_model.as_ref(), calibration };
+        let before_model = calibration.filter(|_| matches!(spec, PassSpec::Prune(_) | PassSpec::Dw(_))).map(|_| model.clone());
+        let ctx = PassContext { shapes: &shapes, before: before_model.as_ref(), calibration, original: original.as_ref() };
         let mut report = match spec {
             PassSpec::Fold(o) => fold_batchnorm::run(&mut model.graph, &ctx, o),
             PassSpec::Prune(o) => prune_channels::run(&mut model.graph, &ctx, o),
             PassSpec::Dw(o) => factorize_depthwise::run(&mut model.graph, &ctx, o),
+            PassSpec::Distill(o) => distill_model::run(&mut model.graph, &ctx, o),
         }
         .map_err(|e| after_pass(spec.name(), e))?;
         model.graph.drop_unused_weights();

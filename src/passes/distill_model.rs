@@ -1,0 +1,345 @@
+//! Pass `distill`: trains the student (the graph as the earlier passes left
+//! it) to reproduce the teacher (the model as it was loaded), by knowledge
+//! distillation (Hinton et al. 2015). No labels needed.
+//!
+//! Before: a compressed graph of Conv (any group) / Relu / Add / MaxPool /
+//!         GlobalAveragePool / Flatten / Gemm, BN folded.
+//! After:  the same graph and shapes with trained weights and biases.
+//!
+//! Applies to the whole graph or not at all: an op outside the engine's set
+//! (`crate::train`) is an error naming the node, and the graph is untouched.
+//!
+//! Loss per batch of student logits s and teacher logits t, temperature T:
+//!   L = T²·mean_batch KL(softmax(t/T) ‖ softmax(s/T))
+//!     + feature_weight · Σ_k mean((s_k − t_k)²)
+//! where k runs over the stage outputs (the last residual block output at
+//! each resolution) whose shapes agree in student and teacher. ∂L/∂s =
+//! T·(softmax(s/T) − softmax(t/T)) / batch.
+//!
+//! Data: random resized crops + flips of the training images (`data`, else
+//! the calibration images); the teacher (tract) sees the same augmented
+//! batch. Schedule: cosine from `lr` to 0 over all steps; Adam with decoupled
+//! weight decay, or SGD with momentum 0.9. A seeded share (`holdout`) of the
+//! images is never trained on: after every epoch the student's top-1
+//! agreement with the teacher on their centre crops is measured and the best
+//! epoch's weights are kept (epoch 0 = the student before training).
+use super::{PassContext, PassReport};
+use crate::config::DistillOptions;
+use crate::error::{Error, Result};
+use crate::fixture::Rng;
+use crate::imagedata::Preprocessing;
+use crate::ir::{Graph, Model};
+use crate::runner::Runner;
+use crate::shape::Shapes;
+use crate::train::checkpoint::{self, State};
+use crate::train::data::ImagePool;
+use crate::train::optim::{cosine, Optimizer};
+use crate::train::Network;
+use rayon::prelude::*;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub fn run(graph: &mut Graph, ctx: &PassContext, o: &DistillOptions) -> Result<PassReport> {
+    let loaded = o.teacher.as_ref().map(|p| crate::io::load(p)).transpose()?;
+    let teacher = loaded.as_ref().or(ctx.original).ok_or_else(|| fail("the pipeline kept no teacher model"))?;
+    let mut net = Network::from_graph(graph, ctx.shapes)?;
+    let (paths, pre) = training_images(ctx, o)?;
+    let threads = o.threads.unwrap_or_else(rayon::current_num_threads);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| fail(format!("cannot start {threads} threads: {e}")))?;
+    let mut report = PassReport::default();
+    pool.install(|| -> Result<()> {
+        let images = ImagePool::load(&paths, pre)?;
+        let (train, hold) = split(images.len(), o.holdout, o.seed);
+        let features = stage_outputs(graph, ctx.shapes, &crate::validate::validate(&teacher.graph, &Default::default())?, o.feature_weight);
+        let teacher = Teacher::new(teacher, o.batch.min(train.len()), features)?;
+        Trainer { net: &mut net, teacher: &teacher, images: &images, o, report: &mut report }.run(&train, &hold)
+    })?;
+    net.write_back(graph);
+    Ok(report)
+}
+
+fn fail(reason: impl Into<String>) -> Error {
+    Error::Pass { pass: "distill".into(), reason: reason.into() }
+}
+
+/// The image files and preprocessing to train on.
+fn training_images(ctx: &PassContext, o: &DistillOptions) -> Result<(Vec<PathBuf>, Preprocessing)> {
+    let pre = match (&o.preprocess, ctx.calibration) {
+        (Some(p), _) => Preprocessing::from_choice(p)?,
+        (None, Some(c)) => c.preprocessing.clone(),
+        (None, None) => Preprocessing::caffe(),
+    };
+    let mut paths = Vec::new();
+    for source in &o.data {
+        let mut found = crate::imagedata::list_images(&source.dir)?;
+        found.truncate(source.images.unwrap_or(usize::MAX));
+        paths.extend(found);
+    }
+    if o.data.is_empty() {
+        paths = ctx.calibration.map(|c| c.sources.clone()).unwrap_or_default();
+    }
+    if paths.len() < 2 {
+        return Err(fail("needs at least 2 training images: give `distill: {data: [{dir: DIR}]}` or a `calibration:` folder"));
+    }
+    Ok((paths, pre))
+}
+
+/// Stage outputs for feature distillation: per spatial size, the last
+/// tensor written by a residual Add (or the Relu right after it), when the
+/// teacher has a tensor of that name and shape.
+fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64) -> Vec<String> {
+    if weight == 0.0 {
+        return vec![];
+    }
+    let mut last: Vec<(Vec<usize>, String)> = Vec::new();
+    for ix in graph.topo_order().unwrap_or_default() {
+        let node = graph.node(ix);
+        let Some(out) = node.output(0).filter(|_| node.op() == "Add") else { continue };
+        let consumers = graph.consumers(out);
+        let tensor = match consumers.as_slice() {
+            [(c, _)] if graph.node(*c).op() == "Relu" => graph.node(*c).output(0).unwrap_or(out).to_string(),
+            _ => out.to_string(),
+        };
+        let Some(shape) = student.get(&tensor).and_then(|t| t.shape.clone()).filter(|s| s.len() == 4) else { continue };
+        let spatial = shape[2..].to_vec();
+        last.retain(|(s, _)| *s != spatial);
+        last.push((spatial, tensor));
+    }
+    last.into_iter().map(|(_, t)| t).filter(|t| student.get(t).map(|s| &s.shape) == teacher.get(t).map(|s| &s.shape)).collect()
+}
+
+/// The teacher, compiled by tract for batch 1 with the stage outputs
+/// exposed. A batch runs image by image, one image per thread: measured on
+/// ResNet-50, tract takes ~55 ms per image that way, against ~200 ms per
+/// image at batch 4 or 16 (`cargo bench --bench pipeline -- --train`).
+struct Teacher {
+    runner: Runner,
+    features: Vec<String>,
+    batch: usize,
+}
+
+impl Teacher {
+    fn new(model: &Model, batch: usize, features: Vec<String>) -> Result<Teacher> {
+        Ok(Teacher { runner: Runner::new(model, 1, &features)?, features, batch })
+    }
+
+    fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Logits and stage outputs of a batch, each concatenated over the images.
+    fn run(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let per_image: usize = self.runner.input_shape.iter().product();
+        let outs = x
+            .par_chunks(per_image.max(1))
+            .map(|xi| {
+                let input = ndarray::ArrayD::from_shape_vec(self.runner.input_shape.clone(), xi.to_vec()).map_err(|e| fail(format!("teacher input: {e}")))?;
+                self.runner.run(input)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let count = outs.first().map_or(0, Vec::len);
+        Ok((0..count).map(|k| outs.iter().flat_map(|o| o[k].iter().copied()).collect()).collect())
+    }
+}
+
+/// T²-scaled KL divergence of softened logits, averaged over the batch, and
+/// its gradient with respect to the student logits.
+pub fn kd_loss(student: &[f32], teacher: &[f32], classes: usize, temperature: f32) -> (f64, Vec<f32>) {
+    let batch = student.len() / classes.max(1);
+    let t = temperature as f64;
+    let mut loss = 0.0;
+    let mut grad = vec![0.0; student.len()];
+    for ((s, tc), g) in student.chunks(classes).zip(teacher.chunks(classes)).zip(grad.chunks_mut(classes)) {
+        let (q, p) = (softmax(s, t), softmax(tc, t));
+        loss += p.iter().zip(&q).filter(|(p, _)| **p > 0.0).map(|(p, q)| p * (p.ln() - q.max(1e-300).ln())).sum::<f64>();
+        for ((g, q), p) in g.iter_mut().zip(&q).zip(&p) {
+            *g = (t * (q - p) / batch as f64) as f32;
+        }
+    }
+    (t * t * loss / batch as f64, grad)
+}
+
+fn softmax(logits: &[f32], t: f64) -> Vec<f64> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let e: Vec<f64> = logits.iter().map(|&v| ((v as f64 - max) / t).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / sum).collect()
+}
+
+/// Mean squared error × weight, and its gradient.
+fn mse(student: &[f32], teacher: &[f32], weight: f64) -> (f64, Vec<f32>) {
+    let n = student.len().max(1) as f64;
+    let loss = student.iter().zip(teacher).map(|(s, t)| ((s - t) as f64).powi(2)).sum::<f64>() * weight / n;
+    (loss, student.iter().zip(teacher).map(|(s, t)| (2.0 * weight * (s - t) as f64 / n) as f32).collect())
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
+}
+
+struct Trainer<'a> {
+    net: &'a mut Network,
+    teacher: &'a Teacher,
+    images: &'a ImagePool,
+    o: &'a DistillOptions,
+    report: &'a mut PassReport,
+}
+
+impl Trainer<'_> {
+    fn run(&mut self, train: &[usize], hold: &[usize]) -> Result<()> {
+        let batch = self.teacher.batch();
+        let steps_per_epoch = train.len() / batch;
+        let total = steps_per_epoch * self.o.epochs;
+        let hold_teacher = self.teacher_logits(hold)?;
+        let sizes: Vec<usize> = self.net.params.iter().map(|p| p.data.len()).collect();
+        let resumed = match &self.o.checkpoint {
+            Some(path) => checkpoint::load(path, self.net, self.o.optimizer, self.o.weight_decay as f32)?,
+            None => None,
+        };
+        let mut state = match resumed {
+            Some(s) => {
+                self.report.change("student", format!("resumed from checkpoint after epoch {}", s.epoch));
+                s
+            }
+            None => {
+                let (agreement, kl) = self.holdout(hold, &hold_teacher)?;
+                self.log(format!("epoch 0 (before training): hold-out agreement {agreement:.3}, KL {kl:.4}"));
+                let best_params = self.net.params.iter().map(|p| p.data.clone()).collect();
+                State { epoch: 0, best_epoch: 0, best_agreement: agreement, best_kl: kl, best_params, optimizer: Optimizer::new(self.o.optimizer, self.o.weight_decay as f32, &sizes) }
+            }
+        };
+        for epoch in state.epoch + 1..=self.o.epochs {
+            let started = Instant::now();
+            let (loss, [data, teach, student]) = self.epoch(epoch, train, &mut state.optimizer, total)?;
+            let secs = started.elapsed().as_secs_f64();
+            let (agreement, kl) = self.holdout(hold, &hold_teacher)?;
+            self.log(format!(
+                "epoch {epoch}/{}: loss {loss:.4}, hold-out agreement {agreement:.3}, KL {kl:.4}; {secs:.0} s, {:.1} img/s (data {data:.0} s, teacher {teach:.0} s, student {student:.0} s)",
+                self.o.epochs,
+                (steps_per_epoch * batch) as f64 / secs
+            ));
+            if (agreement, -kl) > (state.best_agreement, -state.best_kl) {
+                (state.best_epoch, state.best_agreement, state.best_kl) = (epoch, agreement, kl);
+                state.best_params = self.net.params.iter().map(|p| p.data.clone()).collect();
+            }
+            state.epoch = epoch;
+            if let Some(path) = &self.o.checkpoint {
+                checkpoint::save(path, self.net, &state)?;
+            }
+        }
+        for (p, best) in self.net.params.iter_mut().zip(state.best_params) {
+            p.data = best;
+        }
+        self.report.change("student", format!("kept epoch {} (hold-out agreement {:.3}, KL {:.4}; {} training / {} hold-out images)", state.best_epoch, state.best_agreement, state.best_kl, train.len(), hold.len()));
+        Ok(())
+    }
+
+    /// A report line, also printed: a training run is long enough to want a log.
+    fn log(&mut self, line: String) {
+        eprintln!("distill: {line}");
+        self.report.change("student", line);
+    }
+
+    /// One pass over the training images; returns the mean loss and the
+    /// seconds spent on data, teacher and student.
+    fn epoch(&mut self, epoch: usize, train: &[usize], opt: &mut Optimizer, total: usize) -> Result<(f64, [f64; 3])> {
+        let batch = self.teacher.batch();
+        let mut order = train.to_vec();
+        shuffle(&mut order, self.o.seed ^ (epoch as u64) << 32);
+        let steps = order.len() / batch;
+        let bar = progress(steps as u64, epoch);
+        let (mut sum, mut times) = (0.0, [0.0f64; 3]);
+        for (k, chunk) in order.chunks_exact(batch).enumerate() {
+            let seed = |slot: usize| self.o.seed ^ ((epoch as u64) << 40) ^ ((k * batch + slot) as u64) << 8;
+            let t = Instant::now();
+            let x = self.images.batch(chunk, |slot, i| self.images.augmented(i, seed(slot), self.o.min_scale));
+            times[0] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let targets = self.teacher.run(&x)?;
+            times[1] += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            sum += self.step(x, &targets, opt, cosine(self.o.lr, (epoch - 1) * steps + k, total))?;
+            times[2] += t.elapsed().as_secs_f64();
+            bar.inc(1);
+            bar.set_message(format!("loss {:.4}", sum / (k + 1) as f64));
+        }
+        bar.finish_and_clear();
+        Ok((sum / steps.max(1) as f64, times))
+    }
+
+    /// Forward, loss, backward, update; returns the loss.
+    fn step(&mut self, x: Vec<f32>, targets: &[Vec<f32>], opt: &mut Optimizer, lr: f32) -> Result<f64> {
+        let batch = self.teacher.batch();
+        let acts = self.net.forward(x, batch)?;
+        let out = self.net.output();
+        let (mut loss, g) = kd_loss(acts.value(out), &targets[0], self.net.output_len(), self.o.temperature as f32);
+        let mut seeds = vec![(out, g)];
+        for (name, t) in self.teacher.features.iter().zip(&targets[1..]) {
+            let Some((v, _)) = self.net.value_of(name) else { continue };
+            let (l, g) = mse(acts.value(v), t, self.o.feature_weight);
+            loss += l;
+            seeds.push((v, g));
+        }
+        if !loss.is_finite() {
+            return Err(fail("the loss diverged (not finite): lower `lr`"));
+        }
+        let grads = self.net.backward(&acts, seeds);
+        opt.update(&mut self.net.params, &grads, lr);
+        Ok(loss)
+    }
+
+    /// Teacher logits of the hold-out centre crops (computed once).
+    fn teacher_logits(&self, hold: &[usize]) -> Result<Vec<f32>> {
+        let batch = self.teacher.batch();
+        let mut out = Vec::new();
+        for chunk in hold.chunks(batch) {
+            let mut x = self.images.batch(chunk, |_, i| self.images.centred(i));
+            x.resize(batch * self.net.input_len(), 0.0);
+            let logits = self.teacher.run(&x)?.swap_remove(0);
+            out.extend_from_slice(&logits[..chunk.len() * self.net.output_len()]);
+        }
+        Ok(out)
+    }
+
+    /// Top-1 agreement and KL (T = 1) of the student with the teacher on the hold-out images.
+    fn holdout(&self, hold: &[usize], teacher: &[f32]) -> Result<(f64, f64)> {
+        if hold.is_empty() {
+            return Ok((0.0, 0.0));
+        }
+        let (batch, classes) = (self.teacher.batch(), self.net.output_len());
+        let (mut agree, mut kl) = (0usize, 0.0);
+        for (chunk, t) in hold.chunks(batch).zip(teacher.chunks(batch * classes)) {
+            let x = self.images.batch(chunk, |_, i| self.images.centred(i));
+            let acts = self.net.forward(x, chunk.len())?;
+            let s = acts.value(self.net.output());
+            agree += s.chunks(classes).zip(t.chunks(classes)).filter(|(a, b)| argmax(a) == argmax(b)).count();
+            kl += kd_loss(s, t, classes, 1.0).0 * chunk.len() as f64;
+        }
+        Ok((agree as f64 / hold.len() as f64, kl / hold.len() as f64))
+    }
+}
+
+/// Seeded split into training and hold-out image indices.
+fn split(n: usize, holdout: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut all: Vec<usize> = (0..n).collect();
+    shuffle(&mut all, seed);
+    let hold = ((n as f64 * holdout).round() as usize).min(n.saturating_sub(1));
+    let train = all.split_off(hold);
+    all.sort_unstable();
+    (train, all)
+}
+
+fn shuffle(v: &mut [usize], seed: u64) {
+    let mut rng = Rng::new(seed);
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.below(i + 1));
+    }
+}
+
+fn progress(steps: u64, epoch: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps);
+    let style = indicatif::ProgressStyle::with_template("distill epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(epoch.to_string());
+    bar
+}

@@ -1,0 +1,427 @@
+//! A small training engine for the networks our passes emit: Conv (any
+//! group, stride, pad, dilation), Relu, Add, MaxPool, GlobalAveragePool,
+//! Flatten and Gemm, BN folded. Built from the IR at run time; forward keeps
+//! every activation, backward walks the steps in reverse. The batch is split
+//! over rayon's threads by image, so results are reproducible for a fixed
+//! thread count. Chosen over burn and candle by measurement (README, `distill`).
+pub mod data;
+pub mod checkpoint;
+pub mod kernels;
+pub mod optim;
+
+use crate::error::{Error, Result};
+use crate::ir::{Graph, Weight};
+use crate::shape::Shapes;
+use kernels::{ConvGeom, PoolGeom};
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+/// A trainable tensor: a weight of the graph, by name.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Conv { x: usize, y: usize, w: usize, b: Option<usize>, geom: ConvGeom },
+    Relu { x: usize, y: usize },
+    Add { a: usize, b: usize, y: usize },
+    MaxPool { x: usize, y: usize, geom: PoolGeom },
+    GlobalAvgPool { x: usize, y: usize, hw: usize },
+    Flatten { x: usize, y: usize },
+    /// y[B,n] = x[B,k]·op(w) + b; w is n×k when `trans_b`, else k×n.
+    Gemm { x: usize, y: usize, w: usize, b: Option<usize>, k: usize, n: usize, trans_b: bool },
+}
+
+/// The trainable network: values (tensors, by per-image length), steps, params.
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub params: Vec<Param>,
+    steps: Vec<Step>,
+    value_len: Vec<usize>,
+    values: HashMap<String, usize>,
+    input: usize,
+    output: usize,
+}
+
+/// What forward keeps for backward.
+pub struct Activations {
+    pub batch: usize,
+    values: Vec<Vec<f32>>,
+    argmax: HashMap<usize, Vec<u32>>,
+}
+
+impl Activations {
+    /// The batch of value `v` (batch × per-image length).
+    pub fn value(&self, v: usize) -> &[f32] {
+        &self.values[v]
+    }
+}
+
+fn unsupported(node: &str, op: &str, why: &str) -> Error {
+    Error::Unsupported(format!("distill: node `{node}` ({op}): {why}"))
+}
+
+fn pair(v: Option<&[i64]>, default: usize, node: &str, op: &str, what: &str) -> Result<[usize; 2]> {
+    match v {
+        None => Ok([default; 2]),
+        Some([a, b, ..]) if *a >= 0 && *b >= 0 => Ok([*a as usize, *b as usize]),
+        Some(_) => Err(unsupported(node, op, &format!("`{what}` must hold two non-negative values"))),
+    }
+}
+
+struct Builder<'a> {
+    graph: &'a Graph,
+    shapes: &'a Shapes,
+    net: Network,
+    param_ix: HashMap<String, usize>,
+}
+
+impl Builder<'_> {
+    fn shape(&self, tensor: &str) -> Result<Vec<usize>> {
+        match self.shapes.get(tensor).and_then(|t| t.shape.clone()) {
+            Some(s) if !s.is_empty() => Ok(s[1..].to_vec()),
+            _ => Err(Error::invalid(format!("distill: tensor `{tensor}` has no known shape"))),
+        }
+    }
+
+    fn value(&mut self, tensor: &str) -> Result<usize> {
+        if let Some(&v) = self.net.values.get(tensor) {
+            return Ok(v);
+        }
+        let len = self.shape(tensor)?.iter().product();
+        self.net.value_len.push(len);
+        let v = self.net.value_len.len() - 1;
+        self.net.values.insert(tensor.to_string(), v);
+        Ok(v)
+    }
+
+    fn param(&mut self, tensor: &str, node: &str, op: &str) -> Result<usize> {
+        if let Some(&p) = self.param_ix.get(tensor) {
+            return Ok(p);
+        }
+        let w = self.graph.constant_f32(tensor).ok_or_else(|| unsupported(node, op, &format!("weight `{tensor}` is not an f32 initializer")))?;
+        self.net.params.push(Param { name: tensor.to_string(), shape: w.shape().to_vec(), data: w.iter().copied().collect() });
+        self.param_ix.insert(tensor.to_string(), self.net.params.len() - 1);
+        Ok(self.net.params.len() - 1)
+    }
+
+    fn input_value(&mut self, tensor: &str, node: &str, op: &str) -> Result<usize> {
+        match self.net.values.get(tensor) {
+            Some(&v) => Ok(v),
+            None => Err(unsupported(node, op, &format!("input `{tensor}` is neither the graph input nor computed by a supported op"))),
+        }
+    }
+
+    fn step(&mut self, ix: petgraph::stable_graph::NodeIndex) -> Result<()> {
+        let node = self.graph.node(ix);
+        let (name, op) = (node.name(), node.op());
+        let out = node.output(0).unwrap_or_default().to_string();
+        let x_name = node.input(0).unwrap_or_default().to_string();
+        let x = self.input_value(&x_name, name, op)?;
+        let step = match op {
+            "Conv" => self.conv(ix, x, &x_name, &out)?,
+            "Relu" => Step::Relu { x, y: self.value(&out)? },
+            "Add" => {
+                let b_name = node.input(1).unwrap_or_default().to_string();
+                let b = self.input_value(&b_name, name, op)?;
+                if self.shape(&x_name)? != self.shape(&b_name)? {
+                    return Err(unsupported(name, op, "inputs of different shapes (broadcasting) are not supported"));
+                }
+                Step::Add { a: x, b, y: self.value(&out)? }
+            }
+            "MaxPool" => self.maxpool(ix, x, &x_name, &out)?,
+            "GlobalAveragePool" => {
+                let s = self.shape(&x_name)?;
+                Step::GlobalAvgPool { x, y: self.value(&out)?, hw: s[1..].iter().product() }
+            }
+            "Flatten" if node.attr_int("axis").unwrap_or(1) == 1 => Step::Flatten { x, y: self.value(&out)? },
+            "Gemm" => self.gemm(ix, x, &x_name, &out)?,
+            "BatchNormalization" => return Err(unsupported(name, op, "fold it first (put `fold` before `distill`)")),
+            _ => return Err(unsupported(name, op, "op not supported by the training engine")),
+        };
+        self.net.steps.push(step);
+        Ok(())
+    }
+
+    fn conv(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
+        let node = self.graph.node(ix);
+        let (name, op) = (node.name(), node.op());
+        if !matches!(node.attr_str("auto_pad").as_deref(), None | Some("") | Some("NOTSET")) {
+            return Err(unsupported(name, op, "auto_pad is not supported (explicit pads only)"));
+        }
+        let w_name = node.input(1).unwrap_or_default().to_string();
+        let b_name = node.input(2).filter(|b| !b.is_empty()).map(str::to_string);
+        let w = self.param(&w_name, name, op)?;
+        let b = b_name.map(|b| self.param(&b, name, op)).transpose()?;
+        let ws = self.net.params[w].shape.clone();
+        let (xs, ys) = (self.shape(x_name)?, self.shape(out)?);
+        if ws.len() != 4 || xs.len() != 3 || ys.len() != 3 {
+            return Err(unsupported(name, op, "only 2-d convolutions are supported"));
+        }
+        let pads = node.attr_ints("pads").unwrap_or(&[0, 0, 0, 0]);
+        let geom = ConvGeom {
+            c_in: xs[0],
+            c_out: ys[0],
+            group: node.attr_int("group").unwrap_or(1).max(1) as usize,
+            kh: ws[2],
+            kw: ws[3],
+            stride: pair(node.attr_ints("strides"), 1, name, op, "strides")?,
+            pad: pair(Some(pads), 0, name, op, "pads")?,
+            dilation: pair(node.attr_ints("dilations"), 1, name, op, "dilations")?,
+            h: xs[1],
+            w: xs[2],
+            ho: ys[1],
+            wo: ys[2],
+        };
+        Ok(Step::Conv { x, y: self.value(out)?, w, b, geom })
+    }
+
+    fn maxpool(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
+        let node = self.graph.node(ix);
+        let (name, op) = (node.name(), node.op());
+        if node.attr_ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) || !matches!(node.attr_str("auto_pad").as_deref(), None | Some("") | Some("NOTSET")) {
+            return Err(unsupported(name, op, "dilated or auto-padded pooling is not supported"));
+        }
+        let k = pair(node.attr_ints("kernel_shape"), 1, name, op, "kernel_shape")?;
+        let (xs, ys) = (self.shape(x_name)?, self.shape(out)?);
+        let geom = PoolGeom {
+            c: xs[0],
+            kh: k[0],
+            kw: k[1],
+            stride: pair(node.attr_ints("strides"), 1, name, op, "strides")?,
+            pad: pair(node.attr_ints("pads"), 0, name, op, "pads")?,
+            h: xs[1],
+            w: xs[2],
+            ho: ys[1],
+            wo: ys[2],
+        };
+        Ok(Step::MaxPool { x, y: self.value(out)?, geom })
+    }
+
+    fn gemm(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
+        let node = self.graph.node(ix);
+        let (name, op) = (node.name(), node.op());
+        let one = |a: &str| node.attr_float(a).unwrap_or(1.0) == 1.0;
+        if node.attr_int("transA").unwrap_or(0) != 0 || !one("alpha") || !one("beta") {
+            return Err(unsupported(name, op, "only transA = 0, alpha = beta = 1 are supported"));
+        }
+        let w = self.param(node.input(1).unwrap_or_default(), name, op)?;
+        let b = node.input(2).filter(|b| !b.is_empty()).map(str::to_string).map(|b| self.param(&b, name, op)).transpose()?;
+        let (k, n) = (self.shape(x_name)?.iter().product(), self.shape(out)?.iter().product());
+        if let Some(b) = b {
+            if self.net.params[b].data.len() != n {
+                return Err(unsupported(name, op, "a broadcast bias is not supported"));
+            }
+        }
+        Ok(Step::Gemm { x, y: self.value(out)?, w, b, k, n, trans_b: node.attr_int("transB").unwrap_or(0) != 0 })
+    }
+}
+
+impl Network {
+    /// Builds the trainable network of `graph` (shapes from `validate`).
+    pub fn from_graph(graph: &Graph, shapes: &Shapes) -> Result<Network> {
+        let input = graph.meta.input.iter().map(|i| i.name()).find(|n| !graph.weights.contains_key(*n)).ok_or_else(|| Error::invalid("distill: the model has no input"))?.to_string();
+        let output = graph.meta.output.first().map(|o| o.name().to_string()).ok_or_else(|| Error::invalid("distill: the model has no output"))?;
+        let net = Network { params: vec![], steps: vec![], value_len: vec![], values: HashMap::new(), input: 0, output: 0 };
+        let mut b = Builder { graph, shapes, net, param_ix: HashMap::new() };
+        b.net.input = b.value(&input)?;
+        for ix in graph.topo_order()? {
+            b.step(ix)?;
+        }
+        b.net.output = *b.net.values.get(&output).ok_or_else(|| Error::invalid(format!("distill: output `{output}` is not computed")))?;
+        Ok(b.net)
+    }
+
+    /// Per-image length of the input and the output.
+    pub fn input_len(&self) -> usize {
+        self.value_len[self.input]
+    }
+    pub fn output_len(&self) -> usize {
+        self.value_len[self.output]
+    }
+    pub fn output(&self) -> usize {
+        self.output
+    }
+    /// The value carrying tensor `name`, with its per-image length.
+    pub fn value_of(&self, name: &str) -> Option<(usize, usize)> {
+        self.values.get(name).map(|&v| (v, self.value_len[v]))
+    }
+
+    /// Writes the params back into the graph's weights.
+    pub fn write_back(&self, graph: &mut Graph) {
+        for p in &self.params {
+            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&p.shape), p.data.clone()).expect("param length matches its shape");
+            match graph.weights.get_mut(&p.name) {
+                Some(w) => w.set_data(crate::ir::Data::F32(a)),
+                None => {
+                    graph.weights.insert(p.name.clone(), Weight::from_f32(&p.name, a));
+                }
+            }
+        }
+    }
+
+    /// Runs the network on `x` (batch × input length).
+    pub fn forward(&self, x: Vec<f32>, batch: usize) -> Result<Activations> {
+        if x.len() != batch * self.input_len() {
+            return Err(Error::Data(format!("distill: input holds {} values, expected {batch} × {}", x.len(), self.input_len())));
+        }
+        let mut acts = Activations { batch, values: vec![Vec::new(); self.value_len.len()], argmax: HashMap::new() };
+        acts.values[self.input] = x;
+        for (i, step) in self.steps.iter().enumerate() {
+            let (y, out) = self.forward_step(i, step, &mut acts);
+            acts.values[y] = out;
+        }
+        Ok(acts)
+    }
+
+    fn forward_step(&self, i: usize, step: &Step, acts: &mut Activations) -> (usize, Vec<f32>) {
+        let batch = acts.batch;
+        let vals = &acts.values;
+        match step {
+            Step::Conv { x, y, w, b, geom } => {
+                let mut out = vec![0.0; batch * geom.output_len()];
+                let (w, b) = (&self.params[*w].data, b.map(|b| self.params[b].data.as_slice()));
+                out.par_chunks_mut(geom.output_len()).zip(vals[*x].par_chunks(geom.input_len())).for_each_init(Vec::new, |col, (yn, xn)| kernels::conv_forward(geom, xn, w, b, yn, col));
+                (*y, out)
+            }
+            Step::Relu { x, y } => (*y, vals[*x].par_iter().map(|v| v.max(0.0)).collect()),
+            Step::Add { a, b, y } => (*y, vals[*a].par_iter().zip(&vals[*b]).map(|(p, q)| p + q).collect()),
+            Step::MaxPool { x, y, geom } => {
+                let mut out = vec![0.0; batch * geom.output_len()];
+                let mut arg = vec![0u32; batch * geom.output_len()];
+                out.par_chunks_mut(geom.output_len())
+                    .zip(arg.par_chunks_mut(geom.output_len()))
+                    .zip(vals[*x].par_chunks(geom.input_len()))
+                    .for_each(|((yn, an), xn)| kernels::maxpool_forward(geom, xn, yn, an));
+                acts.argmax.insert(i, arg);
+                (*y, out)
+            }
+            Step::GlobalAvgPool { x, y, hw, .. } => (*y, vals[*x].par_chunks(*hw).map(|p| p.iter().sum::<f32>() / *hw as f32).collect()),
+            Step::Flatten { x, y } => (*y, vals[*x].clone()),
+            Step::Gemm { x, y, w, b, k, n, trans_b } => {
+                let mut out = vec![0.0; batch * n];
+                if let Some(b) = b {
+                    out.chunks_mut(*n).for_each(|row| row.copy_from_slice(&self.params[*b].data));
+                }
+                kernels::gemm(batch, *k, *n, &vals[*x], false, &self.params[*w].data, *trans_b, &mut out, if b.is_some() { 1.0 } else { 0.0 });
+                (*y, out)
+            }
+        }
+    }
+
+    /// Gradients of every param, given dL/d(value) seeds (e.g. the logits').
+    pub fn backward(&self, acts: &Activations, seeds: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+        let mut grads: Vec<Option<Vec<f32>>> = vec![None; self.value_len.len()];
+        for (v, g) in seeds {
+            accumulate(&mut grads[v], g);
+        }
+        let mut pgrads: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.data.len()]).collect();
+        for (i, step) in self.steps.iter().enumerate().rev() {
+            let y = step_output(step);
+            let Some(dy) = grads[y].take() else { continue };
+            for (v, g) in self.backward_step(i, step, acts, &dy, &mut pgrads) {
+                if v != self.input {
+                    accumulate(&mut grads[v], g);
+                }
+            }
+        }
+        pgrads
+    }
+
+    /// Param gradients (into `pgrads`) and input gradients (returned) of one step.
+    fn backward_step(&self, i: usize, step: &Step, acts: &Activations, dy: &[f32], pgrads: &mut [Vec<f32>]) -> Vec<(usize, Vec<f32>)> {
+        let vals = &acts.values;
+        match step {
+            Step::Conv { x, w, b, geom, .. } => {
+                let (dw, db) = conv_param_grads(geom, &vals[*x], dy, b.is_some());
+                add_into(&mut pgrads[*w], &dw);
+                if let (Some(b), Some(db)) = (b, db) {
+                    add_into(&mut pgrads[*b], &db);
+                }
+                if *x == self.input {
+                    return vec![];
+                }
+                let wd = &self.params[*w].data;
+                let mut dx = vec![0.0; vals[*x].len()];
+                dx.par_chunks_mut(geom.input_len()).zip(dy.par_chunks(geom.output_len())).for_each_init(Vec::new, |col, (dxn, dyn_)| kernels::conv_input_grad(geom, wd, dyn_, dxn, col));
+                vec![(*x, dx)]
+            }
+            Step::Relu { x, y } => vec![(*x, dy.par_iter().zip(&vals[*y]).map(|(g, &o)| if o > 0.0 { *g } else { 0.0 }).collect())],
+            Step::Add { a, b, .. } => vec![(*a, dy.to_vec()), (*b, dy.to_vec())],
+            Step::MaxPool { x, geom, .. } => {
+                let arg = &acts.argmax[&i];
+                let mut dx = vec![0.0; vals[*x].len()];
+                dx.par_chunks_mut(geom.input_len())
+                    .zip(dy.par_chunks(geom.output_len()).zip(arg.par_chunks(geom.output_len())))
+                    .for_each(|(dxn, (dyn_, an))| kernels::maxpool_backward(geom, dyn_, an, dxn));
+                vec![(*x, dx)]
+            }
+            Step::GlobalAvgPool { x, hw, .. } => vec![(*x, dy.iter().flat_map(|&g| std::iter::repeat_n(g / *hw as f32, *hw)).collect())],
+            Step::Flatten { x, .. } => vec![(*x, dy.to_vec())],
+            Step::Gemm { x, w, b, k, n, trans_b, .. } => {
+                let batch = acts.batch;
+                let xv = &vals[*x];
+                if *trans_b {
+                    kernels::gemm(*n, batch, *k, dy, true, xv, false, &mut pgrads[*w], 1.0);
+                } else {
+                    kernels::gemm(*k, batch, *n, xv, true, dy, false, &mut pgrads[*w], 1.0);
+                }
+                if let Some(b) = b {
+                    for row in dy.chunks(*n) {
+                        add_into(&mut pgrads[*b], row);
+                    }
+                }
+                let mut dx = vec![0.0; batch * k];
+                kernels::gemm(batch, *n, *k, dy, false, &self.params[*w].data, !*trans_b, &mut dx, 0.0);
+                vec![(*x, dx)]
+            }
+        }
+    }
+}
+
+fn step_output(step: &Step) -> usize {
+    match step {
+        Step::Conv { y, .. } | Step::Relu { y, .. } | Step::Add { y, .. } | Step::MaxPool { y, .. } | Step::GlobalAvgPool { y, .. } | Step::Flatten { y, .. } | Step::Gemm { y, .. } => *y,
+    }
+}
+
+fn accumulate(slot: &mut Option<Vec<f32>>, g: Vec<f32>) {
+    match slot {
+        Some(s) => add_into(s, &g),
+        None => *slot = Some(g),
+    }
+}
+
+fn add_into(acc: &mut [f32], g: &[f32]) {
+    acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+}
+
+/// dL/dw and dL/db of a conv over the batch: each thread sums its share of
+/// the images into its own buffers, then the buffers are added in order.
+fn conv_param_grads(geom: &ConvGeom, x: &[f32], dy: &[f32], bias: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    let batch = x.len() / geom.input_len().max(1);
+    let threads = rayon::current_num_threads().clamp(1, batch.max(1));
+    let per = batch.div_ceil(threads);
+    let partial: Vec<(Vec<f32>, Vec<f32>)> = (0..threads)
+        .into_par_iter()
+        .map(|t| {
+            let (mut dw, mut db, mut col) = (vec![0.0; geom.weight_len()], vec![0.0; geom.c_out], Vec::new());
+            for n in t * per..((t + 1) * per).min(batch) {
+                let (xn, dyn_) = (&x[n * geom.input_len()..][..geom.input_len()], &dy[n * geom.output_len()..][..geom.output_len()]);
+                kernels::conv_weight_grad(geom, xn, dyn_, &mut dw, bias.then_some(&mut db[..]), &mut col);
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut parts = partial.into_iter();
+    let (mut dw, mut db) = parts.next().unwrap_or_default();
+    for (w, b) in parts {
+        add_into(&mut dw, &w);
+        add_into(&mut db, &b);
+    }
+    (dw, bias.then_some(db))
+}

@@ -1,0 +1,72 @@
+//! Optimizers (Adam with decoupled weight decay, SGD with momentum) and the
+//! cosine learning-rate schedule.
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    Adam,
+    Sgd,
+}
+
+/// Optimizer state: one or two moment buffers per param.
+#[derive(Debug, Clone)]
+pub struct Optimizer {
+    pub kind: Kind,
+    pub weight_decay: f32,
+    pub step: u64,
+    /// Adam: first moments; SGD: momentum buffers.
+    pub m: Vec<Vec<f32>>,
+    /// Adam: second moments (empty for SGD).
+    pub v: Vec<Vec<f32>>,
+}
+
+const BETA1: f32 = 0.9;
+const BETA2: f32 = 0.999;
+const EPS: f32 = 1e-8;
+const MOMENTUM: f32 = 0.9;
+
+impl Optimizer {
+    pub fn new(kind: Kind, weight_decay: f32, sizes: &[usize]) -> Optimizer {
+        let zeros = || sizes.iter().map(|&n| vec![0.0; n]).collect();
+        let v = if kind == Kind::Adam { zeros() } else { vec![] };
+        Optimizer { kind, weight_decay, step: 0, m: zeros(), v }
+    }
+
+    /// One update of every param with learning rate `lr`.
+    pub fn update(&mut self, params: &mut [super::Param], grads: &[Vec<f32>], lr: f32) {
+        self.step += 1;
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            match self.kind {
+                Kind::Adam => self.adam(i, &mut p.data, g, lr),
+                Kind::Sgd => self.sgd(i, &mut p.data, g, lr),
+            }
+        }
+    }
+
+    fn adam(&mut self, i: usize, w: &mut [f32], g: &[f32], lr: f32) {
+        let t = self.step as i32;
+        let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
+        let (m, v, wd) = (&mut self.m[i], &mut self.v[i], self.weight_decay);
+        for j in 0..w.len() {
+            m[j] = BETA1 * m[j] + (1.0 - BETA1) * g[j];
+            v[j] = BETA2 * v[j] + (1.0 - BETA2) * g[j] * g[j];
+            w[j] -= lr * ((m[j] / c1) / ((v[j] / c2).sqrt() + EPS) + wd * w[j]);
+        }
+    }
+
+    fn sgd(&mut self, i: usize, w: &mut [f32], g: &[f32], lr: f32) {
+        let (m, wd) = (&mut self.m[i], self.weight_decay);
+        for j in 0..w.len() {
+            m[j] = MOMENTUM * m[j] + g[j] + wd * w[j];
+            w[j] -= lr * m[j];
+        }
+    }
+}
+
+/// Cosine decay from `base` at step 0 to 0 at `total` steps.
+pub fn cosine(base: f64, step: usize, total: usize) -> f32 {
+    let t = step as f64 / total.max(1) as f64;
+    (base * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())) as f32
+}

@@ -1,0 +1,155 @@
+//! The `distill` pass: loss gradient, training that works, checkpoints, errors.
+mod common;
+use common::*;
+use cresnet_opt::config::{DataSource, DistillOptions, PassSpec, Preprocess, PruneOptions};
+use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
+use cresnet_opt::ir::Model;
+use cresnet_opt::passes::distill_model::kd_loss;
+use std::path::Path;
+
+#[test]
+fn kd_loss_gradient_matches_finite_differences() {
+    let mut rng = Rng::new(3);
+    let (classes, batch) = (7, 3);
+    let s: Vec<f32> = (0..classes * batch).map(|_| 3.0 * rng.normal()).collect();
+    let t: Vec<f32> = (0..classes * batch).map(|_| 3.0 * rng.normal()).collect();
+    let (loss, grad) = kd_loss(&s, &t, classes, 2.5);
+    assert!(loss > 0.0);
+    assert!(kd_loss(&t, &t, classes, 2.5).0.abs() < 1e-9, "KL of identical logits is 0");
+    for i in 0..s.len() {
+        let eps = 1e-2;
+        let mut up = s.clone();
+        up[i] += eps;
+        let mut down = s.clone();
+        down[i] -= eps;
+        let numeric = (kd_loss(&up, &t, classes, 2.5).0 - kd_loss(&down, &t, classes, 2.5).0) / (2.0 * eps as f64);
+        assert!((numeric - grad[i] as f64).abs() < 1e-4, "logit {i}: analytic {} vs numeric {numeric}", grad[i]);
+    }
+}
+
+fn teacher() -> Model {
+    resnet50(&FixtureSpec { width_div: 8, input_size: 64, classes: 10, ..Default::default() }).unwrap()
+}
+
+/// Writes `count` smooth random 80x72 PNG images into `dir`.
+fn write_images(dir: &Path, count: usize, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = Rng::new(seed);
+    for k in 0..count {
+        let (a, b, c) = (rng.uniform() * 0.3, rng.uniform() * 0.3, rng.uniform() * 6.0);
+        let img = image::RgbImage::from_fn(80, 72, |x, y| {
+            let v = |ch: f32| (128.0 + 100.0 * (a * x as f32 + b * y as f32 + c + ch).sin()) as u8;
+            image::Rgb([v(0.0), v(1.0), v(2.0)])
+        });
+        img.save(dir.join(format!("{k:03}.png"))).unwrap();
+    }
+}
+
+/// A 64x64 caffe-like preprocessing file.
+fn preprocess_file(dir: &Path) -> Preprocess {
+    let path = dir.join("pre.yaml");
+    std::fs::write(&path, "resize: 72\ncrop: 64\nmean: [100, 110, 120]\nstd: [60, 60, 60]\nscale: 1.0\nchannel_order: bgr\n").unwrap();
+    Preprocess::File(path)
+}
+
+fn options(dir: &Path, epochs: usize) -> DistillOptions {
+    DistillOptions {
+        data: vec![DataSource { dir: dir.join("train"), images: None }],
+        preprocess: Some(preprocess_file(dir)),
+        epochs,
+        batch: 8,
+        lr: 3e-3,
+        seed: 1,
+        threads: Some(2),
+        ..Default::default()
+    }
+}
+
+fn student_passes() -> Vec<PassSpec> {
+    vec![fold(), prune(PruneOptions { ratio: Some(0.5), ..Default::default() }), dw(1), fold()]
+}
+
+/// Mean KL(teacher ‖ student) (T = 1) over fresh images.
+fn kl_on_fresh_images(teacher: &Model, student: &Model, dir: &Path) -> f64 {
+    let Preprocess::File(p) = preprocess_file(dir) else { unreachable!() };
+    let pre = cresnet_opt::imagedata::Preprocessing::from_choice(&Preprocess::File(p)).unwrap();
+    write_images(&dir.join("fresh"), 12, 77);
+    let paths = cresnet_opt::imagedata::list_images(&dir.join("fresh")).unwrap();
+    let images: Vec<_> = paths.iter().map(|p| pre.load(p).unwrap()).collect();
+    let x = cresnet_opt::imagedata::stack(&images, images.len()).into_dyn();
+    let (t, s) = (run(teacher, &x), run(student, &x));
+    kd_loss(s.as_slice().unwrap(), t.as_slice().unwrap(), 10, 1.0).0
+}
+
+#[test]
+fn distillation_brings_the_student_close_to_its_teacher() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("train"), 40, 5);
+    let teacher = teacher();
+    let mut student = teacher.clone();
+    run_passes(&mut student, &student_passes());
+    let before = kl_on_fresh_images(&teacher, &student, dir.path());
+    let mut passes = student_passes();
+    passes.push(PassSpec::Distill(options(dir.path(), 6)));
+    let mut distilled = teacher.clone();
+    let reports = run_passes(&mut distilled, &passes);
+    let after = kl_on_fresh_images(&teacher, &distilled, dir.path());
+    assert!(after < 0.25 * before, "KL on fresh images: before {before:.4}, after {after:.4}");
+    let log: Vec<&str> = reports.last().unwrap().changed.iter().map(|c| c.what.as_str()).collect();
+    assert!(log[0].starts_with("epoch 0 (before training): hold-out agreement"), "{log:?}");
+    assert_eq!(log.iter().filter(|l| l.starts_with("epoch ") && l.contains("/6: loss")).count(), 6, "{log:?}");
+    assert!(log.last().unwrap().starts_with("kept epoch "), "{log:?}");
+}
+
+#[test]
+fn a_run_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("train"), 20, 6);
+    let ckpt = dir.path().join("run.ckpt");
+    let with_checkpoint = |epochs| {
+        let mut passes = student_passes();
+        passes.push(PassSpec::Distill(DistillOptions { checkpoint: Some(ckpt.clone()), ..options(dir.path(), epochs) }));
+        let mut m = teacher();
+        let reports = run_passes(&mut m, &passes);
+        (m, reports.last().unwrap().changed.iter().map(|c| c.what.clone()).collect::<Vec<_>>())
+    };
+    let (straight, _) = with_checkpoint(2);
+    assert!(ckpt.exists());
+    // The same run again resumes after its last epoch: nothing left to train, same weights.
+    let (again, log) = with_checkpoint(2);
+    assert_eq!(log[0], "resumed from checkpoint after epoch 2");
+    for (name, w) in &straight.graph.weights {
+        assert_eq!(w.as_f32(), again.graph.weights[name].as_f32(), "weight {name}");
+    }
+    // An interrupted run (1 epoch done) continues with epoch 2.
+    std::fs::remove_file(&ckpt).unwrap();
+    let (_, first) = with_checkpoint(1);
+    assert!(first[1].starts_with("epoch 1/1"), "{first:?}");
+    let (_, second) = with_checkpoint(2);
+    assert_eq!(second[0], "resumed from checkpoint after epoch 1");
+    assert!(second[1].starts_with("epoch 2/2"), "{second:?}");
+}
+
+#[test]
+fn a_checkpoint_of_another_student_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("train"), 20, 6);
+    let ckpt = dir.path().join("run.ckpt");
+    std::fs::write(&ckpt, b"not a checkpoint").unwrap();
+    let mut passes = student_passes();
+    passes.push(PassSpec::Distill(DistillOptions { checkpoint: Some(ckpt.clone()), ..options(dir.path(), 1) }));
+    let mut m = teacher();
+    let err = cresnet_opt::passes::run_pipeline(&mut m, &passes, &Default::default(), |_| {}).unwrap_err();
+    let msg = format!("{:#}", anyhow::Error::from(err));
+    assert!(msg.contains("run.ckpt: not a cresnet-opt checkpoint"), "{msg}");
+}
+
+#[test]
+fn an_unfolded_student_is_refused_naming_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("train"), 4, 6);
+    let mut m = teacher();
+    let err = cresnet_opt::passes::run_pipeline(&mut m, &[PassSpec::Distill(options(dir.path(), 1))], &Default::default(), |_| {}).unwrap_err();
+    let msg = format!("{:#}", anyhow::Error::from(err));
+    assert!(msg.contains("after pass `distill`") && msg.contains("(BatchNormalization): fold it first"), "{msg}");
+}

@@ -1,0 +1,96 @@
+//! The training engine: forward equals tract, gradients equal finite differences.
+mod common;
+use common::*;
+use cresnet_opt::fixture::{ConvSpec, Net, Rng};
+use cresnet_opt::ir::{Model, Node};
+use cresnet_opt::train::Network;
+
+fn network(model: &Model) -> Network {
+    let shapes = cresnet_opt::validate::validate(&model.graph, &Default::default()).expect("valid");
+    Network::from_graph(&model.graph, &shapes).expect("the engine supports the graph")
+}
+
+/// Every op of the engine: strided, padded, dilated, depthwise and pointwise
+/// convs, maxpool, a residual Add, GAP, Flatten and a Gemm.
+fn tiny() -> Model {
+    let mut net = Net::new(7).input("x", &[1, 3, 13, 11]);
+    let c1 = net.conv("c1", "x", ConvSpec { stride: 2, ..ConvSpec::new(3, 8, 3) });
+    let r1 = net.op("Relu", "r1", &[&c1]);
+    let mut pool = Node::new("MaxPool", "pool", &[&r1], &["pool"]);
+    pool.set_attr_ints("kernel_shape", &[3, 3]);
+    pool.set_attr_ints("strides", &[2, 2]);
+    pool.set_attr_ints("pads", &[1, 1, 1, 1]);
+    let p = net.node(pool);
+    let d = net.conv("dw", &p, ConvSpec { pad: 2, dilation: 2, group: 8, ..ConvSpec::new(8, 16, 3) });
+    let r2 = net.op("Relu", "r2", &[&d]);
+    let pw = net.conv("pw", &r2, ConvSpec { bias: false, ..ConvSpec::new(16, 8, 1) });
+    let add = net.op("Add", "add", &[&pw, &p]);
+    let r3 = net.op("Relu", "r3", &[&add]);
+    let gap = net.op("GlobalAveragePool", "gap", &[&r3]);
+    let flat = net.op("Flatten", "flat", &[&gap]);
+    let w = net.weight("fc.w", &[5, 8], 0.5);
+    let b = net.weight("fc.b", &[5], 0.1);
+    let mut gemm = Node::new("Gemm", "fc", &[&flat, &w, &b], &["y"]);
+    gemm.set_attr_int("transB", 1);
+    net.node(gemm);
+    net.model(&["y"]).expect("model")
+}
+
+#[test]
+fn forward_matches_tract_on_the_fixture() {
+    let mut model = cresnet_opt::io::load(&fixture_path()).expect("fixture loads");
+    run_passes(&mut model, &[fold()]);
+    let x = random_input(&model, 2, 50.0, 3);
+    let expected = run(&model, &x);
+    let net = network(&model);
+    let acts = net.forward(x.as_slice().unwrap().to_vec(), 2).expect("forward");
+    let got = ndarray::ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
+    let diff = rel_diff(&expected, &got);
+    assert!(diff < 1e-5, "engine vs tract: relative difference {diff}");
+}
+
+#[test]
+fn forward_matches_tract_on_every_op() {
+    let model = tiny();
+    let x = random_input(&model, 3, 1.0, 5);
+    let expected = run(&model, &x);
+    let net = network(&model);
+    let acts = net.forward(x.as_slice().unwrap().to_vec(), 3).expect("forward");
+    let got = ndarray::ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
+    assert!(rel_diff(&expected, &got) < 1e-5);
+}
+
+/// L = Σ c·y for fixed random c: dL/dy = c.
+fn loss(net: &Network, x: &[f32], c: &[f32]) -> f64 {
+    let acts = net.forward(x.to_vec(), 2).unwrap();
+    acts.value(net.output()).iter().zip(c).map(|(&y, &c)| y as f64 * c as f64).sum()
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let model = tiny();
+    let mut net = network(&model);
+    let x = random_input(&model, 2, 1.0, 9).as_slice().unwrap().to_vec();
+    let mut rng = Rng::new(11);
+    let c: Vec<f32> = (0..2 * net.output_len()).map(|_| rng.normal()).collect();
+    let acts = net.forward(x.clone(), 2).unwrap();
+    let grads = net.backward(&acts, vec![(net.output(), c.clone())]);
+    assert_eq!(grads.len(), 7, "c1.w c1.b dw.w dw.b pw.w fc.w fc.b");
+    for (i, g) in grads.iter().enumerate() {
+        // Directional derivative along a random unit direction, central differences.
+        let dir: Vec<f32> = (0..g.len()).map(|_| rng.normal()).collect();
+        let norm = dir.iter().map(|d| d * d).sum::<f32>().sqrt();
+        let analytic: f64 = g.iter().zip(&dir).map(|(g, d)| (g * d / norm) as f64).sum();
+        let eps = 1e-3;
+        let original = net.params[i].data.clone();
+        let shifted = |s: f32| original.iter().zip(&dir).map(|(w, d)| w + s * eps * d / norm).collect::<Vec<f32>>();
+        net.params[i].data = shifted(1.0);
+        let up = loss(&net, &x, &c);
+        net.params[i].data = shifted(-1.0);
+        let down = loss(&net, &x, &c);
+        net.params[i].data = original;
+        let numeric = (up - down) / (2.0 * eps as f64);
+        let err = (numeric - analytic).abs() / analytic.abs().max(1e-3);
+        assert!(err < 1e-2, "param `{}`: analytic {analytic:.6} vs numeric {numeric:.6}", net.params[i].name);
+    }
+}
