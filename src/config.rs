@@ -121,6 +121,8 @@ pub struct DistillOptions {
     pub checkpoint: Option<PathBuf>,
     /// The teacher model; default: the model as loaded, before any pass.
     pub teacher: Option<PathBuf>,
+    /// Train with a BatchNorm after every conv, folded back at the end.
+    pub batchnorm: bool,
 }
 
 impl Default for DistillOptions {
@@ -141,6 +143,7 @@ impl Default for DistillOptions {
             threads: None,
             checkpoint: None,
             teacher: None,
+            batchnorm: true,
         }
     }
 }

@@ -98,3 +98,45 @@ fn animals10_zero_shot_with_the_label_map() {
     let top1 = v["model"]["top1"].as_f64().unwrap();
     assert!((top1 - 0.82).abs() < 0.03, "top-1 {top1}");
 }
+
+/// The training engine on the real compressed student: its forward matches
+/// tract and its gradients match finite differences of the KD loss.
+#[test]
+#[ignore = "needs ../shared (run by .ci/run)"]
+fn training_engine_is_exact_on_the_real_student() {
+    use cresnet_opt::passes::distill_model::kd_loss;
+    let original = load();
+    let mut student = original.clone();
+    let passes = [fold(), prune(PruneOptions { target_params: Some(0.3), ..Default::default() }), dw(1), fold()];
+    run_passes(&mut student, &passes);
+    let x = random_input(&original, 2, 120.0, 4);
+    let (teacher_logits, expected) = (run(&original, &x), run(&student, &x));
+    let shapes = cresnet_opt::validate::validate(&student.graph, &Default::default()).unwrap();
+    let mut net = cresnet_opt::train::Network::from_graph(&student.graph, &shapes).unwrap();
+    let xs = x.as_slice().unwrap().to_vec();
+    let acts = net.forward(xs.clone(), 2).unwrap();
+    let got = ndarray::ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
+    assert!(rel_diff(&expected, &got) < 1e-4, "engine vs tract {}", rel_diff(&expected, &got));
+    let t = teacher_logits.as_slice().unwrap();
+    let (_, g) = kd_loss(acts.value(net.output()), t, 1000, 2.0);
+    let grads = net.backward(&acts, vec![(net.output(), g)]);
+    let loss = |net: &cresnet_opt::train::Network| kd_loss(net.forward(xs.clone(), 2).unwrap().value(net.output()), t, 1000, 2.0).0;
+    let mut rng = cresnet_opt::fixture::Rng::new(5);
+    let n = net.params.len();
+    for i in [0, 1, n / 3, n / 2, n - 3, n - 2, n - 1] {
+        let dir: Vec<f32> = (0..grads[i].len()).map(|_| rng.normal()).collect();
+        let norm = dir.iter().map(|d| d * d).sum::<f32>().sqrt();
+        let analytic: f64 = grads[i].iter().zip(&dir).map(|(g, d)| (g * d / norm) as f64).sum();
+        let scale = net.params[i].data.iter().map(|v| v.abs()).fold(0.0f32, f32::max).max(1e-3);
+        let eps = 1e-3 * scale;
+        let original = net.params[i].data.clone();
+        net.params[i].data = original.iter().zip(&dir).map(|(w, d)| w + eps * d / norm).collect();
+        let up = loss(&net);
+        net.params[i].data = original.iter().zip(&dir).map(|(w, d)| w - eps * d / norm).collect();
+        let down = loss(&net);
+        net.params[i].data = original;
+        let numeric = (up - down) / (2.0 * eps as f64);
+        eprintln!("{} {analytic:.6e} {numeric:.6e}", net.params[i].name);
+        assert!((numeric - analytic).abs() < 0.05 * analytic.abs().max(1e-4), "param `{}`: analytic {analytic:.6e} vs numeric {numeric:.6e}", net.params[i].name);
+    }
+}

@@ -32,6 +32,9 @@ struct Comparison<'a> {
     after: &'a Stats,
     params_ratio: f64,
     macs_ratio: f64,
+    /// Params and MACs per stage (layers grouped by output resolution).
+    stages_before: Vec<crate::stats::Stage>,
+    stages_after: Vec<crate::stats::Stage>,
 }
 
 fn stats_of(path: &PathBuf, args: &StatsArgs) -> Result<Stats> {
@@ -47,7 +50,7 @@ pub fn run(args: &StatsArgs) -> Result<()> {
         (Format::Json, None) => println!("{}", serde_json::to_string_pretty(&a)?),
         (Format::Yaml, None) => print!("{}", yaml_serde::to_string(&a)?),
         (Format::Json | Format::Yaml, Some(b)) => {
-            let c = Comparison { before: &a, after: b, params_ratio: ratio(b.params, a.params), macs_ratio: ratio(b.macs, a.macs) };
+            let c = Comparison { before: &a, after: b, params_ratio: ratio(b.params, a.params), macs_ratio: ratio(b.macs, a.macs), stages_before: stages(&a), stages_after: stages(b) };
             match args.format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&c)?),
                 _ => print!("{}", yaml_serde::to_string(&c)?),

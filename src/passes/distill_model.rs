@@ -16,6 +16,9 @@
 //! each resolution) whose shapes agree in student and teacher. ∂L/∂s =
 //! T·(softmax(s/T) − softmax(t/T)) / batch.
 //!
+//! Training runs with a BatchNorm re-inserted after every conv (`batchnorm`,
+//! default on; see `crate::train`), folded back at the end.
+//!
 //! Data: random resized crops + flips of the training images (`data`, else
 //! the calibration images); the teacher (tract) sees the same augmented
 //! batch. Schedule: cosine from `lr` to 0 over all steps; Adam with decoupled
@@ -34,7 +37,10 @@ use crate::shape::Shapes;
 use crate::train::checkpoint::{self, State};
 use crate::train::data::ImagePool;
 use crate::train::optim::{cosine, Optimizer};
-use crate::train::Network;
+use crate::train::{Mode, Network};
+
+/// Weight of a training batch in the BN running statistics.
+const BN_MOMENTUM: f32 = 0.1;
 use rayon::prelude::*;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,7 +48,7 @@ use std::time::Instant;
 pub fn run(graph: &mut Graph, ctx: &PassContext, o: &DistillOptions) -> Result<PassReport> {
     let loaded = o.teacher.as_ref().map(|p| crate::io::load(p)).transpose()?;
     let teacher = loaded.as_ref().or(ctx.original).ok_or_else(|| fail("the pipeline kept no teacher model"))?;
-    let mut net = Network::from_graph(graph, ctx.shapes)?;
+    let mut net = if o.batchnorm { Network::with_batchnorm(graph, ctx.shapes)? } else { Network::from_graph(graph, ctx.shapes)? };
     let (paths, pre) = training_images(ctx, o)?;
     let threads = o.threads.unwrap_or_else(rayon::current_num_threads);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| fail(format!("cannot start {threads} threads: {e}")))?;
@@ -202,6 +208,9 @@ impl Trainer<'_> {
                 s
             }
             None => {
+                if self.o.batchnorm {
+                    self.init_batchnorm(train)?;
+                }
                 let (agreement, kl) = self.holdout(hold, &hold_teacher)?;
                 self.log(format!("epoch 0 (before training): hold-out agreement {agreement:.3}, KL {kl:.4}"));
                 let best_params = self.net.params.iter().map(|p| p.data.clone()).collect();
@@ -232,6 +241,14 @@ impl Trainer<'_> {
         }
         self.report.change("student", format!("kept epoch {} (hold-out agreement {:.3}, KL {:.4}; {} training / {} hold-out images)", state.best_epoch, state.best_agreement, state.best_kl, train.len(), hold.len()));
         Ok(())
+    }
+
+    /// BN statistics from up to 8 batches of centre-cropped training images.
+    fn init_batchnorm(&mut self, train: &[usize]) -> Result<()> {
+        let batch = self.teacher.batch();
+        let images = self.images;
+        let batches = train.chunks(batch).take(8).map(|chunk| (images.batch(chunk, |_, i| images.centred(i)), chunk.len()));
+        self.net.init_batchnorm(batches)
     }
 
     /// A report line, also printed: a training run is long enough to want a log.
@@ -285,6 +302,7 @@ impl Trainer<'_> {
         }
         let grads = self.net.backward(&acts, seeds);
         opt.update(&mut self.net.params, &grads, lr);
+        self.net.update_running_stats(&acts, BN_MOMENTUM);
         Ok(loss)
     }
 
@@ -310,7 +328,7 @@ impl Trainer<'_> {
         let (mut agree, mut kl) = (0usize, 0.0);
         for (chunk, t) in hold.chunks(batch).zip(teacher.chunks(batch * classes)) {
             let x = self.images.batch(chunk, |_, i| self.images.centred(i));
-            let acts = self.net.forward(x, chunk.len())?;
+            let acts = self.net.forward_mode(x, chunk.len(), Mode::Eval)?;
             let s = acts.value(self.net.output());
             agree += s.chunks(classes).zip(t.chunks(classes)).filter(|(a, b)| argmax(a) == argmax(b)).count();
             kl += kd_loss(s, t, classes, 1.0).0 * chunk.len() as f64;

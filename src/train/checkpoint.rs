@@ -79,7 +79,7 @@ pub fn load(path: &Path, net: &mut Network, kind: Kind, weight_decay: f32) -> Re
     if header.optimizer != kind {
         return Err(bad(path, format!("it was written with optimizer {:?}, the pipeline asks for {kind:?}", header.optimizer)));
     }
-    let groups = if kind == Kind::Adam { 4 } else { 3 };
+    let groups = if kind == Kind::Sgd { 3 } else { 4 };
     let total: usize = expected.iter().map(|(_, n)| n).sum::<usize>() * groups;
     let data = &rest[len..];
     if data.len() != total * 4 {
@@ -91,7 +91,7 @@ pub fn load(path: &Path, net: &mut Network, kind: Kind, weight_decay: f32) -> Re
     let best_params = group();
     let mut optimizer = Optimizer::new(kind, weight_decay, &[]);
     optimizer.m = group();
-    optimizer.v = if kind == Kind::Adam { group() } else { vec![] };
+    optimizer.v = if kind == Kind::Sgd { vec![] } else { group() };
     optimizer.step = header.step;
     for (p, d) in net.params.iter_mut().zip(current) {
         p.data = d;

@@ -8,6 +8,9 @@ pub enum Kind {
     #[default]
     Adam,
     Sgd,
+    /// Adam's direction, scaled per tensor so each step changes the tensor by
+    /// `lr` relative to its norm (LAMB, You et al. 2020).
+    Lamb,
 }
 
 /// Optimizer state: one or two moment buffers per param.
@@ -30,7 +33,7 @@ const MOMENTUM: f32 = 0.9;
 impl Optimizer {
     pub fn new(kind: Kind, weight_decay: f32, sizes: &[usize]) -> Optimizer {
         let zeros = || sizes.iter().map(|&n| vec![0.0; n]).collect();
-        let v = if kind == Kind::Adam { zeros() } else { vec![] };
+        let v = if kind == Kind::Sgd { vec![] } else { zeros() };
         Optimizer { kind, weight_decay, step: 0, m: zeros(), v }
     }
 
@@ -38,9 +41,13 @@ impl Optimizer {
     pub fn update(&mut self, params: &mut [super::Param], grads: &[Vec<f32>], lr: f32) {
         self.step += 1;
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            if !p.trainable {
+                continue;
+            }
             match self.kind {
                 Kind::Adam => self.adam(i, &mut p.data, g, lr),
                 Kind::Sgd => self.sgd(i, &mut p.data, g, lr),
+                Kind::Lamb => self.lamb(i, &mut p.data, g, lr),
             }
         }
     }
@@ -54,6 +61,22 @@ impl Optimizer {
             v[j] = BETA2 * v[j] + (1.0 - BETA2) * g[j] * g[j];
             w[j] -= lr * ((m[j] / c1) / ((v[j] / c2).sqrt() + EPS) + wd * w[j]);
         }
+    }
+
+    fn lamb(&mut self, i: usize, w: &mut [f32], g: &[f32], lr: f32) {
+        let t = self.step as i32;
+        let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
+        let (m, v, wd) = (&mut self.m[i], &mut self.v[i], self.weight_decay);
+        let mut u = vec![0.0f32; w.len()];
+        for j in 0..w.len() {
+            m[j] = BETA1 * m[j] + (1.0 - BETA1) * g[j];
+            v[j] = BETA2 * v[j] + (1.0 - BETA2) * g[j] * g[j];
+            u[j] = (m[j] / c1) / ((v[j] / c2).sqrt() + EPS) + wd * w[j];
+        }
+        let norm = |x: &[f32]| x.iter().map(|v| (v * v) as f64).sum::<f64>().sqrt() as f32;
+        let (wn, un) = (norm(w), norm(&u));
+        let trust = if wn > 0.0 && un > 0.0 { wn / un } else { 1.0 };
+        w.iter_mut().zip(&u).for_each(|(w, u)| *w -= lr * trust * u);
     }
 
     fn sgd(&mut self, i: usize, w: &mut [f32], g: &[f32], lr: f32) {
