@@ -48,7 +48,37 @@ fn main() {
         tract_benches(&path, &model);
     }
     if std::env::args().any(|a| a == "--train") {
+        train_engine_vs_frameworks();
         train_benches(&model);
+    }
+}
+
+/// The workload burn and candle were measured on (README): 3 blocks of
+/// depthwise 3x3 + 1x1 conv (64 channels) on 8x64x56x56, one Adam step.
+fn train_engine_vs_frameworks() {
+    use cresnet_opt::fixture::{ConvSpec, Net};
+    let mut net = Net::new(1).input("x", &[1, 64, 56, 56]);
+    let mut x = "x".to_string();
+    for i in 0..3 {
+        let d = net.conv(&format!("dw{i}"), &x, ConvSpec { group: 64, ..ConvSpec::new(64, 64, 3) });
+        let r = net.op("Relu", &format!("r{i}a"), &[&d]);
+        let p = net.conv(&format!("pw{i}"), &r, ConvSpec::new(64, 64, 1));
+        x = net.op("Relu", &format!("r{i}b"), &[&p]);
+    }
+    let model = net.model(&[&x]).expect("model");
+    let shapes = cresnet_opt::validate::validate(&model.graph, &Default::default()).expect("valid");
+    for bn in [false, true] {
+        let mut engine = if bn { cresnet_opt::train::Network::with_batchnorm(&model.graph, &shapes) } else { cresnet_opt::train::Network::from_graph(&model.graph, &shapes) }.expect("engine");
+        let sizes: Vec<usize> = engine.params.iter().map(|p| p.data.len()).collect();
+        let mut opt = cresnet_opt::train::optim::Optimizer::new(cresnet_opt::train::optim::Kind::Adam, 0.0, &sizes);
+        let input = vec![0.5f32; 8 * engine.input_len()];
+        let seed = vec![1e-3f32; 8 * engine.output_len()];
+        let t = time(5, || {
+            let acts = engine.forward(input.clone(), 8).expect("forward");
+            let grads = engine.backward(&acts, vec![(engine.output(), seed.clone())]);
+            opt.update(&mut engine.params, &grads, 1e-3);
+        });
+        println!("train 3x(dw3x3+1x1) 8x64x56x56 Adam step{}: {:.0} ms", if bn { " (BN after every conv)" } else { "" }, 1e3 * t);
     }
 }
 
@@ -71,7 +101,7 @@ fn train_benches(model: &cresnet_opt::ir::Model) {
         let mut m = model.clone();
         cresnet_opt::passes::run_pipeline(&mut m, &specs, &Default::default(), |_| {}).expect("passes");
         let shapes = cresnet_opt::validate::validate(&m.graph, &Default::default()).expect("valid");
-        let net = cresnet_opt::train::Network::from_graph(&m.graph, &shapes).expect("engine");
+        let net = cresnet_opt::train::Network::with_batchnorm(&m.graph, &shapes).expect("engine");
         let x = vec![0.5f32; batch * net.input_len()];
         let seed = vec![1e-3f32; batch * net.output_len()];
         let fwd = time(3, || net.forward(x.clone(), batch).expect("forward"));

@@ -24,8 +24,8 @@ EPOCHS=${EPOCHS:-2}
 BIN=target/release/cresnet-opt
 mkdir -p "$OUT" docs
 cargo build --release --quiet
-CAL="calibration: { data: $DATA, images: 256 }"
-DISTILL="{distill: {epochs: $EPOCHS, data: [{dir: $DATA, images: 256}, {dir: $SHARED/data/unlabelled-photos}]}}"
+CAL="calibration: { data: $DATA, images: 256, extra: [{dir: $SHARED/data/unlabelled-photos}] }"
+DISTILL="{distill: {epochs: $EPOCHS}}"
 PRUNE="{prune: {target_params: 0.192}}"   # matches prune+dw's params (4.90 M)
 PRUNE_DW="{prune: {target_params: 0.3}}, {dw: {rank: 1}}, fold"
 
@@ -42,7 +42,7 @@ declare -A PASSES=(
   [prune-dw-cal]="[fold, $PRUNE_DW]"
   [prune-dw-distill]="[fold, $PRUNE_DW, $DISTILL]"
 )
-ORDER="original fold prune-free prune-cal dw-free dw-cal prune-dw-free prune-dw-cal prune-dw-distill prune-distill dw-distill cresnet"
+ORDER="cresnet original fold prune-dw-free prune-dw-cal prune-free prune-cal dw-free dw-cal prune-distill dw-distill prune-dw-distill"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
   if [[ $name == cresnet ]]; then

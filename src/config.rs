@@ -121,8 +121,21 @@ pub struct DistillOptions {
     pub checkpoint: Option<PathBuf>,
     /// The teacher model; default: the model as loaded, before any pass.
     pub teacher: Option<PathBuf>,
-    /// Train with a BatchNorm after every conv, folded back at the end.
-    pub batchnorm: bool,
+    /// BatchNorm after every conv during training, folded back at the end.
+    pub batchnorm: BatchNormMode,
+}
+
+/// How `distill` trains: see `passes/distill_model.rs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchNormMode {
+    /// No BN: the folded convs are trained as they are.
+    #[default]
+    Off,
+    /// BN with frozen (running) statistics: a learnable per-channel affine map.
+    Frozen,
+    /// BN with batch statistics (running statistics for evaluation).
+    Train,
 }
 
 impl Default for DistillOptions {
@@ -132,8 +145,8 @@ impl Default for DistillOptions {
             preprocess: None,
             epochs: 1,
             batch: 16,
-            lr: 1e-4,
-            optimizer: crate::train::optim::Kind::Adam,
+            lr: 1e-3,
+            optimizer: crate::train::optim::Kind::Lamb,
             weight_decay: 0.0,
             temperature: 2.0,
             feature_weight: 0.0,
@@ -143,7 +156,7 @@ impl Default for DistillOptions {
             threads: None,
             checkpoint: None,
             teacher: None,
-            batchnorm: true,
+            batchnorm: BatchNormMode::default(),
         }
     }
 }
@@ -317,6 +330,9 @@ pub struct Calibration {
     /// Relative ridge strength λ / (tr(XᵀX)/D).
     #[serde(default = "default_ridge")]
     pub ridge: f64,
+    /// More (unlabelled) images for `distill` only, beside the calibration images.
+    #[serde(default)]
+    pub extra: Vec<DataSource>,
 }
 
 fn default_positions() -> usize {
@@ -347,7 +363,7 @@ pub struct PipelineFile {
 /// Recipes shipped in the binary: (name, one-line summary, YAML).
 pub const RECIPES: &[(&str, &str, &str)] = &[
     ("fold", "fold BatchNormalization into convs: lossless, tract-friendly", include_str!("../passes/fold.yaml")),
-    ("cresnet", "CResNet (Luo et al. 2021): fold, coupled L1 pruning, depthwise factorization (data-free stage)", include_str!("../passes/cresnet.yaml")),
+    ("cresnet", "CResNet (Luo et al. 2021) at 1/5 of the weights: fold, coupled L1 pruning, depthwise rank 1, distillation (needs calibration)", include_str!("../passes/cresnet.yaml")),
 ];
 
 impl PipelineFile {
@@ -372,6 +388,7 @@ impl PipelineFile {
         if let Some(cal) = file.calibration.as_mut() {
             cal.data = dir.join(&cal.data);
             cal.classes = cal.classes.as_ref().map(|c| dir.join(c));
+            cal.extra.iter_mut().for_each(|d| d.dir = dir.join(&d.dir));
         }
         for spec in file.passes.iter_mut().flatten() {
             if let PassSpec::Distill(o) = spec {

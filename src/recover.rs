@@ -29,7 +29,7 @@ pub struct Calibration {
     pub images: Vec<Array3<f32>>,
     pub positions: usize,
     pub ridge: f64,
-    /// The image files (the default training data of `distill`).
+    /// The image files, `extra` included (the default training data of `distill`).
     pub sources: Vec<std::path::PathBuf>,
     pub preprocessing: crate::imagedata::Preprocessing,
 }
@@ -380,7 +380,13 @@ impl Calibration {
         let mut paths = crate::imagedata::list_images(&cfg.data)?;
         paths.truncate(cfg.images);
         let images = paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
-        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, sources: paths, preprocessing: pre })
+        let mut sources = paths;
+        for extra in &cfg.extra {
+            let mut found = crate::imagedata::list_images(&extra.dir)?;
+            found.truncate(extra.images.unwrap_or(usize::MAX));
+            sources.extend(found);
+        }
+        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, sources, preprocessing: pre })
     }
 
     /// Calibration on in-memory images (caffe preprocessing, no source files).

@@ -27,7 +27,7 @@
 //! agreement with the teacher on their centre crops is measured and the best
 //! epoch's weights are kept (epoch 0 = the student before training).
 use super::{PassContext, PassReport};
-use crate::config::DistillOptions;
+use crate::config::{BatchNormMode, DistillOptions};
 use crate::error::{Error, Result};
 use crate::fixture::Rng;
 use crate::imagedata::Preprocessing;
@@ -48,7 +48,10 @@ use std::time::Instant;
 pub fn run(graph: &mut Graph, ctx: &PassContext, o: &DistillOptions) -> Result<PassReport> {
     let loaded = o.teacher.as_ref().map(|p| crate::io::load(p)).transpose()?;
     let teacher = loaded.as_ref().or(ctx.original).ok_or_else(|| fail("the pipeline kept no teacher model"))?;
-    let mut net = if o.batchnorm { Network::with_batchnorm(graph, ctx.shapes)? } else { Network::from_graph(graph, ctx.shapes)? };
+    let mut net = match o.batchnorm {
+        BatchNormMode::Off => Network::from_graph(graph, ctx.shapes)?,
+        _ => Network::with_batchnorm(graph, ctx.shapes)?,
+    };
     let (paths, pre) = training_images(ctx, o)?;
     let threads = o.threads.unwrap_or_else(rayon::current_num_threads);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| fail(format!("cannot start {threads} threads: {e}")))?;
@@ -57,8 +60,9 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, o: &DistillOptions) -> Result<P
         let images = ImagePool::load(&paths, pre)?;
         let (train, hold) = split(images.len(), o.holdout, o.seed);
         let features = stage_outputs(graph, ctx.shapes, &crate::validate::validate(&teacher.graph, &Default::default())?, o.feature_weight);
-        let teacher = Teacher::new(teacher, o.batch.min(train.len()), features)?;
-        Trainer { net: &mut net, teacher: &teacher, images: &images, o, report: &mut report }.run(&train, &hold)
+        let names = features.iter().map(|f| f.name.clone()).collect();
+        let teacher = Teacher::new(teacher, o.batch.min(train.len()), names)?;
+        Trainer { net: &mut net, teacher: &teacher, images: &images, o, report: &mut report, features, adapters: vec![] }.run(&train, &hold)
     })?;
     net.write_back(graph);
     Ok(report)
@@ -90,10 +94,19 @@ fn training_images(ctx: &PassContext, o: &DistillOptions) -> Result<(Vec<PathBuf
     Ok((paths, pre))
 }
 
+/// A stage output matched between student and teacher.
+struct Feature {
+    name: String,
+    student_c: usize,
+    teacher_c: usize,
+    hw: (usize, usize),
+}
+
 /// Stage outputs for feature distillation: per spatial size, the last
 /// tensor written by a residual Add (or the Relu right after it), when the
-/// teacher has a tensor of that name and shape.
-fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64) -> Vec<String> {
+/// teacher has a tensor of that name at the same resolution (its channel
+/// count may differ: a 1x1 adapter maps the student's onto the teacher's).
+fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64) -> Vec<Feature> {
     if weight == 0.0 {
         return vec![];
     }
@@ -111,7 +124,13 @@ fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64)
         last.retain(|(s, _)| *s != spatial);
         last.push((spatial, tensor));
     }
-    last.into_iter().map(|(_, t)| t).filter(|t| student.get(t).map(|s| &s.shape) == teacher.get(t).map(|s| &s.shape)).collect()
+    let shape = |shapes: &Shapes, t: &str| shapes.get(t).and_then(|s| s.shape.clone()).filter(|s| s.len() == 4);
+    last.into_iter()
+        .filter_map(|(_, name)| {
+            let (s, t) = (shape(student, &name)?, shape(teacher, &name)?);
+            (s[2..] == t[2..]).then(|| Feature { student_c: s[1], teacher_c: t[1], hw: (s[2], s[3]), name })
+        })
+        .collect()
 }
 
 /// The teacher, compiled by tract for batch 1 with the stage outputs
@@ -120,13 +139,12 @@ fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64)
 /// image at batch 4 or 16 (`cargo bench --bench pipeline -- --train`).
 struct Teacher {
     runner: Runner,
-    features: Vec<String>,
     batch: usize,
 }
 
 impl Teacher {
     fn new(model: &Model, batch: usize, features: Vec<String>) -> Result<Teacher> {
-        Ok(Teacher { runner: Runner::new(model, 1, &features)?, features, batch })
+        Ok(Teacher { runner: Runner::new(model, 1, &features)?, batch })
     }
 
     fn batch(&self) -> usize {
@@ -172,6 +190,10 @@ fn softmax(logits: &[f32], t: f64) -> Vec<f64> {
     e.into_iter().map(|v| v / sum).collect()
 }
 
+fn mean_square(t: &[f32]) -> f64 {
+    (t.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / t.len().max(1) as f64).max(1e-12)
+}
+
 /// Mean squared error × weight, and its gradient.
 fn mse(student: &[f32], teacher: &[f32], weight: f64) -> (f64, Vec<f32>) {
     let n = student.len().max(1) as f64;
@@ -189,6 +211,9 @@ struct Trainer<'a> {
     images: &'a ImagePool,
     o: &'a DistillOptions,
     report: &'a mut PassReport,
+    features: Vec<Feature>,
+    /// Per feature, the adapter's output value.
+    adapters: Vec<usize>,
 }
 
 impl Trainer<'_> {
@@ -197,6 +222,11 @@ impl Trainer<'_> {
         let steps_per_epoch = train.len() / batch;
         let total = steps_per_epoch * self.o.epochs;
         let hold_teacher = self.teacher_logits(hold)?;
+        // BN and adapters first: a checkpoint then overwrites them.
+        if self.o.batchnorm != BatchNormMode::Off {
+            self.init_batchnorm(train)?;
+        }
+        self.init_adapters(train)?;
         let sizes: Vec<usize> = self.net.params.iter().map(|p| p.data.len()).collect();
         let resumed = match &self.o.checkpoint {
             Some(path) => checkpoint::load(path, self.net, self.o.optimizer, self.o.weight_decay as f32)?,
@@ -208,9 +238,6 @@ impl Trainer<'_> {
                 s
             }
             None => {
-                if self.o.batchnorm {
-                    self.init_batchnorm(train)?;
-                }
                 let (agreement, kl) = self.holdout(hold, &hold_teacher)?;
                 self.log(format!("epoch 0 (before training): hold-out agreement {agreement:.3}, KL {kl:.4}"));
                 let best_params = self.net.params.iter().map(|p| p.data.clone()).collect();
@@ -243,12 +270,50 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// BN statistics from up to 8 batches of centre-cropped training images.
+    /// BN statistics from up to 8 batches of augmented training images: the
+    /// distribution training sees (centre crops differ enough to make the
+    /// first training batches of a compressed student diverge).
     fn init_batchnorm(&mut self, train: &[usize]) -> Result<()> {
         let batch = self.teacher.batch();
-        let images = self.images;
-        let batches = train.chunks(batch).take(8).map(|chunk| (images.batch(chunk, |_, i| images.centred(i)), chunk.len()));
+        let (images, o) = (self.images, self.o);
+        let draw = |k: usize, slot: usize, i: usize| images.augmented(i, o.seed ^ 0x5eed ^ ((k * batch + slot) as u64) << 8, o.min_scale);
+        let batches = train.chunks_exact(batch).take(8).enumerate().map(|(k, chunk)| (images.batch(chunk, |slot, i| draw(k, slot, i)), chunk.len()));
         self.net.init_batchnorm(batches)
+    }
+
+    /// One 1x1 adapter per feature, initialized by a ridge fit of the
+    /// teacher's feature on the student's over 2 batches of training images
+    /// (64 sampled positions per image).
+    fn init_adapters(&mut self, train: &[usize]) -> Result<()> {
+        if self.features.is_empty() {
+            return Ok(());
+        }
+        let batch = self.teacher.batch();
+        let mode = if self.o.batchnorm == BatchNormMode::Train { Mode::Train } else { Mode::Eval };
+        let mut samples: Vec<(Vec<f32>, Vec<f32>)> = vec![(vec![], vec![]); self.features.len()];
+        for chunk in train.chunks_exact(batch).take(2) {
+            let x = self.images.batch(chunk, |_, i| self.images.centred(i));
+            let targets = self.teacher.run(&x)?;
+            let acts = self.net.forward_mode(x, batch, mode)?;
+            for (k, f) in self.features.iter().enumerate() {
+                let v = self.net.value_of(&f.name).ok_or_else(|| fail(format!("stage output `{}` is not computed", f.name)))?.0;
+                sample_positions(acts.value(v), &targets[k + 1], f, batch, &mut samples[k]);
+            }
+        }
+        for (k, f) in self.features.iter().enumerate() {
+            let (xs, ys) = &samples[k];
+            let n = xs.len() / f.student_c;
+            let xa = crate::recover::with_ones(xs, n, f.student_c);
+            let ya = faer::Mat::<f64>::from_fn(n, f.teacher_c, |r, c| ys[r * f.teacher_c + c] as f64);
+            let sol = crate::recover::ridge_solve(&xa, &ya, 1e-2).ok_or_else(|| fail(format!("cannot fit the adapter of `{}`", f.name)))?;
+            let weight = (0..f.teacher_c).flat_map(|o| (0..f.student_c).map(move |i| (o, i))).map(|(o, i)| sol[(i, o)] as f32).collect();
+            let bias = (0..f.teacher_c).map(|o| sol[(f.student_c, o)] as f32).collect();
+            let fit = crate::recover::residual(&xa, &sol, &ya);
+            let v = self.net.value_of(&f.name).map(|v| v.0).unwrap_or_default();
+            self.adapters.push(self.net.add_adapter(&f.name, v, f.student_c, f.hw, weight, bias));
+            self.report.change("student", format!("feature `{}`: adapter {} -> {} channels, initial relative error {fit:.3}", f.name, f.student_c, f.teacher_c));
+        }
+        Ok(())
     }
 
     /// A report line, also printed: a training run is long enough to want a log.
@@ -287,13 +352,13 @@ impl Trainer<'_> {
     /// Forward, loss, backward, update; returns the loss.
     fn step(&mut self, x: Vec<f32>, targets: &[Vec<f32>], opt: &mut Optimizer, lr: f32) -> Result<f64> {
         let batch = self.teacher.batch();
-        let acts = self.net.forward(x, batch)?;
+        let mode = if self.o.batchnorm == BatchNormMode::Train { Mode::Train } else { Mode::Eval };
+        let acts = self.net.forward_mode(x, batch, mode)?;
         let out = self.net.output();
         let (mut loss, g) = kd_loss(acts.value(out), &targets[0], self.net.output_len(), self.o.temperature as f32);
         let mut seeds = vec![(out, g)];
-        for (name, t) in self.teacher.features.iter().zip(&targets[1..]) {
-            let Some((v, _)) = self.net.value_of(name) else { continue };
-            let (l, g) = mse(acts.value(v), t, self.o.feature_weight);
+        for (&v, t) in self.adapters.iter().zip(&targets[1..]) {
+            let (l, g) = mse(acts.value(v), t, self.o.feature_weight / mean_square(t));
             loss += l;
             seeds.push((v, g));
         }
@@ -334,6 +399,20 @@ impl Trainer<'_> {
             kl += kd_loss(s, t, classes, 1.0).0 * chunk.len() as f64;
         }
         Ok((agree as f64 / hold.len() as f64, kl / hold.len() as f64))
+    }
+}
+
+/// Appends 64 seeded positions per image of a student (C_s channels) and
+/// teacher (C_t channels) feature map to `out` (row-major sample matrices).
+fn sample_positions(student: &[f32], teacher: &[f32], f: &Feature, batch: usize, out: &mut (Vec<f32>, Vec<f32>)) {
+    let hw = f.hw.0 * f.hw.1;
+    let mut rng = Rng::new(hw as u64);
+    for n in 0..batch {
+        for _ in 0..64 {
+            let p = rng.below(hw);
+            out.0.extend((0..f.student_c).map(|c| student[(n * f.student_c + c) * hw + p]));
+            out.1.extend((0..f.teacher_c).map(|c| teacher[(n * f.teacher_c + c) * hw + p]));
+        }
     }
 }
 

@@ -18,7 +18,7 @@ pub mod kernels;
 pub mod optim;
 
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Weight};
+use crate::ir::Graph;
 use crate::shape::Shapes;
 use kernels::{ConvGeom, PoolGeom};
 use rayon::prelude::*;
@@ -39,7 +39,8 @@ pub struct Param {
 pub enum Mode {
     /// Batch statistics (training).
     Train,
-    /// Running statistics (evaluation).
+    /// Running statistics (evaluation; as training mode, BN is then a
+    /// learnable per-channel affine map on frozen statistics).
     Eval,
     /// BN is the identity; batch statistics are still recorded (initialization).
     Bypass,
@@ -314,6 +315,23 @@ impl Network {
         self.values.get(name).map(|&v| (v, self.value_len[v]))
     }
 
+    /// Appends a trainable 1x1 conv (`weight`: c_out × c_in, `bias`) reading
+    /// value `x` (c_in channels of `hw` positions), for feature distillation;
+    /// returns its output value. It is not part of the graph: `write_back`
+    /// leaves it out.
+    pub fn add_adapter(&mut self, name: &str, x: usize, c_in: usize, hw: (usize, usize), weight: Vec<f32>, bias: Vec<f32>) -> usize {
+        let c_out = bias.len();
+        for (suffix, shape, data) in [("w", vec![c_out, c_in, 1, 1], weight), ("b", vec![c_out], bias)] {
+            self.params.push(Param { name: format!("{name}\u{0}adapter.{suffix}"), shape, data, trainable: true });
+        }
+        let (w, b) = (self.params.len() - 2, self.params.len() - 1);
+        self.value_len.push(c_out * hw.0 * hw.1);
+        let y = self.value_len.len() - 1;
+        let geom = ConvGeom { c_in, c_out, group: 1, kh: 1, kw: 1, stride: [1, 1], pad: [0, 0], dilation: [1, 1], h: hw.0, w: hw.1, ho: hw.0, wo: hw.1 };
+        self.steps.push(Step::Conv { x, y, w, b: Some(b), geom });
+        y
+    }
+
     /// Writes the params back into the graph's weights, folding each BN
     /// (running statistics) into its conv: W' = W·s, b' = (b − μ)·s + β,
     /// s = γ / sqrt(σ² + ε).
@@ -340,13 +358,11 @@ impl Network {
             }
             biases.push((ix, bias));
         }
+        // Params that are not graph weights (BN statistics, adapters) stay out.
         for p in self.params.iter().filter(|p| data.contains_key(p.name.as_str())) {
             let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&p.shape), data[p.name.as_str()].clone()).expect("param length matches its shape");
-            match graph.weights.get_mut(&p.name) {
-                Some(w) => w.set_data(crate::ir::Data::F32(a)),
-                None => {
-                    graph.weights.insert(p.name.clone(), Weight::from_f32(&p.name, a));
-                }
+            if let Some(w) = graph.weights.get_mut(&p.name) {
+                w.set_data(crate::ir::Data::F32(a));
             }
         }
         for (ix, bias) in biases {
@@ -517,7 +533,11 @@ impl Network {
             Step::GlobalAvgPool { x, hw, .. } => vec![(*x, dy.iter().flat_map(|&g| std::iter::repeat_n(g / *hw as f32, *hw)).collect())],
             Step::Flatten { x, .. } => vec![(*x, dy.to_vec())],
             Step::BatchNorm { x, c, hw, p, .. } => {
-                let (dx, dg, db) = batchnorm_backward(acts, i, &vals[*x], dy, *c, *hw, &self.params[p[0]].data, &self.params[p[3]].data);
+                let stats = match acts.bn_batch.get(&i) {
+                    Some((m, v)) => (m.as_slice(), v.as_slice(), true),
+                    None => (self.params[p[2]].data.as_slice(), self.params[p[3]].data.as_slice(), false),
+                };
+                let (dx, dg, db) = batchnorm_backward(&vals[*x], dy, *c, *hw, &self.params[p[0]].data, stats);
                 add_into(&mut pgrads[p[0]], &dg);
                 add_into(&mut pgrads[p[1]], &db);
                 vec![(*x, dx)]
@@ -600,15 +620,11 @@ fn channel_stats(x: &[f32], c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     (mean.into_iter().map(|m| m as f32).collect(), var)
 }
 
-/// Backward of a BN step: in training mode with batch statistics
-/// dx = s/N·(N·dy − Σdy − x̂·Σ(dy·x̂)), s = γ/σ; in evaluation mode dx = s·dy.
-#[allow(clippy::too_many_arguments)]
-fn batchnorm_backward(acts: &Activations, i: usize, x: &[f32], dy: &[f32], c: usize, hw: usize, gamma: &[f32], running_var: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// Backward of a BN step given the statistics its forward used: with batch
+/// statistics dx = s/N·(N·dy − Σdy − x̂·Σ(dy·x̂)), s = γ/σ; with running
+/// (frozen) statistics dx = s·dy.
+fn batchnorm_backward(x: &[f32], dy: &[f32], c: usize, hw: usize, gamma: &[f32], (mean, var, train): (&[f32], &[f32], bool)) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = (x.len() / (c * hw).max(1) * hw) as f64;
-    let (mean, var) = match acts.bn_batch.get(&i) {
-        Some((m, v)) => (m.clone(), v.clone()),
-        None => (vec![0.0; c], running_var.to_vec()),
-    };
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / ((*v + BN_EPS) as f64).sqrt()).collect();
     let (mut sdy, mut sdyx) = (vec![0.0f64; c], vec![0.0f64; c]);
     for (j, (xp, gp)) in x.chunks(hw).zip(dy.chunks(hw)).enumerate() {
@@ -618,7 +634,6 @@ fn batchnorm_backward(acts: &Activations, i: usize, x: &[f32], dy: &[f32], c: us
             sdyx[k] += g as f64 * (xv - mean[k]) as f64 * inv[k];
         }
     }
-    let train = acts.mode == Mode::Train;
     let mut dx = vec![0.0f32; x.len()];
     dx.par_chunks_mut(hw).zip(x.par_chunks(hw)).zip(dy.par_chunks(hw)).enumerate().for_each(|(j, ((dp, xp), gp))| {
         let k = j % c;
