@@ -145,7 +145,9 @@ impl Default for DistillOptions {
             preprocess: None,
             epochs: 1,
             batch: 16,
-            lr: 1e-3,
+            // Measured (README): LAMB 1e-4 improves a rank-1 dw student
+            // (agreement 0.511 -> 0.533, KL 2.41 -> 1.65 in 25 steps); 1e-3 harms it.
+            lr: 1e-4,
             optimizer: crate::train::optim::Kind::Lamb,
             weight_decay: 0.0,
             temperature: 2.0,

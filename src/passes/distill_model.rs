@@ -16,16 +16,21 @@
 //! each resolution) whose shapes agree in student and teacher. ∂L/∂s =
 //! T·(softmax(s/T) − softmax(t/T)) / batch.
 //!
-//! Training runs with a BatchNorm re-inserted after every conv (`batchnorm`,
-//! default on; see `crate::train`), folded back at the end.
+//! Conditioning: a BN-folded, heavily compressed student is very sharp
+//! (gradient norm ~1e4 at loss ~13). Measured on the 1/5 ResNet-50 student
+//! (README): Adam diverges even at lr 1e-5, SGD at 1e-3; LAMB (per-tensor
+//! trust ratio) at lr 1e-3 is stable, hence the default. `batchnorm: train`
+//! re-inserts a training-mode BN after every conv (folded back at the end);
+//! `frozen` a BN on fixed statistics.
 //!
 //! Data: random resized crops + flips of the training images (`data`, else
 //! the calibration images); the teacher (tract) sees the same augmented
-//! batch. Schedule: cosine from `lr` to 0 over all steps; Adam with decoupled
-//! weight decay, or SGD with momentum 0.9. A seeded share (`holdout`) of the
-//! images is never trained on: after every epoch the student's top-1
-//! agreement with the teacher on their centre crops is measured and the best
-//! epoch's weights are kept (epoch 0 = the student before training).
+//! batch. Schedule: cosine from `lr` to 0 over all steps; LAMB, Adam with
+//! decoupled weight decay, or SGD with momentum 0.9. A seeded share
+//! (`holdout`) of the images is never trained on: after every epoch the
+//! student's top-1 agreement with the teacher and KL (T = 1) on their centre
+//! crops are measured and the epoch with the highest agreement (then lowest
+//! KL) is kept (epoch 0 = the student before training).
 use super::{PassContext, PassReport};
 use crate::config::{BatchNormMode, DistillOptions};
 use crate::error::{Error, Result};
@@ -254,6 +259,9 @@ impl Trainer<'_> {
                 self.o.epochs,
                 (steps_per_epoch * batch) as f64 / secs
             ));
+            // Agreement first, KL to break ties. Measured both ways: keeping the
+            // lowest KL picked a dw rank-1 student with KL 2.36 / agreement 0.397
+            // over its start (2.67 / 0.452), and top-1 fell 0.426 -> 0.310.
             if (agreement, -kl) > (state.best_agreement, -state.best_kl) {
                 (state.best_epoch, state.best_agreement, state.best_kl) = (epoch, agreement, kl);
                 state.best_params = self.net.params.iter().map(|p| p.data.clone()).collect();

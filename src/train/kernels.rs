@@ -114,17 +114,23 @@ fn col2im(g: &ConvGeom, col: &[f32], dx: &mut [f32]) {
     }
 }
 
+/// The GEMM operand of group `gi`: the input itself for a pointwise conv,
+/// else its im2col matrix (built in `col`).
+fn group_operand<'a>(g: &ConvGeom, x: &'a [f32], gi: usize, col: &'a mut Vec<f32>) -> &'a [f32] {
+    let size = g.per_group_in() * g.h * g.w;
+    let xg = &x[gi * size..][..size];
+    if g.is_pointwise() {
+        return xg;
+    }
+    im2col(g, xg, col);
+    col
+}
+
 /// y = conv(x, w) + b for one image.
 pub fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], col: &mut Vec<f32>) {
-    let (cg, og, p, patch) = (g.per_group_in(), g.per_group_out(), g.positions(), g.patch());
+    let (og, p, patch) = (g.per_group_out(), g.positions(), g.patch());
     for gi in 0..g.group {
-        let xg = &x[gi * cg * g.h * g.w..][..cg * g.h * g.w];
-        let src: &[f32] = if g.is_pointwise() {
-            xg
-        } else {
-            im2col(g, xg, col);
-            col
-        };
+        let src = group_operand(g, x, gi, col);
         gemm(og, patch, p, &w[gi * og * patch..], false, src, false, &mut y[gi * og * p..], 0.0);
     }
     if let Some(b) = b {
@@ -136,15 +142,9 @@ pub fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &m
 
 /// Accumulates dL/dw (and dL/db) of one image into `dw` / `db`.
 pub fn conv_weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32], db: Option<&mut [f32]>, col: &mut Vec<f32>) {
-    let (cg, og, p, patch) = (g.per_group_in(), g.per_group_out(), g.positions(), g.patch());
+    let (og, p, patch) = (g.per_group_out(), g.positions(), g.patch());
     for gi in 0..g.group {
-        let xg = &x[gi * cg * g.h * g.w..][..cg * g.h * g.w];
-        let src: &[f32] = if g.is_pointwise() {
-            xg
-        } else {
-            im2col(g, xg, col);
-            col
-        };
+        let src = group_operand(g, x, gi, col);
         gemm(og, p, patch, &dy[gi * og * p..], false, src, true, &mut dw[gi * og * patch..], 1.0);
     }
     if let Some(db) = db {
