@@ -9,7 +9,7 @@ ORIGINAL = {"params": 25636712, "macs": 3857973248}
 LABELS = {
     "original": "original", "fold": "fold",
     "prune-free": "prune (data-free)", "prune-cal": "prune (calibrated)", "prune-distill": "prune + distill",
-    "dw-free": "dw r1 (data-free)", "dw-cal": "dw r1 (calibrated)", "dw-distill": "dw r1 + distill",
+    "dw-free": "dw r1 (data-free)", "dw-cal": "dw r1 (calibrated)", "dw-distill": "dw r1 + distill", "dw-distill-lr1e-3": "dw r1 + distill (lr 1e-3)",
     "prune-dw-free": "prune + dw (data-free)", "prune-dw-cal": "prune + dw (calibrated)",
     "prune-dw-distill": "prune + dw + distill", "cresnet": "**`pipeline: cresnet`**",
 }
@@ -50,7 +50,7 @@ def svg(rows, key, label, path):
         parts.append(f'<text x="{px(v)}" y="{h-m+15}" text-anchor="middle">{v/1e6:.0f} M</text>' if key == "params" else
                      f'<text x="{px(v)}" y="{h-m+15}" text-anchor="middle">{v/1e9:.1f} G</text>')
     for name, r in rows.items():
-        kind = next((k for k in colors if name.endswith(k)), None)
+        kind = next((k for k in colors if k in name), None)
         color = colors.get(kind, "#1f77b4")
         x, y = px(r[key]), py(r["top1"])
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{color}"/>')
@@ -83,7 +83,7 @@ def stage_bars(path_json, path_svg):
 def main():
     rows = load()
     doc = open("docs/RESULTS.md").read()
-    doc = re.sub(r"(<!-- BEGIN ablation -->\n).*?(\n<!-- END ablation -->)", lambda m: m.group(1) + table(rows) + m.group(2), doc, flags=re.S)
+    doc = re.sub(r"(<!-- BEGIN ablation -->\n).*?(<!-- END ablation -->)", lambda m: m.group(1) + table(rows) + "\n" + m.group(2), doc, flags=re.S)
     open("docs/RESULTS.md", "w").write(doc)
     svg(rows, "params", "params", "docs/top1-vs-params.svg")
     svg(rows, "macs", "MACs", "docs/top1-vs-macs.svg")
