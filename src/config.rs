@@ -94,6 +94,15 @@ pub struct DataSource {
     pub images: Option<usize>,
 }
 
+impl DataSource {
+    /// The images of `dir` sorted by path, the first `images` of them.
+    pub fn paths(&self) -> Result<Vec<PathBuf>> {
+        let mut found = crate::imagedata::list_images(&self.dir)?;
+        found.truncate(self.images.unwrap_or(usize::MAX));
+        Ok(found)
+    }
+}
+
 /// Options of `distill`; see `passes/distill_model.rs`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

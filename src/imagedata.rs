@@ -61,14 +61,7 @@ impl Preprocessing {
 
     /// Loads and preprocesses one image into a [3, crop, crop] array.
     pub fn load(&self, path: &Path) -> Result<Array3<f32>> {
-        let img = image::ImageReader::open(path)
-            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?
-            .with_guessed_format()
-            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?
-            .decode()
-            .map_err(|e| Error::Data(format!("cannot decode image {}: {e}", path.display())))?
-            .to_rgb8();
-        Ok(self.apply(&img))
+        Ok(self.apply(&decode_rgb(path)?))
     }
 
     pub fn apply(&self, img: &image::RgbImage) -> Array3<f32> {
@@ -106,6 +99,17 @@ impl Preprocessing {
         }
         out
     }
+}
+
+/// Decodes an image file (format guessed from its bytes) into RGB.
+pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
+    Ok(image::ImageReader::open(path)
+        .map_err(|source| Error::Read { path: path.to_path_buf(), source })?
+        .with_guessed_format()
+        .map_err(|source| Error::Read { path: path.to_path_buf(), source })?
+        .decode()
+        .map_err(|e| Error::Data(format!("cannot decode image {}: {e}", path.display())))?
+        .to_rgb8())
 }
 
 /// Stacks [3,H,W] images into a batch, padding with zeros up to `batch`.

@@ -382,9 +382,7 @@ impl Calibration {
         let images = paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
         let mut sources = paths;
         for extra in &cfg.extra {
-            let mut found = crate::imagedata::list_images(&extra.dir)?;
-            found.truncate(extra.images.unwrap_or(usize::MAX));
-            sources.extend(found);
+            sources.extend(extra.paths()?);
         }
         Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, sources, preprocessing: pre })
     }

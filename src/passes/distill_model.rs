@@ -88,9 +88,7 @@ fn training_images(ctx: &PassContext, o: &DistillOptions) -> Result<(Vec<PathBuf
     };
     let mut paths = Vec::new();
     for source in &o.data {
-        let mut found = crate::imagedata::list_images(&source.dir)?;
-        found.truncate(source.images.unwrap_or(usize::MAX));
-        paths.extend(found);
+        paths.extend(source.paths()?);
     }
     if o.data.is_empty() {
         paths = ctx.calibration.map(|c| c.sources.clone()).unwrap_or_default();

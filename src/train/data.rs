@@ -20,15 +20,7 @@ impl ImagePool {
     pub fn load(paths: &[PathBuf], preprocessing: Preprocessing) -> Result<ImagePool> {
         let images = paths
             .par_iter()
-            .map(|p| {
-                let img = image::ImageReader::open(p)
-                    .map_err(|source| crate::error::Error::Read { path: p.clone(), source })?
-                    .with_guessed_format()
-                    .map_err(|source| crate::error::Error::Read { path: p.clone(), source })?
-                    .decode()
-                    .map_err(|e| crate::error::Error::Data(format!("cannot decode image {}: {e}", p.display())))?;
-                Ok(preprocessing.resize_short(&img.to_rgb8()))
-            })
+            .map(|p| Ok(preprocessing.resize_short(&crate::imagedata::decode_rgb(p)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(ImagePool { images, preprocessing })
     }
