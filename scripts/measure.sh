@@ -13,8 +13,10 @@ CLASSES=$SHARED/data/imagenet-1k-classes.txt
 OUT=${OUT:-target/measure}
 BIN=target/release/cresnet-opt
 mkdir -p "$OUT" docs
-cargo build --release --quiet
+[[ -n ${NO_BUILD:-} ]] || cargo build --release --quiet
 CAL="calibration: { data: $(realpath "$DATA"), images: 256 }"
+# `-calx`: the same plus the first 256 unlabelled photos in the refits.
+CALX="calibration: { data: $(realpath "$DATA"), images: 256, extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 256 }"
 
 declare -A PASSES=(
   [prune-m0.9-none]="[fold, {prune: {target_macs: 0.9, compensate: false}}]"
@@ -38,12 +40,28 @@ declare -A PASSES=(
   [dw-e0.9-cal]="[fold, {dw: {energy: 0.9}}]"
   [dw-e0.95-free]="[fold, {dw: {energy: 0.95}}]"
   [dw-e0.95-cal]="[fold, {dw: {energy: 0.95}}]"
+  [prune-m0.7-inner-rec-cal]="[fold, {prune: {target_macs: 0.7, scope: inner, importance: reconstruction}}]"
+  [prune-r0.25-inner-rec-cal]="[fold, {prune: {ratio: 0.25, scope: inner, importance: reconstruction}}]"
+  [prune-r0.25-inner-cal]="[fold, {prune: {ratio: 0.25, scope: inner}}]"
+  [prune-m0.7-best-cal]="[fold, {prune: {target_macs: 0.7, scope: inner, allocation: uniform, importance: reconstruction}}]"
+  [prune-m0.9-best-cal]="[fold, {prune: {target_macs: 0.9, scope: inner, allocation: uniform, importance: reconstruction}}]"
+  [prune-m0.5-best-cal]="[fold, {prune: {target_macs: 0.5, scope: inner, allocation: uniform, importance: reconstruction}}]"
+  [prune-m0.7-best-all-cal]="[fold, {prune: {target_macs: 0.7, scope: inner, allocation: uniform, importance: reconstruction, refit: all}}]"
+  [prune-m0.9-best-all-cal]="[fold, {prune: {target_macs: 0.9, scope: inner, allocation: uniform, importance: reconstruction, refit: all}}]"
+  [prune-m0.5-best-all-cal]="[fold, {prune: {target_macs: 0.5, scope: inner, allocation: uniform, importance: reconstruction, refit: all}}]"
+  [dw-r1-alt2-cal]="[fold, {dw: {rank: 1, alternate: 2}}]"
+  [dw-r1-alt4-cal]="[fold, {dw: {rank: 1, alternate: 4}}]"
+  [dw-r3-alt2-cal]="[fold, {dw: {rank: 3, alternate: 2}}]"
+  [dw-e0.9-alt2-cal]="[fold, {dw: {energy: 0.9, alternate: 2}}]"
+  [dw-e0.95-alt2-cal]="[fold, {dw: {energy: 0.95, alternate: 2}}]"
+  [dw-r2-alt2-cal]="[fold, {dw: {rank: 2, alternate: 2}}]"
 )
 ORDER="dw-r2-cal dw-r1-cal prune-m0.7-inner-cal prune-m0.9-cal dw-r1-free dw-r3-cal prune-m0.7-free prune-m0.7-none dw-e0.95-cal prune-m0.7-cal dw-r2-free dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-cal prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-free prune-m0.7-inner-free"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
-  echo "passes: ${PASSES[$name]}" > "$cfg"
+  echo "passes: ${PASSES[${name%x}]}" > "$cfg"
   [[ $name == *-cal ]] && echo "$CAL" >> "$cfg"
+  [[ $name == *-calx ]] && echo "$CALX" >> "$cfg"
   start=$(date +%s.%N)
   $BIN "$MODEL" -o "$OUT/$name.onnx" --config "$cfg" --report "$OUT/$name.report.json" --quiet
   opt_s=$(echo "$(date +%s.%N) - $start" | bc)

@@ -37,6 +37,9 @@ pub enum Importance {
     #[default]
     L1,
     L2,
+    /// Data-driven: per layer, drop the input channels whose loss the
+    /// refit compensates best (needs calibration; see `src/reconstruct.rs`).
+    Reconstruction,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -47,6 +50,28 @@ pub enum Scope {
     Inner,
 }
 
+/// How `target_macs`/`target_params` spread the removals over the groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocation {
+    /// Remove the globally least important channels (normalized scores).
+    #[default]
+    Global,
+    /// Remove the same share of every group's channels.
+    Uniform,
+}
+
+/// Which convs the calibrated recovery of `prune` refits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Refit {
+    /// Only the convs that lost input or output channels.
+    #[default]
+    Changed,
+    /// Every conv after the first change too: they see drifted inputs.
+    All,
+}
+
 /// Options of `prune`; see `passes/prune_channels.rs` for their meaning.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -55,6 +80,8 @@ pub struct PruneOptions {
     pub target_macs: Option<f64>,
     pub target_params: Option<f64>,
     pub importance: Importance,
+    pub allocation: Allocation,
+    pub refit: Refit,
     pub scope: Scope,
     pub round_to: usize,
     pub min_channels: usize,
@@ -64,7 +91,7 @@ pub struct PruneOptions {
 
 impl Default for PruneOptions {
     fn default() -> Self {
-        PruneOptions { ratio: None, target_macs: None, target_params: None, importance: Importance::L1, scope: Scope::All, round_to: 1, min_channels: 1, ignore: vec![], compensate: true }
+        PruneOptions { ratio: None, target_macs: None, target_params: None, importance: Importance::L1, allocation: Allocation::Global, refit: Refit::Changed, scope: Scope::All, round_to: 1, min_channels: 1, ignore: vec![], compensate: true }
     }
 }
 
@@ -77,11 +104,14 @@ pub struct DwOptions {
     pub min_gain: f64,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
+    /// Calibrated only: rounds of alternating least squares (depthwise
+    /// filters, then pointwise weights) after the first pointwise fit.
+    pub alternate: usize,
 }
 
 impl Default for DwOptions {
     fn default() -> Self {
-        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![] }
+        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], alternate: 0 }
     }
 }
 
@@ -341,9 +371,14 @@ pub struct Calibration {
     /// Relative ridge strength λ / (tr(XᵀX)/D).
     #[serde(default = "default_ridge")]
     pub ridge: f64,
-    /// More (unlabelled) images for `distill` only, beside the calibration images.
+    /// More (unlabelled) images for `distill`, beside the calibration images.
     #[serde(default)]
     pub extra: Vec<DataSource>,
+    /// How many of the `extra` images (in order) also feed the refits of
+    /// `prune` and `dw`. Each costs memory: every refit image's activations
+    /// at a block boundary are cached (up to 3.2 MB per image for ResNet-50).
+    #[serde(default)]
+    pub refit_extra: usize,
 }
 
 fn default_positions() -> usize {

@@ -13,6 +13,7 @@ pub mod io;
 pub mod ir;
 pub mod onnx;
 pub mod passes;
+pub mod reconstruct;
 pub mod recover;
 pub mod runner;
 pub mod shape;

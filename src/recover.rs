@@ -299,27 +299,47 @@ fn sub_model(model: &Model, shapes: &crate::shape::Shapes, from: Option<&str>, o
     Ok(sub)
 }
 
+/// One layer's least-squares problem: [X 1] (N×(D+1)) and Y (N×C_out).
+pub(crate) struct Problem {
+    pub xa: Mat<f64>,
+    pub ya: Mat<f64>,
+    pub d: usize,
+    pub c_out: usize,
+}
+
+impl Problem {
+    pub(crate) fn new(graph: &Graph, ix: NodeIndex, x: &[f32], y: &[f32]) -> Result<Problem> {
+        let node = graph.node(ix);
+        let wshape = node.input(1).and_then(|w| graph.constant(w)).map(|w| w.shape()).ok_or_else(|| Error::Pass { pass: "recover".into(), reason: format!("layer `{}` has no constant weight", node.name()) })?;
+        let (c_out, d) = (wshape[0], wshape[1..].iter().product::<usize>());
+        let n = x.len() / d.max(1);
+        if n == 0 || y.len() != n * c_out {
+            return Err(Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: {} samples of {d} inputs but {} targets for {c_out} channels", node.name(), n, y.len()) });
+        }
+        Ok(Problem { xa: with_ones(x, n, d), ya: Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64), d, c_out })
+    }
+
+    /// Relative error of the layer's present weights.
+    pub(crate) fn error_now(&self, graph: &Graph, ix: NodeIndex) -> f64 {
+        residual(&self.xa, &current_solution(graph, ix, self.d, self.c_out), &self.ya)
+    }
+}
+
 /// Solves one layer's ridge problem and writes W and b back.
 pub fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], ridge: f64) -> Result<(f64, f64)> {
-    let node = graph.node(ix).clone();
-    let wname = node.input(1).expect("refittable").to_string();
-    let wshape = graph.weights[&wname].shape();
-    let (c_out, d) = (wshape[0], wshape[1..].iter().product::<usize>());
-    let n = x.len() / d.max(1);
-    if n == 0 || y.len() != n * c_out {
-        return Err(Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: {} samples of {d} inputs but {} targets for {c_out} channels", node.name(), n, y.len()) });
-    }
-    let xa = with_ones(x, n, d);
-    let ya = Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
-    let old = current_solution(graph, ix, d, c_out);
-    let before = residual(&xa, &old, &ya);
-    let sol = ridge_solve(&xa, &ya, ridge).ok_or_else(|| Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: the normal equations are not positive definite", node.name()) })?;
-    let after = residual(&xa, &sol, &ya);
+    let p = Problem::new(graph, ix, x, y)?;
+    let before = p.error_now(graph, ix);
+    let sol = ridge_solve(&p.xa, &p.ya, ridge).ok_or_else(|| not_definite(graph, ix))?;
+    let after = residual(&p.xa, &sol, &p.ya);
     if !(after < before) {
         return Ok((before, before));
     }
-    write_solution(graph, ix, &sol, d, c_out);
+    write_solution(graph, ix, &sol, p.d, p.c_out);
     Ok((before, after))
+}
+
+pub(crate) fn not_definite(graph: &Graph, ix: NodeIndex) -> Error {
+    Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: the normal equations are not positive definite", graph.node(ix).name()) }
 }
 
 /// [X 1] as an N×(D+1) f64 matrix.
@@ -330,6 +350,14 @@ pub fn with_ones(x: &[f32], n: usize, d: usize) -> Mat<f64> {
 /// argmin_S ‖X·S − Y‖² + λ‖S without its last row‖², X's last column being
 /// the ones of the bias; λ = `ridge`·tr(XᵀX)/D. None if not solvable.
 pub fn ridge_solve(xa: &Mat<f64>, ya: &Mat<f64>, ridge: f64) -> Option<Mat<f64>> {
+    let mut sol = xa.transpose() * ya;
+    regularized_gram(xa, ridge).llt(Side::Lower).ok()?.solve_in_place(sol.as_mut());
+    Some(sol)
+}
+
+/// [X 1]ᵀ[X 1] + λ·I on the weight rows (λ = `ridge`·tr(XᵀX)/D), with a
+/// tiny jitter on the bias row: the normal matrix of [`ridge_solve`].
+pub fn regularized_gram(xa: &Mat<f64>, ridge: f64) -> Mat<f64> {
     let d = xa.ncols() - 1;
     let mut g = xa.transpose() * xa;
     let trace: f64 = (0..d).map(|i| g[(i, i)]).sum();
@@ -338,13 +366,11 @@ pub fn ridge_solve(xa: &Mat<f64>, ya: &Mat<f64>, ridge: f64) -> Option<Mat<f64>>
         g[(i, i)] += lambda;
     }
     g[(d, d)] += 1e-9 * (1.0 + trace / d.max(1) as f64);
-    let mut sol = xa.transpose() * ya;
-    g.llt(Side::Lower).ok()?.solve_in_place(sol.as_mut());
-    Some(sol)
+    g
 }
 
 /// The layer's present weights as a (D+1)×C_out matrix.
-fn current_solution(graph: &Graph, ix: NodeIndex, d: usize, c_out: usize) -> Mat<f64> {
+pub(crate) fn current_solution(graph: &Graph, ix: NodeIndex, d: usize, c_out: usize) -> Mat<f64> {
     let node = graph.node(ix);
     let w = graph.constant_f32(node.input(1).unwrap_or("")).expect("refittable").as_standard_layout().into_owned();
     let flat = w.as_slice().expect("standard layout");
@@ -358,7 +384,7 @@ pub fn residual(x: &Mat<f64>, s: &Mat<f64>, y: &Mat<f64>) -> f64 {
     e.squared_norm_l2() / y.squared_norm_l2().max(f64::MIN_POSITIVE)
 }
 
-fn write_solution(graph: &mut Graph, ix: NodeIndex, sol: &Mat<f64>, d: usize, c_out: usize) {
+pub(crate) fn write_solution(graph: &mut Graph, ix: NodeIndex, sol: &Mat<f64>, d: usize, c_out: usize) {
     let node = graph.node(ix).clone();
     let wname = node.input(1).expect("refittable").to_string();
     let shape = graph.weights[&wname].shape();
@@ -379,11 +405,14 @@ impl Calibration {
         let pre = crate::imagedata::Preprocessing::from_choice(&cfg.preprocess)?;
         let mut paths = crate::imagedata::list_images(&cfg.data)?;
         paths.truncate(cfg.images);
-        let images = paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
-        let mut sources = paths;
+        let mut extras = Vec::new();
         for extra in &cfg.extra {
-            sources.extend(extra.paths()?);
+            extras.extend(extra.paths()?);
         }
+        let refit_paths: Vec<&std::path::PathBuf> = paths.iter().chain(extras.iter().take(cfg.refit_extra)).collect();
+        let images = refit_paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
+        let mut sources = paths;
+        sources.extend(extras);
         Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, sources, preprocessing: pre })
     }
 

@@ -316,6 +316,30 @@ fn target_macs_is_met_on_the_fixture_and_the_result_runs() {
 }
 
 #[test]
+fn uniform_allocation_removes_the_same_share_of_every_inner_group() {
+    let original = resnet50(&FixtureSpec { input_size: 64, classes: 10, ..Default::default() }).unwrap();
+    let mut m = original.clone();
+    let opts = PruneOptions { target_macs: Some(0.8), scope: cresnet_opt::config::Scope::Inner, allocation: cresnet_opt::config::Allocation::Uniform, ..Default::default() };
+    let r = run_passes(&mut m, &[fold(), prune(opts)]);
+    let share = r[1].macs_after as f64 / r[1].macs_before as f64;
+    assert!(share <= 0.8 + 1e-9 && share > 0.74, "got {share}");
+    // Every bottleneck conv's output channels (inner groups): kept = n - floor(r·n) for one r.
+    let kept: Vec<(usize, usize)> = original
+        .graph
+        .weights
+        .iter()
+        .filter(|(name, _)| ["branch2a.weight", "branch2b.weight"].iter().any(|s| name.ends_with(s)) || (name.starts_with("layer") && (name.ends_with("conv1.weight") || name.ends_with("conv2.weight"))))
+        .map(|(name, w)| (w.shape()[0], m.graph.weights[name].shape()[0]))
+        .collect();
+    assert!(kept.len() >= 32, "{} inner convs", kept.len());
+    let ratios: Vec<f64> = kept.iter().map(|&(n, k)| (n - k) as f64 / n as f64).collect();
+    let (lo, hi) = ratios.iter().fold((1.0f64, 0.0f64), |(a, b), &r| (a.min(r), b.max(r)));
+    let widest = kept.iter().map(|k| k.0).max().unwrap() as f64;
+    assert!(hi - lo < 1.0 / (widest / 8.0), "shares removed range {lo}..{hi}");
+    assert!(lo > 0.1, "something was removed everywhere: {ratios:?}");
+}
+
+#[test]
 fn zero_weights_everywhere_in_a_group_prune_exactly_on_a_residual_stage() {
     let original = residual_stage();
     let mut m = original.clone();

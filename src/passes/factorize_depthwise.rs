@@ -139,8 +139,16 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     let bias = graph.bias_or_zeros(ix, c_out);
     let init = faer::Mat::<f64>::from_fn(zd + 1, c_out, |r, o| if r == zd { bias[o] as f64 } else { parts[r / rank].us[r % rank][o] });
     let before_err = crate::recover::residual(&za, &init, &ya);
-    let sol = crate::recover::ridge_solve(&za, &ya, ridge).filter(|s| s.norm_l2().is_finite()).unwrap_or(init);
-    let after_err = crate::recover::residual(&za, &sol, &ya);
+    let mut sol = crate::recover::ridge_solve(&za, &ya, ridge).filter(|s| s.norm_l2().is_finite()).unwrap_or(init);
+    let mut after_err = crate::recover::residual(&za, &sol, &ya);
+    let mut depthwise = depthwise;
+    if opts.alternate > 0 {
+        let patches = PatchStats::new(x, n, c_in * kk);
+        for _ in 0..opts.alternate {
+            let Some((d, s, err)) = alternate_round(&patches, &sol, rank, (kh, kw), ridge, &ya).filter(|r| r.2 < after_err) else { break };
+            (depthwise, sol, after_err) = (d, s, err);
+        }
+    }
     if !after_err.is_finite() || !before_err.is_finite() {
         return Err(crate::Error::Pass { pass: "dw".into(), reason: format!("`{name}`: non-finite values in the calibrated factorization") });
     }
@@ -150,19 +158,79 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     Ok((format!("{name} (rank {rank})"), before_err, after_err))
 }
 
+/// The calibration patches of one layer, as the depthwise refit needs them.
+struct PatchStats {
+    /// [X 1] (N × (C_in·K² + 1)).
+    xa: faer::Mat<f64>,
+    /// XᵀX (C_in·K² square).
+    gram: faer::Mat<f64>,
+}
+
+impl PatchStats {
+    fn new(x: &[f32], n: usize, d: usize) -> PatchStats {
+        let xa = crate::recover::with_ones(x, n, d);
+        let xs = xa.subcols(0, d);
+        let gram = xs.transpose() * xs;
+        PatchStats { xa, gram }
+    }
+}
+
+/// One round of alternating least squares: the depthwise filters refit
+/// with the pointwise weights fixed, then the pointwise weights and bias
+/// refit on the new features. The outputs are linear in the depthwise
+/// filters d (one K² filter per feature j of channel i(j)):
+/// y − b = Qᵀ z, z_j = d_jᵀ p_i(j), so the normal matrix is
+/// G[(j,k),(j',k')] = (Q Qᵀ)[j,j'] · (XᵀX)[(i(j),k),(i(j'),k')]
+/// and the right side r[(j,k)] = Σ_o Q[j,o] (Xᵀ(Y − b))[(i(j),k),o].
+/// Returns the filters, the pointwise solution and its relative error.
+fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): (usize, usize), ridge: f64, ya: &faer::Mat<f64>) -> Option<(Array4<f32>, faer::Mat<f64>, f64)> {
+    use faer::prelude::*;
+    let (zd, kk) = (sol.nrows() - 1, kh * kw);
+    let (n, d) = (p.xa.nrows(), p.xa.ncols() - 1);
+    let q = sol.subrows(0, zd);
+    let m = q * q.transpose();
+    let centred = faer::Mat::<f64>::from_fn(n, ya.ncols(), |r, o| ya[(r, o)] - sol[(zd, o)]);
+    let xr = p.xa.subcols(0, d).transpose() * &centred;
+    let dim = zd * kk;
+    let ch = |j: usize| j / rank;
+    let mut g = faer::Mat::<f64>::from_fn(dim, dim, |a, b| {
+        let (j, k, j2, k2) = (a / kk, a % kk, b / kk, b % kk);
+        m[(j, j2)] * p.gram[(ch(j) * kk + k, ch(j2) * kk + k2)]
+    });
+    let mut rhs = faer::Mat::<f64>::from_fn(dim, 1, |a, _| {
+        let (j, k) = (a / kk, a % kk);
+        (0..q.ncols()).map(|o| q[(j, o)] * xr[(ch(j) * kk + k, o)]).sum()
+    });
+    let trace: f64 = (0..dim).map(|i| g[(i, i)]).sum();
+    let lambda = ridge * trace / dim.max(1) as f64 + 1e-12;
+    (0..dim).for_each(|i| g[(i, i)] += lambda);
+    g.llt(faer::Side::Lower).ok()?.solve_in_place(rhs.as_mut());
+    let filters: Vec<f64> = (0..dim).map(|a| rhs[(a, 0)]).collect();
+    let z = faer::Mat::<f64>::from_fn(n, zd + 1, |r, j| if j == zd { 1.0 } else { (0..kk).map(|k| filters[j * kk + k] * p.xa[(r, ch(j) * kk + k)]).sum() });
+    let new_sol = crate::recover::ridge_solve(&z, ya, ridge).filter(|s| s.norm_l2().is_finite())?;
+    let err = crate::recover::residual(&z, &new_sol, ya);
+    let depthwise = Array4::from_shape_fn((zd, 1, kh, kw), |(j, _, a, b)| filters[j * kk + a * kw + b] as f32);
+    Some((depthwise, new_sol, err))
+}
+
+/// SVD of a C_out × K² matrix M through the K² × K² matrix MᵀM = VΣ²Vᵀ:
+/// the right singular vectors are its eigenvectors and UΣ = M·V. K² is at
+/// most 49, so this is several times faster than a thin SVD of M, and
+/// M = (M·V)·Vᵀ stays exact for the full rank (V is orthogonal).
 fn svd_of(m: &faer::Mat<f64>) -> ChannelSvd {
     let (rows, cols) = (m.nrows(), m.ncols());
     let k = rows.min(cols);
-    match m.thin_svd() {
-        Ok(svd) => {
-            let (u, s, v) = (svd.U(), svd.S().column_vector(), svd.V());
-            ChannelSvd {
-                us: (0..k).map(|j| (0..rows).map(|o| u[(o, j)] * s[j]).collect()).collect(),
-                vt: (0..k).map(|j| (0..cols).map(|p| v[(p, j)]).collect()).collect(),
-                sigma2: (0..k).map(|j| s[j] * s[j]).collect(),
-            }
-        }
-        Err(_) => ChannelSvd { us: vec![vec![f64::NAN; rows]; k], vt: vec![vec![0.0; cols]; k], sigma2: vec![f64::NAN; k] },
+    let failed = || ChannelSvd { us: vec![vec![f64::NAN; rows]; k], vt: vec![vec![0.0; cols]; k], sigma2: vec![f64::NAN; k] };
+    let gram = m.transpose() * m;
+    let Ok(eig) = gram.self_adjoint_eigen(faer::Side::Lower) else { return failed() };
+    let (v, s) = (eig.U(), eig.S().column_vector());
+    // Eigenvalues ascend: the largest k, largest first.
+    let order: Vec<usize> = (0..cols).rev().take(k).collect();
+    let mv = m * v;
+    ChannelSvd {
+        us: order.iter().map(|&j| (0..rows).map(|o| mv[(o, j)]).collect()).collect(),
+        vt: order.iter().map(|&j| (0..cols).map(|p| v[(p, j)]).collect()).collect(),
+        sigma2: order.iter().map(|&j| s[j].max(0.0)).collect(),
     }
 }
 
@@ -202,8 +270,10 @@ fn eligible(graph: &Graph, ix: NodeIndex, opts: &DwOptions) -> std::result::Resu
 }
 
 fn channel_svd(w: &ArrayD<f32>, i: usize) -> ChannelSvd {
-    let (c_out, kk) = (w.shape()[0], w.shape()[2] * w.shape()[3]);
-    svd_of(&faer::Mat::<f64>::from_fn(c_out, kk, |o, k| w[[o, i, k / w.shape()[3], k % w.shape()[3]]] as f64))
+    let (c_out, c_in, kk) = (w.shape()[0], w.shape()[1], w.shape()[2] * w.shape()[3]);
+    let w = w.as_standard_layout();
+    let flat = w.as_slice().expect("standard layout");
+    svd_of(&faer::Mat::<f64>::from_fn(c_out, kk, |o, k| flat[(o * c_in + i) * kk + k] as f64))
 }
 
 /// The rank for `opts`, and the energy it keeps.

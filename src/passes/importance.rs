@@ -3,6 +3,9 @@
 //! `l2` takes its Euclidean norm. The pruning pass normalizes each layer's
 //! scores by their mean, so layers of different scale compare, and sums the
 //! normalized scores over the layers that write a coupled channel.
+//! `reconstruction` is data-driven and chooses channels inside the pass's
+//! calibrated refit (`src/reconstruct.rs`); its allocation across groups,
+//! and the groups it cannot handle, use `l1` scores.
 use crate::config::Importance;
 use ndarray::{ArrayD, Axis};
 
@@ -29,7 +32,7 @@ impl Criterion for L2 {
 
 pub fn criterion(kind: Importance) -> Box<dyn Criterion> {
     match kind {
-        Importance::L1 => Box::new(L1),
+        Importance::L1 | Importance::Reconstruction => Box::new(L1),
         Importance::L2 => Box::new(L2),
     }
 }

@@ -67,9 +67,25 @@ pub struct PassContext<'a> {
 impl PassContext<'_> {
     /// Refits `layers` of `graph` against the pre-pass model, when calibrating.
     pub fn recover(&self, graph: &mut crate::ir::Graph, layers: Vec<crate::recover::Layer>, report: &mut PassReport) -> Result<()> {
+        let Some(calib) = self.calibration else { return Ok(()) };
+        self.recover_with(graph, layers, report, |g, layer, x, y| {
+            let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, calib.ridge)?;
+            Ok((g.node(layer.node).name().to_string(), before, after))
+        })
+    }
+
+    /// [`recover`](Self::recover) with a custom per-layer solver (see
+    /// [`crate::recover::refit_with`]).
+    pub fn recover_with(
+        &self,
+        graph: &mut crate::ir::Graph,
+        layers: Vec<crate::recover::Layer>,
+        report: &mut PassReport,
+        solver: impl FnMut(&mut crate::ir::Graph, &crate::recover::Layer, &[f32], &[f32]) -> Result<(String, f64, f64)>,
+    ) -> Result<()> {
         let (Some(calib), Some(before)) = (self.calibration, self.before) else { return Ok(()) };
         let mut model = Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
-        let result = crate::recover::refit(before, &mut model, &layers, calib);
+        let result = crate::recover::refit_with(before, &mut model, &layers, calib, solver);
         *graph = model.graph;
         for (layer, before, after) in result? {
             report.change(&layer, format!("refit: relative error {before:.4} -> {after:.4}"));

@@ -12,10 +12,13 @@
 //!    times |γ/√(σ²+ε)| when a BN follows), divided by its layer's mean,
 //!    summed over the class's producers, then divided by the group's mean.
 //! 3. Allocation. `ratio: r` removes ⌊r·n⌋ of each group's n classes.
-//!    `target_macs`/`target_params: f` removes globally the least important
-//!    classes (by the normalized score above) until MACs/params are at most
-//!    f of the original: a binary search on one global score threshold,
-//!    costed exactly by per-layer formulas. Every group keeps at least
+//!    `target_macs`/`target_params: f` removes channels until MACs/params
+//!    are at most f of the original, costed exactly by per-layer formulas:
+//!    `allocation: global` (default) removes the globally least important
+//!    classes (by the normalized score above; a bisection on one score
+//!    threshold), `allocation: uniform` the same share r of every group
+//!    (a bisection on r). Measured on ResNet-50 at 70 % of the MACs (inner,
+//!    reconstruction, calibrated): uniform 0.668 top-1, global 0.560. Every group keeps at least
 //!    `min_channels` and a multiple of `round_to` channels. `scope: inner`
 //!    prunes only groups not tied through an Add/Concat (bottleneck
 //!    insides); `ignore` keeps the groups of the named nodes' outputs.
@@ -29,14 +32,25 @@
 //!    each consumer's bias. Exact for 1x1 consumers when the removed filters
 //!    are zero; approximate at zero-padded borders of KxK consumers.
 //!
+//! 6. `importance: reconstruction` (needs `calibration`): the allocation
+//!    above runs on `l1` scores, then every group whose channels all reach
+//!    one dense conv as its inputs (a bottleneck's insides) is chosen on
+//!    data instead: during the layer-by-layer refit (`src/recover.rs`) that
+//!    conv drops its share of input channels by least reconstruction cost
+//!    with the refit included (group Optimal Brain Surgeon,
+//!    `src/reconstruct.rs`); the dropped inputs' weights are zero, so their
+//!    producers' filters are then removed exactly. Other groups keep `l1`.
+//!    `refit: all` refits every conv, not only the changed ones (later
+//!    layers see drifted inputs).
+//!
 //! Declines (the group stays whole): channels touching graph inputs/outputs,
 //! unknown ops, Reshape/Transpose, grouped non-depthwise convs, shared,
 //! dynamic or non-f32 weights.
 use super::dependency::{per_channel_axis, ChannelGraph, Role};
 use super::importance::{criterion, normalized};
 use super::{PassContext, PassReport};
-use crate::config::{PruneOptions, Scope};
-use crate::error::Result;
+use crate::config::{Allocation, Importance, PruneOptions, Refit, Scope};
+use crate::error::{Error, Result};
 use crate::ir::{Graph, Weight};
 use crate::shape::Shapes;
 use ndarray::{ArrayD, Axis};
@@ -58,15 +72,34 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &PruneOptions) -> Result<
     let cg = ChannelGraph::build(graph, ctx.shapes);
     let (classes, groups) = classes(graph, &cg, opts);
     let removed = select(graph, ctx.shapes, &cg, &classes, groups, opts);
-    let removed_roots: HashSet<usize> = removed.iter().map(|&i| classes[i].root).collect();
+    let deferred = match opts.importance {
+        Importance::Reconstruction if ctx.calibration.is_none() => {
+            return Err(Error::Pass { pass: "prune".into(), reason: "`importance: reconstruction` needs calibration images (a `calibration:` section)".into() })
+        }
+        Importance::Reconstruction => deferred_groups(graph, &cg, &classes, &removed),
+        _ => vec![],
+    };
+    let removed_roots: HashSet<usize> = removed.iter().filter(|&&i| !deferred.iter().any(|d| d.group == classes[i].group)).map(|&i| classes[i].root).collect();
     let per_tensor = removed_channels(&cg, &removed_roots);
     if opts.compensate {
         compensate(graph, &cg, &per_tensor);
     }
-    let refit = refit_layers(graph, &cg, &per_tensor);
+    let mut refit = refit_layers(graph, &cg, &per_tensor);
     apply(graph, ctx.shapes, &cg, &per_tensor, &mut report)?;
     graph.relink()?;
-    ctx.recover(graph, refit, &mut report)?;
+    let extra: Vec<NodeIndex> = match opts.refit {
+        Refit::Changed => deferred.iter().map(|d| d.consumer).collect(),
+        Refit::All => graph.node_indices().into_iter().filter(|&ix| graph.node(ix).op() == "Conv").collect(),
+    };
+    let missing: Vec<crate::recover::Layer> = extra.into_iter().filter(|&ix| !refit.iter().any(|l| l.node == ix)).map(|node| crate::recover::Layer { node, kept: None }).collect();
+    refit.extend(missing);
+    sort_topologically(graph, &mut refit);
+    if deferred.is_empty() {
+        ctx.recover(graph, refit, &mut report)?;
+    } else {
+        let chosen = select_on_data(graph, ctx, refit, &deferred, &mut report)?;
+        remove_dead_inputs(graph, &chosen, &mut report)?;
+    }
     for (tensor, reason) in cg.block_reasons.iter().filter(|(t, _)| !t.is_empty()) {
         report.decline(tensor, reason.clone());
     }
@@ -224,34 +257,38 @@ fn select(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, classes: &[Class], 
         members.sort_by(|&a, &b| classes[a].score.total_cmp(&classes[b].score).then(a.cmp(&b)));
     }
     let limit = |members: &[usize], k: usize| allowed_removals(members.len(), k, opts);
-    match (opts.target_macs, opts.target_params) {
-        (None, None) => {
-            let ratio = opts.ratio.unwrap_or(0.25);
-            by_group.iter().flat_map(|m| m[..limit(m, (ratio * m.len() as f64).floor() as usize)].to_vec()).collect()
-        }
-        (macs, params) => {
-            let cost = CostModel::new(graph, shapes, cg);
-            let (target, use_macs) = macs.map_or((params.unwrap_or(1.0), false), |m| (m, true));
-            let at = |t: f64| -> Vec<usize> {
-                by_group.iter().flat_map(|m| {
-                    let k = m.iter().take_while(|&&i| classes[i].score < t).count();
-                    m[..limit(m, k)].to_vec()
-                }).collect()
-            };
-            let metric = |sel: &[usize]| {
-                let (p, m) = cost.eval(cg, &removed_counts(cg, classes, sel));
-
-                if use_macs { m } else { p }
-            };
-            let goal = target * metric(&[]);
-            let (mut lo, mut hi) = (0.0, classes.iter().map(|c| c.score).fold(0.0, f64::max) * 1.0001 + 1e-9);
-            for _ in 0..60 {
-                let mid = 0.5 * (lo + hi);
-                if metric(&at(mid)) <= goal { hi = mid } else { lo = mid }
-            }
-            at(hi)
-        }
+    let uniform = |ratio: f64| -> Vec<usize> { by_group.iter().flat_map(|m| m[..limit(m, (ratio * m.len() as f64).floor() as usize)].to_vec()).collect() };
+    let (target, use_macs) = match (opts.target_macs, opts.target_params) {
+        (None, None) => return uniform(opts.ratio.unwrap_or(0.25)),
+        (Some(m), _) => (m, true),
+        (None, p) => (p.unwrap_or(1.0), false),
+    };
+    let cost = CostModel::new(graph, shapes, cg);
+    let metric = |sel: &[usize]| {
+        let (p, m) = cost.eval(cg, &removed_counts(cg, classes, sel));
+        if use_macs { m } else { p }
+    };
+    let goal = target * metric(&[]);
+    let global = |t: f64| -> Vec<usize> {
+        by_group
+            .iter()
+            .flat_map(|m| {
+                let k = m.iter().take_while(|&&i| classes[i].score < t).count();
+                m[..limit(m, k)].to_vec()
+            })
+            .collect()
+    };
+    // Bisection on one threshold: a global score, or the uniform share.
+    let (mut lo, mut hi) = match opts.allocation {
+        Allocation::Global => (0.0, classes.iter().map(|c| c.score).fold(0.0, f64::max) * 1.0001 + 1e-9),
+        Allocation::Uniform => (0.0, 1.0),
+    };
+    let at = |t: f64| if opts.allocation == Allocation::Global { global(t) } else { uniform(t) };
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if metric(&at(mid)) <= goal { hi = mid } else { lo = mid }
     }
+    at(hi)
 }
 
 /// How many of a group's `n` classes may go when `k` are asked for.
@@ -296,9 +333,80 @@ fn refit_layers(graph: &Graph, cg: &ChannelGraph, removed: &[Vec<usize>]) -> Vec
             (lost_in || !gone.is_empty()).then_some(crate::recover::Layer { node: ix, kept: (!gone.is_empty()).then_some(kept) })
         })
         .collect();
-    let order: HashMap<NodeIndex, usize> = graph.topo_order().unwrap_or_default().into_iter().enumerate().map(|(i, n)| (n, i)).collect();
-    out.sort_by_key(|l| order.get(&l.node).copied().unwrap_or(usize::MAX));
+    sort_topologically(graph, &mut out);
     out
+}
+
+fn sort_topologically(graph: &Graph, layers: &mut [crate::recover::Layer]) {
+    let order: HashMap<NodeIndex, usize> = graph.topo_order().unwrap_or_default().into_iter().enumerate().map(|(i, n)| (n, i)).collect();
+    layers.sort_by_key(|l| order.get(&l.node).copied().unwrap_or(usize::MAX));
+}
+
+/// A group whose channels `importance: reconstruction` chooses on data:
+/// its one dense consumer drops `count` input channels during the refit.
+struct Deferred {
+    group: usize,
+    consumer: NodeIndex,
+    count: usize,
+}
+
+/// The groups with removals whose channels all reach exactly one dense,
+/// refittable conv as its input channels (bottleneck insides); the others
+/// keep their `l1` choice.
+fn deferred_groups(graph: &Graph, cg: &ChannelGraph, classes: &[Class], removed: &[usize]) -> Vec<Deferred> {
+    let mut counts: HashMap<usize, usize> = HashMap::new();
+    for &i in removed {
+        *counts.entry(classes[i].group).or_insert(0) += 1;
+    }
+    let mut out: Vec<Deferred> = counts.into_iter().filter_map(|(group, count)| Some(Deferred { group, consumer: sole_consumer(graph, cg, classes, group)?, count })).collect();
+    out.sort_by_key(|d| d.group);
+    out
+}
+
+/// The one dense conv reading the group's channels, each class being one
+/// of its input channels; None if there is not exactly one.
+fn sole_consumer(graph: &Graph, cg: &ChannelGraph, classes: &[Class], group: usize) -> Option<NodeIndex> {
+    let members: Vec<&Class> = classes.iter().filter(|c| c.group == group).collect();
+    let tensors: HashSet<usize> = members.iter().flat_map(|c| c.spans.iter().map(|&(t, _)| t)).collect();
+    let dense: HashSet<NodeIndex> = tensors.iter().flat_map(|&t| graph.consumers(&cg.tensors[t])).filter(|(ix, _)| cg.roles.get(ix) == Some(&Role::Dense)).map(|(ix, _)| ix).collect();
+    let [consumer] = dense.into_iter().collect::<Vec<_>>()[..] else { return None };
+    let t_in = *cg.index.get(graph.node(consumer).input(0)?)?;
+    let one_each = members.len() == cg.channels[t_in] && members.iter().all(|c| c.spans.contains(&(t_in, 1)));
+    let refittable = !crate::recover::refittable(graph, vec![crate::recover::Layer { node: consumer, kept: None }]).is_empty();
+    (one_each && refittable).then_some(consumer)
+}
+
+/// The calibrated refit, in which each deferred consumer drops its share of
+/// input channels by reconstruction cost. Returns consumer → dropped inputs.
+fn select_on_data(graph: &mut Graph, ctx: &PassContext, layers: Vec<crate::recover::Layer>, deferred: &[Deferred], report: &mut PassReport) -> Result<HashMap<NodeIndex, Vec<usize>>> {
+    let ridge = ctx.calibration.map_or(1e-2, |c| c.ridge);
+    let mut chosen = HashMap::new();
+    ctx.recover_with(graph, layers, report, |g, layer, x, y| {
+        let name = g.node(layer.node).name().to_string();
+        let Some(d) = deferred.iter().find(|d| d.consumer == layer.node) else {
+            let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, ridge)?;
+            return Ok((name, before, after));
+        };
+        let (before, after, dropped) = crate::reconstruct::refit_dropping(g, layer.node, x, y, d.count, ridge)?;
+        chosen.insert(layer.node, dropped);
+        Ok((name, before, after))
+    })?;
+    Ok(chosen)
+}
+
+/// Removes the input channels the consumers dropped (their weights are zero
+/// now, so this is exact) together with everything producing them.
+fn remove_dead_inputs(graph: &mut Graph, chosen: &HashMap<NodeIndex, Vec<usize>>, report: &mut PassReport) -> Result<()> {
+    let shapes = crate::shape::infer(graph, &Default::default())?;
+    let cg = ChannelGraph::build(graph, &shapes);
+    let mut roots = HashSet::new();
+    for (&ix, dropped) in chosen {
+        let Some(x) = graph.node(ix).input(0) else { continue };
+        roots.extend(dropped.iter().filter_map(|&c| cg.slot(x, c)).map(|s| cg.find(s)));
+    }
+    let per_tensor = removed_channels(&cg, &roots);
+    apply(graph, &shapes, &cg, &per_tensor, report)?;
+    graph.relink()
 }
 
 /// Exact params/MACs of the prunable layers as a function of kept channels.

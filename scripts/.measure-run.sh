@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Accuracy of the lossy passes on the shared ResNet-50, data-free and
+# calibrated. Calibration: the first 256 images (sorted by path) of
+# imagenet-1k-sample; evaluation: the other 744 (`check --skip 256`).
+# Usage: scripts/measure.sh [CONFIG_NAME …]   (default: all below)
+# Appends one JSON line per run to docs/measurements.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared}
+MODEL=$SHARED/models/resnet50-imagenet.onnx
+DATA=$SHARED/data/imagenet-1k-sample
+CLASSES=$SHARED/data/imagenet-1k-classes.txt
+OUT=${OUT:-target/measure}
+BIN=target/release/cresnet-opt
+mkdir -p "$OUT" docs
+[[ -n ${NO_BUILD:-} ]] || cargo build --release --quiet
+CAL="calibration: { data: $(realpath "$DATA"), images: 256 }"
+# `-calx`: the same plus the first 256 unlabelled photos in the refits.
+CALX="calibration: { data: $(realpath "$DATA"), images: 256, extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 256 }"
+
+declare -A PASSES=(
+  [prune-m0.9-none]="[fold, {prune: {target_macs: 0.9, compensate: false}}]"
+  [prune-m0.9-free]="[fold, {prune: {target_macs: 0.9}}]"
+  [prune-m0.9-cal]="[fold, {prune: {target_macs: 0.9}}]"
+  [prune-m0.7-none]="[fold, {prune: {target_macs: 0.7, compensate: false}}]"
+  [prune-m0.7-free]="[fold, {prune: {target_macs: 0.7}}]"
+  [prune-m0.7-cal]="[fold, {prune: {target_macs: 0.7}}]"
+  [prune-m0.7-inner-cal]="[fold, {prune: {target_macs: 0.7, scope: inner}}]"
+  [prune-m0.7-inner-free]="[fold, {prune: {target_macs: 0.7, scope: inner}}]"
+  [prune-m0.5-none]="[fold, {prune: {target_macs: 0.5, compensate: false}}]"
+  [prune-m0.5-free]="[fold, {prune: {target_macs: 0.5}}]"
+  [prune-m0.5-cal]="[fold, {prune: {target_macs: 0.5}}]"
+  [dw-r1-free]="[fold, {dw: {rank: 1}}]"
+  [dw-r1-cal]="[fold, {dw: {rank: 1}}]"
+  [dw-r2-free]="[fold, {dw: {rank: 2}}]"
+  [dw-r2-cal]="[fold, {dw: {rank: 2}}]"
+  [dw-r3-free]="[fold, {dw: {rank: 3}}]"
+  [dw-r3-cal]="[fold, {dw: {rank: 3}}]"
+  [dw-e0.9-free]="[fold, {dw: {energy: 0.9}}]"
+  [dw-e0.9-cal]="[fold, {dw: {energy: 0.9}}]"
+  [dw-e0.95-free]="[fold, {dw: {energy: 0.95}}]"
+  [dw-e0.95-cal]="[fold, {dw: {energy: 0.95}}]"
+  [prune-m0.7-inner-rec-cal]="[fold, {prune: {target_macs: 0.7, scope: inner, importance: reconstruction}}]"
+  [prune-r0.25-inner-rec-cal]="[fold, {prune: {ratio: 0.25, scope: inner, importance: reconstruction}}]"
+  [prune-r0.25-inner-cal]="[fold, {prune: {ratio: 0.25, scope: inner}}]"
+  [prune-m0.7-best-cal]="[fold, {prune: {target_macs: 0.7, scope: inner, allocation: uniform, importance: reconstruction}}]"
+  [prune-m0.9-best-cal]="[fold, {prune: {target_macs: 0.9, scope: inner, allocation: uniform, importance: reconstruction}}]"
+  [prune-m0.5-best-cal]="[fold, {prune: {target_macs: 0.5, scope: inner, allocation: uniform, importance: reconstruction}}]"
+  [prune-m0.7-best-all-cal]="[fold, {prune: {target_macs: 0.7, scope: inner, allocation: uniform, importance: reconstruction, refit: all}}]"
+  [prune-m0.9-best-all-cal]="[fold, {prune: {target_macs: 0.9, scope: inner, allocation: uniform, importance: reconstruction, refit: all}}]"
+  [prune-m0.5-best-all-cal]="[fold, {prune: {target_macs: 0.5, scope: inner, allocation: uniform, importance: reconstruction, refit: all}}]"
+  [dw-r1-alt2-cal]="[fold, {dw: {rank: 1, alternate: 2}}]"
+  [dw-r1-alt4-cal]="[fold, {dw: {rank: 1, alternate: 4}}]"
+  [dw-r3-alt2-cal]="[fold, {dw: {rank: 3, alternate: 2}}]"
+  [dw-e0.9-alt2-cal]="[fold, {dw: {energy: 0.9, alternate: 2}}]"
+  [dw-e0.95-alt2-cal]="[fold, {dw: {energy: 0.95, alternate: 2}}]"
+  [dw-r2-alt2-cal]="[fold, {dw: {rank: 2, alternate: 2}}]"
+)
+ORDER="dw-r2-cal dw-r1-cal prune-m0.7-inner-cal prune-m0.9-cal dw-r1-free dw-r3-cal prune-m0.7-free prune-m0.7-none dw-e0.95-cal prune-m0.7-cal dw-r2-free dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-cal prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-free prune-m0.7-inner-free"
+for name in ${@:-$ORDER}; do
+  cfg=$OUT/$name.yaml
+  echo "passes: ${PASSES[${name%x}]}" > "$cfg"
+  [[ $name == *-cal ]] && echo "$CAL" >> "$cfg"
+  [[ $name == *-calx ]] && echo "$CALX" >> "$cfg"
+  start=$(date +%s.%N)
+  $BIN "$MODEL" -o "$OUT/$name.onnx" --config "$cfg" --report "$OUT/$name.report.json" --quiet
+  opt_s=$(echo "$(date +%s.%N) - $start" | bc)
+  $BIN check "$OUT/$name.onnx" --data "$DATA" --classes "$CLASSES" --skip 256 --format json --quiet > "$OUT/$name.check.json"
+  python3 - "$name" "$OUT" "$opt_s" <<'PY' | tee -a docs/measurements.jsonl
+import json, sys
+name, out, opt_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+r = json.load(open(f"{out}/{name}.report.json")); c = json.load(open(f"{out}/{name}.check.json"))
+print(json.dumps({"name": name, "params": r["params_after"], "macs": r["macs_after"],
+  "macs_share": round(r["macs_after"] / 3857973248, 4), "params_share": round(r["params_after"] / 25636712, 4),
+  "top1": c["model"]["top1"], "top5": c["model"]["top5"], "images": c["images"], "optimize_s": round(opt_s, 1)}))
+PY
+done
