@@ -15,14 +15,25 @@ use std::path::{Path, PathBuf};
 /// Tensors at least this large go to the side file with `--external-data`.
 const EXTERNAL_MIN_BYTES: usize = 1024;
 
-/// Reads, decodes and validates a model.
+/// Reads, decodes and validates a model. The file is memory-mapped, so
+/// tensor data that no pass changes is never copied: it goes from the
+/// page cache to the output file directly.
 pub fn load(path: &Path) -> Result<Model> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-    if bytes.is_empty() {
+    let read_err = |source| Error::Read { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    if file.metadata().map_err(read_err)?.len() == 0 {
         return Err(Error::EmptyFile { path: path.to_path_buf() });
     }
+    // SAFETY: the map is read-only and private; as with every reader that
+    // maps its input (tract, onnxruntime), truncating the file while we run
+    // is the one thing not supported.
+    let bytes = match unsafe { memmap2::MmapOptions::new().populate().map(&file) } {
+        Ok(map) => Bytes::from_owner(map),
+        // Not mappable (a pipe, some network file systems): read it.
+        Err(_) => Bytes::from(std::fs::read(path).map_err(read_err)?),
+    };
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let model = from_bytes(Bytes::from(bytes), &path.display().to_string(), Some(&dir))?;
+    let model = from_bytes(bytes, &path.display().to_string(), Some(&dir))?;
     crate::validate::validate(&model.graph, &Default::default())?;
     Ok(model)
 }
@@ -40,9 +51,12 @@ pub fn from_bytes(bytes: Bytes, what: &str, dir: Option<&Path>) -> Result<Model>
     }
     let mut files = ExternalFiles { dir: dir.map(Path::to_path_buf), cache: HashMap::new() };
     let mut weights = IndexMap::with_capacity(graph.initializer.len());
-    for t in std::mem::take(&mut graph.initializer) {
-        let external = files.data_of(&t)?;
-        let w = Weight::decode(t, external)?;
+    let tensors: Vec<(TensorProto, Option<Bytes>)> = std::mem::take(&mut graph.initializer).into_iter().map(|t| files.data_of(&t).map(|e| (t, e))).collect::<Result<_>>()?;
+    // Decoding copies ~100 MB of numbers for ResNet-50: in parallel.
+    use rayon::prelude::*;
+    let decoded: Vec<Result<Weight>> = tensors.into_par_iter().map(|(t, external)| Weight::decode(t, external)).collect();
+    for w in decoded {
+        let w = w?;
         if w.name().is_empty() {
             return Err(Error::invalid("an initializer has no name"));
         }
@@ -99,7 +113,93 @@ pub fn save(model: &Model, path: &Path, external: bool) -> Result<()> {
         let data = move_data_out(&mut proto, &side);
         write_atomic(&path.with_file_name(&side), &data)?;
     }
-    write_atomic(path, &proto.encode_to_vec())
+    write_atomic_with(path, |file| {
+        let mut sink = FileSink::new(file);
+        proto.encode(&mut sink).map_err(std::io::Error::other)?;
+        sink.finish()
+    })
+}
+
+/// Bytes tensors at least this large skip the sink's buffer.
+const DIRECT_WRITE_BYTES: usize = 64 * 1024;
+
+/// A `BufMut` that streams an encoding to a file through a 1 MB buffer,
+/// writing large byte fields (tensor data) straight from where they are:
+/// no 100 MB output buffer to allocate, fault in and copy.
+struct FileSink<'a> {
+    file: &'a mut std::fs::File,
+    buf: Vec<u8>,
+    error: Option<std::io::Error>,
+}
+
+impl<'a> FileSink<'a> {
+    fn new(file: &'a mut std::fs::File) -> Self {
+        FileSink { file, buf: Vec::with_capacity(1 << 20), error: None }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if self.error.is_none() {
+            self.error = self.file.write_all(bytes).err();
+        }
+    }
+
+    fn flush(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.write(&buf);
+        self.buf = buf;
+        self.buf.clear();
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        self.flush();
+        self.error.map_or(Ok(()), Err)
+    }
+}
+
+// SAFETY: `chunk_mut` hands out the vector's spare capacity and
+// `advance_mut` only extends the length over bytes the caller initialized.
+unsafe impl bytes::BufMut for FileSink<'_> {
+    fn remaining_mut(&self) -> usize {
+        isize::MAX as usize - self.buf.len()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        let len = self.buf.len() + cnt;
+        assert!(len <= self.buf.capacity(), "advance past the buffer");
+        // SAFETY: the caller initialized these `cnt` bytes (BufMut contract).
+        unsafe { self.buf.set_len(len) };
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        if self.buf.len() == self.buf.capacity() {
+            self.flush();
+        }
+        bytes::buf::UninitSlice::uninit(self.buf.spare_capacity_mut())
+    }
+
+    fn put_slice(&mut self, src: &[u8]) {
+        if src.len() >= DIRECT_WRITE_BYTES {
+            self.flush();
+            self.write(src);
+            return;
+        }
+        if self.buf.capacity() - self.buf.len() < src.len() {
+            self.flush();
+        }
+        self.buf.extend_from_slice(src);
+    }
+
+    fn put<T: bytes::Buf>(&mut self, mut src: T)
+    where
+        Self: Sized,
+    {
+        while src.has_remaining() {
+            let chunk = src.chunk();
+            let n = chunk.len();
+            self.put_slice(chunk);
+            src.advance(n);
+        }
+    }
 }
 
 pub fn to_bytes(model: &Model) -> Result<Vec<u8>> {
@@ -131,13 +231,18 @@ fn move_data_out(proto: &mut ModelProto, location: &str) -> Vec<u8> {
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it over `path`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// Lets `write` fill a temporary file beside `path`, then renames it over `path`.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let werr = |source| Error::Write { path: path.to_path_buf(), source };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     let mut tmp = tempfile::Builder::new().prefix(".cresnet-opt-").suffix(".tmp").tempfile_in(&dir).map_err(werr)?;
-    tmp.write_all(bytes).map_err(werr)?;
+    write(tmp.as_file_mut()).map_err(werr)?;
     // The temp file is created 0600; give the result the usual permissions
     // (or the replaced file's). No fsync: the rename is what makes the write
     // all-or-nothing for a failing process, and fsync doubles the save time.

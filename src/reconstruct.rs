@@ -130,7 +130,7 @@ mod tests {
 
     #[test]
     fn solution_equals_the_ridge_fit_on_the_kept_columns() {
-        let (x, y) = data(300, 8, 3);
+        let (x, mut y) = data(300, 8, 3);
         let mut rng = crate::fixture::Rng::new(3);
         y.as_mut().col_iter_mut().for_each(|mut c| c.iter_mut().for_each(|v| *v += rng.normal() as f64 * 0.3));
         let sel = drop_channels(&x, &y, 2, 1, 1e-3).unwrap();

@@ -590,6 +590,7 @@ fn apply(graph: &mut Graph, shapes: &Shapes, cg: &ChannelGraph, removed: &[Vec<u
     let of = |name: Option<&str>| -> &[usize] { name.and_then(|n| cg.index.get(n)).map_or(&[], |&t| removed[t].as_slice()) };
     let mut roles: Vec<(NodeIndex, Role)> = cg.roles.iter().map(|(&i, &r)| (i, r)).collect();
     roles.sort_by_key(|&(ix, _)| ix);
+    let mut cuts = Cuts::default();
     for (ix, role) in roles {
         let node = graph.node(ix).clone();
         let (rin, rout) = (of(node.input(0)).to_vec(), of(node.output(0)).to_vec());
@@ -599,59 +600,84 @@ fn apply(graph: &mut Graph, shapes: &Shapes, cg: &ChannelGraph, removed: &[Vec<u
         let w = |slot: usize| node.input(slot).map(str::to_string);
         match (node.op(), role) {
             ("Conv", Role::Dense) => {
-                drop_along(graph, w(1), 0, &rout);
-                drop_along(graph, w(1), 1, &rin);
-                drop_along(graph, w(2), 0, &rout);
+                cuts.add(w(1), 0, &rout);
+                cuts.add(w(1), 1, &rin);
+                cuts.add(w(2), 0, &rout);
             }
             ("Conv", Role::Depthwise) => {
-                drop_along(graph, w(1), 0, &rout);
-                drop_along(graph, w(2), 0, &rout);
+                cuts.add(w(1), 0, &rout);
+                cuts.add(w(2), 0, &rout);
                 let channels = node.input(1).and_then(|n| graph.constant(n)).map_or(1, |w| w.shape()[0]);
-                graph.node_mut(ix).set_attr_int("group", channels as i64);
+                graph.node_mut(ix).set_attr_int("group", (channels - rout.len()) as i64);
             }
             ("Gemm" | "MatMul", Role::Dense) => {
                 let oa = output_axis(&node);
-                drop_along(graph, w(1), oa, &rout);
-                drop_along(graph, w(1), 1 - oa, &rin);
+                cuts.add(w(1), oa, &rout);
+                cuts.add(w(1), 1 - oa, &rin);
                 let bias_axis = node.input(2).and_then(|n| graph.constant(n)).map(|b| b.shape().len().saturating_sub(1)).unwrap_or(0);
-                drop_along(graph, w(2), bias_axis, &rout);
+                cuts.add(w(2), bias_axis, &rout);
             }
-            ("BatchNormalization", _) => (1..5).for_each(|s| drop_along(graph, w(s), 0, &rout)),
+            ("BatchNormalization", _) => (1..5).for_each(|s| cuts.add(w(s), 0, &rout)),
             (_, Role::Passthrough) => {
                 let rank = node.output(0).and_then(|y| shapes.get(y)).and_then(|t| t.shape.as_ref()).map_or(0, |s| s.len());
                 let channels = node.output(0).and_then(|y| cg.index.get(y)).map_or(0, |&t| cg.channels[t]);
-                drop_constant_operands(graph, &node, rank, channels, &rout);
+                constant_operand_cuts(graph, &node, rank, channels, &rout, &mut cuts);
             }
             _ => {}
         }
         report.change(node.name(), format!("in -{} / out -{} channels", rin.len(), rout.len()));
     }
+    cuts.apply(graph);
     Ok(())
 }
 
-/// Per-channel constant operands of an elementwise node lose the removed entries.
-fn drop_constant_operands(graph: &mut Graph, node: &crate::ir::Node, rank: usize, channels: usize, removed: &[usize]) {
-    for x in node.inputs().iter().filter(|n| !n.is_empty()) {
-        let Some(w) = graph.constant(x) else { continue };
-        if let Ok(Some(axis)) = per_channel_axis(&w.shape(), rank, channels) {
-            drop_along(graph, Some(x.clone()), axis, removed);
+/// Per weight, the indices to remove along each axis; applied in one copy
+/// per weight, weights in parallel.
+#[derive(Default)]
+struct Cuts(indexmap::IndexMap<String, Vec<(usize, Vec<usize>)>>);
+
+impl Cuts {
+    fn add(&mut self, name: Option<String>, axis: usize, removed: &[usize]) {
+        if let (Some(name), false) = (name, removed.is_empty()) {
+            self.0.entry(name).or_default().push((axis, removed.to_vec()));
+        }
+    }
+
+    fn apply(self, graph: &mut Graph) {
+        use rayon::prelude::*;
+        let cut: Vec<(String, ArrayD<f32>)> = self
+            .0
+            .into_iter()
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .filter_map(|(name, axes)| {
+                let w = graph.weights.get(&name)?.as_f32()?;
+                let mut out: Option<ArrayD<f32>> = None;
+                for (axis, removed) in axes.iter().filter(|(axis, _)| *axis < w.ndim()) {
+                    let current = out.as_ref().unwrap_or(w);
+                    let gone: HashSet<usize> = removed.iter().copied().collect();
+                    let keep: Vec<usize> = (0..current.shape()[*axis]).filter(|i| !gone.contains(i)).collect();
+                    out = Some(select_axis(current, *axis, &keep));
+                }
+                Some((name, out?))
+            })
+            .collect();
+        for (name, a) in cut {
+            if let Some(w) = graph.weights.get_mut(&name).and_then(Weight::as_f32_mut) {
+                *w = a;
+            }
         }
     }
 }
 
-/// Removes indices `removed` along `axis` of weight `name` (if f32).
-fn drop_along(graph: &mut Graph, name: Option<String>, axis: usize, removed: &[usize]) {
-    let Some(name) = name else { return };
-    if removed.is_empty() {
-        return;
+/// Per-channel constant operands of an elementwise node lose the removed entries.
+fn constant_operand_cuts(graph: &Graph, node: &crate::ir::Node, rank: usize, channels: usize, removed: &[usize], cuts: &mut Cuts) {
+    for x in node.inputs().iter().filter(|n| !n.is_empty()) {
+        let Some(w) = graph.constant(x) else { continue };
+        if let Ok(Some(axis)) = per_channel_axis(&w.shape(), rank, channels) {
+            cuts.add(Some(x.clone()), axis, removed);
+        }
     }
-    let Some(w) = graph.weights.get_mut(&name).and_then(Weight::as_f32_mut) else { return };
-    if axis >= w.ndim() {
-        return;
-    }
-    let gone: HashSet<usize> = removed.iter().copied().collect();
-    let keep: Vec<usize> = (0..w.shape()[axis]).filter(|i| !gone.contains(i)).collect();
-    *w = select_axis(w, axis, &keep);
 }
 
 /// `a.select(Axis(axis), keep)` by contiguous chunk copies (ndarray's
