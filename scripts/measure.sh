@@ -17,6 +17,9 @@ mkdir -p "$OUT" docs
 CAL="calibration: { data: $(realpath "$DATA"), images: 256 }"
 # `-calx`: the same plus the first 256 unlabelled photos in the refits.
 CALX="calibration: { data: $(realpath "$DATA"), images: 256, extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 256 }"
+# `-calb` / `-calxb`: the same with block targets (refit convs into a residual Add repair the Add's output).
+CALB="calibration: { data: $(realpath "$DATA"), images: 256, target: block }"
+CALXB="calibration: { data: $(realpath "$DATA"), images: 256, extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 256, target: block }"
 
 declare -A PASSES=(
   [prune-m0.9-none]="[fold, {prune: {target_macs: 0.9, compensate: false}}]"
@@ -59,9 +62,14 @@ declare -A PASSES=(
 ORDER="dw-r2-cal dw-r1-cal prune-m0.7-inner-cal prune-m0.9-cal dw-r1-free dw-r3-cal prune-m0.7-free prune-m0.7-none dw-e0.95-cal prune-m0.7-cal dw-r2-free dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-cal prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-free prune-m0.7-inner-free"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
-  echo "passes: ${PASSES[${name%x}]}" > "$cfg"
-  [[ $name == *-cal ]] && echo "$CAL" >> "$cfg"
-  [[ $name == *-calx ]] && echo "$CALX" >> "$cfg"
+  base=$name; [[ $name =~ ^(.*-cal)(x|b|xb)$ ]] && base=${BASH_REMATCH[1]}
+  echo "passes: ${PASSES[$base]}" > "$cfg"
+  case $name in
+    *-cal) echo "$CAL" >> "$cfg" ;;
+    *-calx) echo "$CALX" >> "$cfg" ;;
+    *-calb) echo "$CALB" >> "$cfg" ;;
+    *-calxb) echo "$CALXB" >> "$cfg" ;;
+  esac
   start=$(date +%s.%N)
   $BIN "$MODEL" -o "$OUT/$name.onnx" --config "$cfg" --report "$OUT/$name.report.json" --quiet
   opt_s=$(echo "$(date +%s.%N) - $start" | bc)

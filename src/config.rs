@@ -371,6 +371,9 @@ pub struct Calibration {
     /// Relative ridge strength λ / (tr(XᵀX)/D).
     #[serde(default = "default_ridge")]
     pub ridge: f64,
+    /// What a refit conv reproduces; see [`RefitTarget`].
+    #[serde(default)]
+    pub target: RefitTarget,
     /// More (unlabelled) images for `distill`, beside the calibration images.
     #[serde(default)]
     pub extra: Vec<DataSource>,
@@ -395,6 +398,19 @@ fn default_images() -> usize {
 }
 fn default_preprocess() -> Preprocess {
     Preprocess::Caffe
+}
+
+/// What each refit conv is fitted to reproduce.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefitTarget {
+    /// Its own original output.
+    #[default]
+    Layer,
+    /// For the last conv into a residual Add: the original Add output minus
+    /// the Add's other (drifted) input, so the block output is repaired and
+    /// errors do not pile up along the residual stream.
+    Block,
 }
 
 /// A whole pipeline file.

@@ -29,6 +29,7 @@ pub struct Calibration {
     pub images: Vec<Array3<f32>>,
     pub positions: usize,
     pub ridge: f64,
+    pub target: crate::config::RefitTarget,
     /// The image files, `extra` included (the default training data of `distill`).
     pub sources: Vec<std::path::PathBuf>,
     pub preprocessing: crate::imagedata::Preprocessing,
@@ -108,8 +109,8 @@ fn as4(a: &ArrayD<f32>) -> Result<ArrayView4<'_, f32>> {
 }
 
 /// Reference targets: per layer, an N×C matrix (row = one sampled position).
-fn targets(reference: &Model, graph: &Graph, layers: &[Layer], calib: &Calibration) -> Result<Vec<Vec<f32>>> {
-    let names: Vec<String> = layers.iter().map(|l| graph.node(l.node).outputs()[0].clone()).collect();
+fn targets(reference: &Model, graph: &Graph, layers: &[Layer], blocks: &[Option<Block>], calib: &Calibration) -> Result<Vec<Vec<f32>>> {
+    let names: Vec<String> = layers.iter().zip(blocks).map(|(l, b)| b.as_ref().map_or_else(|| graph.node(l.node).outputs()[0].clone(), |b| b.sum.clone())).collect();
     let per_image = run_all(reference, &names, calib, |i, outs| {
         outs.iter()
             .zip(layers)
@@ -176,7 +177,8 @@ pub fn refit_with(reference: &Model, model: &mut Model, layers: &[Layer], calib:
     if layers.is_empty() || calib.images.is_empty() {
         return Ok(vec![]);
     }
-    let mut ys = targets(reference, &model.graph, &layers, calib)?;
+    let blocks: Vec<Option<Block>> = (0..layers.len()).map(|li| (calib.target == crate::config::RefitTarget::Block).then(|| block_of(&model.graph, &layers, li)).flatten()).collect();
+    let mut ys = targets(reference, &model.graph, &layers, &blocks, calib)?;
     let shapes = crate::shape::infer(&model.graph, &Default::default())?;
     let plans: Vec<(String, Geometry, (usize, usize))> = layers
         .iter()
@@ -191,13 +193,60 @@ pub fn refit_with(reference: &Model, model: &mut Model, layers: &[Layer], calib:
     for (li, (layer, (input, geo, out_hw))) in layers.iter().zip(&plans).enumerate() {
         // The solver may restructure the graph: cut points are found anew.
         let cuts = cut_points(&model.graph);
-        let xs = cursor.advance(model, &shapes, &cuts, input)?;
         let count = samples_per_image(&model.graph, layer, calib);
+        let mut y = std::mem::take(&mut ys[li]);
+        if let Some(block) = &blocks[li] {
+            // The other Add input comes first in the graph: advance to it first.
+            let other = cursor.advance(model, &shapes, &cuts, &block.other)?;
+            subtract_at_samples(&mut y, &other, *out_hw, count, li)?;
+        }
+        let xs = cursor.advance(model, &shapes, &cuts, input)?;
         let patches: Vec<f32> = xs.par_iter().enumerate().map(|(i, x)| as4(x).map(|x| patches(x, geo, *out_hw, count, seed(i, li)))).collect::<Result<Vec<_>>>()?.concat();
-        let y = std::mem::take(&mut ys[li]);
         report.push(solver(&mut model.graph, layer, &patches, &y)?);
     }
     Ok(report)
+}
+
+/// A refit conv whose output is one input of a residual Add.
+struct Block {
+    /// The Add's output (the reference target).
+    sum: String,
+    /// The Add's other input, taken from the model being refit.
+    other: String,
+}
+
+/// The block target of layer `li`: its output's sole consumer is a
+/// two-input Add, and no later layer of `layers` writes the Add's other
+/// input (that one then takes the block target instead).
+fn block_of(graph: &Graph, layers: &[Layer], li: usize) -> Option<Block> {
+    let y = graph.node(layers[li].node).output(0)?;
+    let [(add, _)] = graph.consumers(y)[..] else { return None };
+    let node = graph.node(add);
+    let inputs: Vec<&String> = node.inputs().iter().filter(|n| !n.is_empty()).collect();
+    if node.op() != "Add" || inputs.len() != 2 || inputs.iter().any(|n| graph.weights.contains_key(n.as_str())) {
+        return None;
+    }
+    let other = inputs.into_iter().find(|n| n.as_str() != y)?.clone();
+    let later = graph.producer(&other).is_some_and(|(p, _)| layers[li + 1..].iter().any(|l| l.node == p));
+    let sum = node.output(0)?.to_string();
+    (!later).then_some(Block { sum, other })
+}
+
+/// Subtracts the other Add input, at layer `li`'s sampled positions, from its targets.
+fn subtract_at_samples(y: &mut [f32], other: &[ArrayD<f32>], (h, w): (usize, usize), count: usize, li: usize) -> Result<()> {
+    let rows = other.len() * count;
+    let c = if rows == 0 { 0 } else { y.len() / rows };
+    for (i, a) in other.iter().enumerate() {
+        let a = as4(a)?;
+        if a.shape()[1] != c || a.shape()[2] != h || a.shape()[3] != w {
+            return Err(Error::Data(format!("residual input of shape {:?} does not match {c} targets at {h}x{w}", a.shape())));
+        }
+        for (p, (py, px)) in positions(h, w, count, seed(i, li)).into_iter().enumerate() {
+            let row = &mut y[(i * count + p) * c..(i * count + p + 1) * c];
+            row.iter_mut().enumerate().for_each(|(ch, v)| *v -= a[[0, ch, py, px]]);
+        }
+    }
+    Ok(())
 }
 
 /// Tensors every later node's data flows through (block outputs of a
@@ -413,11 +462,11 @@ impl Calibration {
         let images = refit_paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
         let mut sources = paths;
         sources.extend(extras);
-        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, sources, preprocessing: pre })
+        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, target: cfg.target, sources, preprocessing: pre })
     }
 
     /// Calibration on in-memory images (caffe preprocessing, no source files).
     pub fn from_images(images: Vec<Array3<f32>>, positions: usize, ridge: f64) -> Calibration {
-        Calibration { images, positions, ridge, sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
+        Calibration { images, positions, ridge, target: Default::default(), sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
     }
 }

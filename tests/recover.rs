@@ -127,3 +127,16 @@ fn alternating_depthwise_refit_lowers_the_layer_errors() {
     assert!(alt.iter().sum::<f64>() < plain.iter().sum::<f64>());
     assert!(error_on_fresh_images(&original, &m).is_finite());
 }
+
+#[test]
+fn block_targets_repair_the_residual_stream_better_than_layer_targets() {
+    let original = fixture();
+    let passes = [fold(), prune(PruneOptions { ratio: Some(0.5), scope: cresnet_opt::config::Scope::Inner, ..Default::default() })];
+    let error = |target| {
+        let mut calib = Calibration::from_images(images(24, 6), 24, 1e-3);
+        calib.target = target;
+        error_on_fresh_images(&original, &compress(&original, &passes, Some(&calib)))
+    };
+    let (layer, block) = (error(cresnet_opt::config::RefitTarget::Layer), error(cresnet_opt::config::RefitTarget::Block));
+    assert!(block < 0.95 * layer, "block {block} vs layer {layer}");
+}
