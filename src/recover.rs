@@ -14,6 +14,12 @@
 //! block output) and only the graph after it is re-run for the next layer.
 //!
 //! Solve: min ‖[X 1]·[Wᵀ; bᵀ] − Y‖² + λ‖W‖², λ = `ridge`·tr(XᵀX)/D, by Cholesky.
+//!
+//! Targets (`calibration.target`): `layer` — each conv's own original
+//! output; `block` — a conv whose output is one input of a residual Add
+//! (and the last refit layer writing into it) is fitted to the original Add
+//! output minus the Add's other input *as the compressed model computes it*,
+//! so each block repairs the drift of the residual stream it receives.
 use crate::error::{Error, Result};
 use crate::fixture::Rng;
 use crate::ir::{Graph, Model};

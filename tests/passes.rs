@@ -105,15 +105,19 @@ fn dw_at_full_rank_is_exact_for_varied_geometry() {
         let mut net = Net::new(20 + i as u64).input("x", &[1, spec.c_in, 13, 11]);
         let y = net.conv("conv", "x", spec);
         let original = net.model(&[&y]).unwrap();
-        let mut factored = original.clone();
+        let factored = original.clone();
         let full = spec.c_out.min(spec.k * spec.k);
-        let opts = cresnet_opt::config::DwOptions { rank: Some(full), min_gain: -10.0, include: vec!["conv".into()], ..Default::default() };
-        let r = run_passes(&mut factored, &[cresnet_opt::config::PassSpec::Dw(opts)]).remove(0);
-        assert_eq!(r.changed.len(), 1, "case {i}: {:?}", r.declined);
-        assert_eq!(count(&factored, "Conv"), 2);
-        let x = random_input(&original, 2, 1.0, i as u64);
-        let d = rel_diff(&run(&original, &x), &run(&factored, &x));
-        assert!(d < 1e-5, "case {i} {spec:?}: rel diff {d}");
+        for layout in [cresnet_opt::config::DwLayout::Grouped, cresnet_opt::config::DwLayout::Split] {
+            let mut factored = factored.clone();
+            let opts = cresnet_opt::config::DwOptions { rank: Some(full), min_gain: -10.0, include: vec!["conv".into()], layout, ..Default::default() };
+            let r = run_passes(&mut factored, &[cresnet_opt::config::PassSpec::Dw(opts)]).remove(0);
+            assert_eq!(r.changed.len(), 1, "case {i}: {:?}", r.declined);
+            let convs = if layout == cresnet_opt::config::DwLayout::Grouped { 2 } else { 2 * full };
+            assert_eq!(count(&factored, "Conv"), convs, "case {i} {layout:?}");
+            let x = random_input(&original, 2, 1.0, i as u64);
+            let d = rel_diff(&run(&original, &x), &run(&factored, &x));
+            assert!(d < 1e-5, "case {i} {spec:?} {layout:?}: rel diff {d}");
+        }
     }
 }
 
@@ -357,4 +361,30 @@ fn zero_weights_everywhere_in_a_group_prune_exactly_on_a_residual_stage() {
     assert_eq!(pruned.graph.weights["stem.w"].shape()[0], 4, "ignored");
     let d = rel_diff(&before, &run(&pruned, &x));
     assert!(d < 1e-5, "rel diff {d}");
+}
+
+#[test]
+fn split_layout_computes_what_the_grouped_layout_computes() {
+    let original = resnet50(&FixtureSpec { input_size: 64, classes: 10, ..Default::default() }).unwrap();
+    let x = random_input(&original, 1, 1.0, 9);
+    for rank in [2, 3] {
+        let with = |layout| {
+            let mut m = original.clone();
+            let opts = cresnet_opt::config::DwOptions { rank: Some(rank), min_gain: -10.0, layout, ..Default::default() };
+            run_passes(&mut m, &[fold(), cresnet_opt::config::PassSpec::Dw(opts)]);
+            m
+        };
+        let (grouped, split) = (with(cresnet_opt::config::DwLayout::Grouped), with(cresnet_opt::config::DwLayout::Split));
+        let d = rel_diff(&run(&grouped, &x), &run(&split, &x));
+        assert!(d < 1e-5, "rank {rank}: {d}");
+        let count = |m: &cresnet_opt::ir::Model, op: &str| m.graph.node_indices().into_iter().filter(|&ix| m.graph.node(ix).op() == op).count();
+        // 16 factorized 3x3 convs: each becomes `rank` depthwise + `rank` pointwise convs and rank-1 Adds.
+        assert_eq!(count(&split, "Conv") - count(&grouped, "Conv"), 16 * 2 * (rank - 1));
+        assert_eq!(count(&split, "Add") - count(&grouped, "Add"), 16 * (rank - 1));
+        let depthwise_groups_match = split.graph.node_indices().into_iter().map(|ix| split.graph.node(ix)).filter(|n| n.attr_int("group").unwrap_or(1) > 1).all(|n| {
+            let w = split.graph.constant(n.input(1).unwrap()).unwrap().shape();
+            w[0] as i64 == n.attr_int("group").unwrap()
+        });
+        assert!(depthwise_groups_match, "every split depthwise conv has group == channels");
+    }
 }

@@ -50,9 +50,10 @@ pub fn dw(rank: usize) -> PassSpec {
     PassSpec::Dw(DwOptions { rank: Some(rank), min_gain: -10.0, ..Default::default() })
 }
 
-/// `dw` at `rank` on every KxK conv, the stem included.
+/// `dw` at `rank` on every KxK conv, the stem included, in the grouped
+/// layout (one depthwise + one pointwise conv per factorized conv).
 pub fn dw_all(rank: usize) -> PassSpec {
-    PassSpec::Dw(DwOptions { rank: Some(rank), min_gain: -10.0, include: vec!["*".into()], ..Default::default() })
+    PassSpec::Dw(DwOptions { rank: Some(rank), min_gain: -10.0, include: vec!["*".into()], layout: cresnet_opt::config::DwLayout::Grouped, ..Default::default() })
 }
 
 pub fn prune(opts: PruneOptions) -> PassSpec {
