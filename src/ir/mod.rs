@@ -325,7 +325,9 @@ impl Graph {
     pub fn to_proto(&self) -> Result<GraphProto> {
         let mut proto = self.meta.clone();
         proto.node = self.topo_order()?.into_iter().map(|ix| self.net[ix].proto.clone()).collect();
-        proto.initializer = self.weights.values().map(Weight::encode).collect();
+        // Changed weights are converted to bytes here (tens of MB): in parallel.
+        use rayon::prelude::*;
+        proto.initializer = self.weights.values().collect::<Vec<_>>().into_par_iter().map(Weight::encode).collect();
         Ok(proto)
     }
 }

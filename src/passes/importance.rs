@@ -20,14 +20,25 @@ pub struct L2;
 
 impl Criterion for L1 {
     fn scores(&self, weight: &ArrayD<f32>, axis: usize) -> Vec<f64> {
-        weight.axis_iter(Axis(axis)).map(|f| f.iter().map(|v| v.abs() as f64).sum()).collect()
+        per_slice(weight, axis, |f| f.iter().map(|v| v.abs() as f64).sum())
     }
 }
 
 impl Criterion for L2 {
     fn scores(&self, weight: &ArrayD<f32>, axis: usize) -> Vec<f64> {
-        weight.axis_iter(Axis(axis)).map(|f| f.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()).collect()
+        per_slice(weight, axis, |f| f.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt())
     }
+}
+
+/// `score` of every slice along `axis`; slices along axis 0 of a standard
+/// layout array (conv filters) are read as contiguous chunks.
+fn per_slice(weight: &ArrayD<f32>, axis: usize, score: impl Fn(&[f32]) -> f64) -> Vec<f64> {
+    if let (0, Some(flat)) = (axis, weight.as_slice()) {
+        let len = weight.shape().first().copied().unwrap_or(0);
+        // An empty weight (a zero-sized dimension) scores 0 per filter.
+        return if flat.is_empty() { vec![0.0; len] } else { flat.chunks(flat.len() / len).map(&score).collect() };
+    }
+    weight.axis_iter(Axis(axis)).map(|f| score(&f.iter().copied().collect::<Vec<f32>>())).collect()
 }
 
 pub fn criterion(kind: Importance) -> Box<dyn Criterion> {
