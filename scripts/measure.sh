@@ -14,12 +14,16 @@ OUT=${OUT:-target/measure}
 BIN=target/release/cresnet-opt
 mkdir -p "$OUT" docs
 [[ -n ${NO_BUILD:-} ]] || cargo build --release --quiet
-CAL="calibration: { data: $(realpath "$DATA"), images: 256 }"
-# `-calx`: the same plus the first 256 unlabelled photos in the refits.
-CALX="calibration: { data: $(realpath "$DATA"), images: 256, extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 256 }"
-# `-calb` / `-calxb`: the same with block targets (refit convs into a residual Add repair the Add's output).
-CALB="calibration: { data: $(realpath "$DATA"), images: 256, target: block }"
-CALXB="calibration: { data: $(realpath "$DATA"), images: 256, extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 256, target: block }"
+# Calibration: `-cal` = the first 256 images; letters after it add options:
+# x = also the first 256 unlabelled photos in the refits (refit_extra),
+# b = block targets, r = fit convs read by a ReLU through it (through_relu).
+calibration() {
+  local flags=$1 extra=""
+  [[ $flags == *x* ]] && extra+=", extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 256"
+  [[ $flags == *b* ]] && extra+=", target: block"
+  [[ $flags == *r* ]] && extra+=", through_relu: true"
+  echo "calibration: { data: $(realpath "$DATA"), images: 256$extra }"
+}
 
 declare -A PASSES=(
   [prune-m0.9-none]="[fold, {prune: {target_macs: 0.9, compensate: false}}]"
@@ -66,14 +70,10 @@ declare -A PASSES=(
 ORDER="dw-r2-cal dw-r1-cal prune-m0.7-inner-cal prune-m0.9-cal dw-r1-free dw-r3-cal prune-m0.7-free prune-m0.7-none dw-e0.95-cal prune-m0.7-cal dw-r2-free dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-cal prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-free prune-m0.7-inner-free"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
-  base=$name; [[ $name =~ ^(.*-cal)(x|b|xb)$ ]] && base=${BASH_REMATCH[1]}
+  base=$name flags=""
+  [[ $name =~ ^(.*-cal)([xbr]*)$ ]] && { base=${BASH_REMATCH[1]}; flags=${BASH_REMATCH[2]}; }
   echo "passes: ${PASSES[$base]}" > "$cfg"
-  case $name in
-    *-cal) echo "$CAL" >> "$cfg" ;;
-    *-calx) echo "$CALX" >> "$cfg" ;;
-    *-calb) echo "$CALB" >> "$cfg" ;;
-    *-calxb) echo "$CALXB" >> "$cfg" ;;
-  esac
+  [[ $base == *-cal ]] && calibration "$flags" >> "$cfg"
   start=$(date +%s.%N)
   $BIN "$MODEL" -o "$OUT/$name.onnx" --config "$cfg" --report "$OUT/$name.report.json" --quiet
   opt_s=$(echo "$(date +%s.%N) - $start" | bc)

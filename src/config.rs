@@ -391,6 +391,10 @@ pub struct Calibration {
     /// What a refit conv reproduces; see [`RefitTarget`].
     #[serde(default)]
     pub target: RefitTarget,
+    /// Fit a conv that a ReLU reads on its post-ReLU outputs (negative
+    /// targets only need a negative prediction).
+    #[serde(default)]
+    pub through_relu: bool,
     /// More (unlabelled) images for `distill`, beside the calibration images.
     #[serde(default)]
     pub extra: Vec<DataSource>,

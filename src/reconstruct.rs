@@ -24,7 +24,7 @@
 //! solution on the kept columns.
 use crate::error::Result;
 use crate::ir::Graph;
-use crate::recover::{not_definite, regularized_gram, residual, write_solution, Problem};
+use crate::recover::{current_solution, not_definite, regularized_gram, write_solution, Fit, Problem};
 use faer::linalg::matmul::matmul;
 use petgraph::stable_graph::NodeIndex;
 use faer::prelude::*;
@@ -35,14 +35,29 @@ use rayon::prelude::*;
 /// [`crate::recover::solve_layer`]) while dropping `count` of its input
 /// channels, whose weights become zero. Returns the relative error before
 /// and after, and the dropped channels (ascending).
-pub fn refit_dropping(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], count: usize, ridge: f64) -> Result<(f64, f64, Vec<usize>)> {
+pub fn refit_dropping(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], count: usize, fit: Fit) -> Result<(f64, f64, Vec<usize>)> {
     let p = Problem::new(graph, ix, x, y)?;
     let block = graph.node(ix).input(1).and_then(|w| graph.constant(w)).map_or(1, |w| w.shape()[2..].iter().product::<usize>());
-    let before = p.error_now(graph, ix);
-    let sel = drop_channels(&p.xa, &p.ya, block, count, ridge).ok_or_else(|| not_definite(graph, ix))?;
-    let after = residual(&p.xa, &sel.solution, &p.ya);
-    write_solution(graph, ix, &sel.solution, p.d, p.c_out);
+    let before = fit.error(&p.xa, &current_solution(graph, ix, p.d, p.c_out), &p.ya);
+    let sel = drop_channels(&p.xa, &p.ya, block, count, fit.ridge).ok_or_else(|| not_definite(graph, ix))?;
+    let solution = if fit.relu { refit_kept(&p.xa, &p.ya, &sel, block, fit).unwrap_or(sel.solution) } else { sel.solution };
+    let after = fit.error(&p.xa, &solution, &p.ya);
+    write_solution(graph, ix, &solution, p.d, p.c_out);
     Ok((before, after, sel.dropped))
+}
+
+/// The ReLU-aware refit on the kept columns (zero rows for the dropped).
+fn refit_kept(xa: &Mat<f64>, ya: &Mat<f64>, sel: &Selection, block: usize, fit: Fit) -> Option<Mat<f64>> {
+    let kept: Vec<usize> = (0..xa.ncols()).filter(|&c| c == xa.ncols() - 1 || sel.dropped.binary_search(&(c / block)).is_err()).collect();
+    let xk = Mat::<f64>::from_fn(xa.nrows(), kept.len(), |r, c| xa[(r, kept[c])]);
+    let sk = fit.solve(&xk, ya)?;
+    let mut out = Mat::<f64>::zeros(xa.ncols(), ya.ncols());
+    for (i, &k) in kept.iter().enumerate() {
+        for o in 0..ya.ncols() {
+            out[(k, o)] = sk[(i, o)];
+        }
+    }
+    Some(out)
 }
 
 /// The refit solution ((D+1)×C_out, bias last) after dropping `dropped`.

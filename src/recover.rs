@@ -36,9 +36,69 @@ pub struct Calibration {
     pub positions: usize,
     pub ridge: f64,
     pub target: crate::config::RefitTarget,
+    /// Fit convs read by a ReLU on their post-ReLU outputs.
+    pub through_relu: bool,
     /// The image files, `extra` included (the default training data of `distill`).
     pub sources: Vec<std::path::PathBuf>,
     pub preprocessing: crate::imagedata::Preprocessing,
+}
+
+/// How a layer is fitted: ridge strength, and whether its outputs are
+/// compared after the ReLU that follows it (`calibration.through_relu`).
+#[derive(Debug, Clone, Copy)]
+pub struct Fit {
+    pub ridge: f64,
+    pub relu: bool,
+}
+
+/// Rounds of the ReLU-aware refit (each a re-solve with the same factor).
+const RELU_ROUNDS: usize = 4;
+
+impl Fit {
+    /// The fit for conv `ix`: through the ReLU only if one alone reads its output.
+    pub fn for_layer(calib: &Calibration, graph: &Graph, ix: NodeIndex) -> Fit {
+        let relu = calib.through_relu && graph.node(ix).output(0).is_some_and(|y| matches!(graph.consumers(y)[..], [(c, 0)] if graph.node(c).op() == "Relu"));
+        Fit { ridge: calib.ridge, relu }
+    }
+
+    /// Ridge solution of [X 1]·S ≈ Y. Through a ReLU, only relu(X·S) must
+    /// match relu(Y): entries with Y ≤ 0 need X·S ≤ 0, not X·S = Y. Solved
+    /// by majorize-minimize — targets Y' = Y where Y > 0, min(X·S, 0)
+    /// elsewhere, re-solved a few times with the same normal matrix.
+    pub fn solve(&self, xa: &Mat<f64>, ya: &Mat<f64>) -> Option<Mat<f64>> {
+        let llt = regularized_gram(xa, self.ridge).llt(Side::Lower).ok()?;
+        let mut sol = xa.transpose() * ya;
+        llt.solve_in_place(sol.as_mut());
+        for _ in 0..if self.relu { RELU_ROUNDS } else { 0 } {
+            let target = relu_target(xa, &sol, ya);
+            sol = xa.transpose() * &target;
+            llt.solve_in_place(sol.as_mut());
+        }
+        sol.norm_l2().is_finite().then_some(sol)
+    }
+
+    /// Relative error, after the ReLU when there is one.
+    pub fn error(&self, xa: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>) -> f64 {
+        if !self.relu {
+            return residual(xa, sol, ya);
+        }
+        let pred = xa * sol;
+        let (mut num, mut den) = (0.0, 0.0);
+        for c in 0..ya.ncols() {
+            for r in 0..ya.nrows() {
+                let (p, y) = (pred[(r, c)].max(0.0), ya[(r, c)].max(0.0));
+                num += (p - y) * (p - y);
+                den += y * y;
+            }
+        }
+        num / den.max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The majorize-minimize targets of [`Fit::solve`] at solution `sol`.
+pub fn relu_target(xa: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f64> {
+    let pred = xa * sol;
+    Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| if ya[(r, c)] > 0.0 { ya[(r, c)] } else { pred[(r, c)].min(0.0) })
 }
 
 /// A conv to refit: its output should match the reference tensor of the
@@ -168,7 +228,7 @@ fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usiz
 /// the relative reconstruction error before and after.
 pub fn refit(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration) -> Result<Vec<(String, f64, f64)>> {
     refit_with(reference, model, layers, calib, |graph, layer, x, y| {
-        let (before, after) = solve_layer(graph, layer.node, x, y, calib.ridge)?;
+        let (before, after) = solve_layer(graph, layer.node, x, y, Fit::for_layer(calib, graph, layer.node))?;
         Ok((graph.node(layer.node).name().to_string(), before, after))
     })
 }
@@ -373,19 +433,14 @@ impl Problem {
         }
         Ok(Problem { xa: with_ones(x, n, d), ya: Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64), d, c_out })
     }
-
-    /// Relative error of the layer's present weights.
-    pub(crate) fn error_now(&self, graph: &Graph, ix: NodeIndex) -> f64 {
-        residual(&self.xa, &current_solution(graph, ix, self.d, self.c_out), &self.ya)
-    }
 }
 
 /// Solves one layer's ridge problem and writes W and b back.
-pub fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], ridge: f64) -> Result<(f64, f64)> {
+pub fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], fit: Fit) -> Result<(f64, f64)> {
     let p = Problem::new(graph, ix, x, y)?;
-    let before = p.error_now(graph, ix);
-    let sol = ridge_solve(&p.xa, &p.ya, ridge).ok_or_else(|| not_definite(graph, ix))?;
-    let after = residual(&p.xa, &sol, &p.ya);
+    let before = fit.error(&p.xa, &current_solution(graph, ix, p.d, p.c_out), &p.ya);
+    let sol = fit.solve(&p.xa, &p.ya).ok_or_else(|| not_definite(graph, ix))?;
+    let after = fit.error(&p.xa, &sol, &p.ya);
     if !(after < before) {
         return Ok((before, before));
     }
@@ -468,11 +523,37 @@ impl Calibration {
         let images = refit_paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
         let mut sources = paths;
         sources.extend(extras);
-        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, target: cfg.target, sources, preprocessing: pre })
+        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, target: cfg.target, through_relu: cfg.through_relu, sources, preprocessing: pre })
     }
 
     /// Calibration on in-memory images (caffe preprocessing, no source files).
     pub fn from_images(images: Vec<Array3<f32>>, positions: usize, ridge: f64) -> Calibration {
-        Calibration { images, positions, ridge, target: Default::default(), sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
+        Calibration { images, positions, ridge, target: Default::default(), through_relu: false, sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Targets relu-shaped in X: Y = max(X·w, 0) - 0.5·max(-X·w, 0)... the
+    /// negative side is what a ReLU hides.
+    #[test]
+    fn the_relu_aware_fit_matches_post_relu_outputs_better() {
+        let mut rng = Rng::new(11);
+        let (n, d) = (400, 6);
+        let x = Mat::<f64>::from_fn(n, d + 1, |_, c| if c == d { 1.0 } else { rng.normal() as f64 });
+        let w: Vec<f64> = (0..d).map(|i| 1.0 - 0.3 * i as f64).collect();
+        let y = Mat::<f64>::from_fn(n, 1, |r, _| {
+            let v: f64 = (0..d).map(|c| x[(r, c)] * w[c]).sum();
+            if v > 0.0 { v } else { -3.0 * v * v }
+        });
+        let (plain, relu) = (Fit { ridge: 1e-6, relu: false }, Fit { ridge: 1e-6, relu: true });
+        let s_plain = plain.solve(&x, &y).unwrap();
+        let s_relu = relu.solve(&x, &y).unwrap();
+        let (e_plain, e_relu) = (relu.error(&x, &s_plain, &y), relu.error(&x, &s_relu, &y));
+        assert!(e_relu < 0.5 * e_plain, "post-ReLU error: relu-aware {e_relu}, plain {e_plain}");
+        // Without a ReLU, the plain fit is the least-squares optimum.
+        assert!(plain.error(&x, &s_plain, &y) <= plain.error(&x, &s_relu, &y));
     }
 }

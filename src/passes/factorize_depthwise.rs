@@ -109,9 +109,9 @@ fn run_calibrated(graph: &mut Graph, before: &crate::ir::Model, calib: &crate::r
     let mut model = crate::ir::Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
     let result = crate::recover::refit_with(before, &mut model, &layers, calib, |g, layer, x, y| {
         if factorized.contains(&layer.node) {
-            return factorize_on_data(g, layer.node, x, y, opts, calib.ridge);
+            return factorize_on_data(g, layer.node, x, y, opts, crate::recover::Fit::for_layer(calib, g, layer.node));
         }
-        let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, calib.ridge)?;
+        let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, crate::recover::Fit::for_layer(calib, g, layer.node))?;
         Ok((g.node(layer.node).name().to_string(), before, after))
     });
     *graph = model.graph;
@@ -126,7 +126,7 @@ fn run_calibrated(graph: &mut Graph, before: &crate::ir::Model, calib: &crate::r
 }
 
 /// Factorizes conv `ix` using its sampled input patches `x` and reference outputs `y`.
-fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opts: &DwOptions, ridge: f64) -> Result<(String, f64, f64)> {
+fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opts: &DwOptions, fit: crate::recover::Fit) -> Result<(String, f64, f64)> {
     let name = graph.node(ix).name().to_string();
     let w = graph.constant_f32(graph.node(ix).input(1).unwrap_or("")).cloned().ok_or_else(|| crate::Error::invalid("weight vanished"))?;
     let (c_out, c_in, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
@@ -159,15 +159,16 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     let ya = faer::Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
     let bias = graph.bias_or_zeros(ix, c_out);
     let init = faer::Mat::<f64>::from_fn(zd + 1, c_out, |r, o| if r == zd { bias[o] as f64 } else { parts[r / rank].us[r % rank][o] });
-    let before_err = crate::recover::residual(&za, &init, &ya);
-    let mut sol = crate::recover::ridge_solve(&za, &ya, ridge).filter(|s| s.norm_l2().is_finite()).unwrap_or(init);
-    let mut after_err = crate::recover::residual(&za, &sol, &ya);
-    let mut depthwise = depthwise;
+    let before_err = fit.error(&za, &init, &ya);
+    let mut sol = fit.solve(&za, &ya).unwrap_or(init);
+    let mut after_err = fit.error(&za, &sol, &ya);
+    let (mut depthwise, mut za) = (depthwise, za);
     if opts.alternate > 0 {
         let patches = PatchStats::new(x, n, c_in * kk);
         for _ in 0..opts.alternate {
-            let Some((d, s, err)) = alternate_round(&patches, &sol, rank, (kh, kw), ridge, &ya).filter(|r| r.2 < after_err) else { break };
-            (depthwise, sol, after_err) = (d, s, err);
+            let target = if fit.relu { crate::recover::relu_target(&za, &sol, &ya) } else { ya.clone() };
+            let Some(round) = alternate_round(&patches, &sol, rank, (kh, kw), fit, &ya, &target).filter(|r| r.err < after_err) else { break };
+            (depthwise, sol, after_err, za) = (round.depthwise, round.sol, round.err, round.z);
         }
     }
     if !after_err.is_finite() || !before_err.is_finite() {
@@ -196,21 +197,30 @@ impl PatchStats {
     }
 }
 
+/// The outcome of one alternating round.
+struct Round {
+    depthwise: Array4<f32>,
+    sol: faer::Mat<f64>,
+    err: f64,
+    /// The new features [Z 1].
+    z: faer::Mat<f64>,
+}
+
 /// One round of alternating least squares: the depthwise filters refit
 /// with the pointwise weights fixed, then the pointwise weights and bias
 /// refit on the new features. The outputs are linear in the depthwise
 /// filters d (one K² filter per feature j of channel i(j)):
 /// y − b = Qᵀ z, z_j = d_jᵀ p_i(j), so the normal matrix is
 /// G[(j,k),(j',k')] = (Q Qᵀ)[j,j'] · (XᵀX)[(i(j),k),(i(j'),k')]
-/// and the right side r[(j,k)] = Σ_o Q[j,o] (Xᵀ(Y − b))[(i(j),k),o].
-/// Returns the filters, the pointwise solution and its relative error.
-fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): (usize, usize), ridge: f64, ya: &faer::Mat<f64>) -> Option<(Array4<f32>, faer::Mat<f64>, f64)> {
+/// and the right side r[(j,k)] = Σ_o Q[j,o] (Xᵀ(T − b))[(i(j),k),o], with
+/// T the targets (Y, or its ReLU-aware stand-in).
+fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): (usize, usize), fit: crate::recover::Fit, ya: &faer::Mat<f64>, target: &faer::Mat<f64>) -> Option<Round> {
     use faer::prelude::*;
     let (zd, kk) = (sol.nrows() - 1, kh * kw);
     let (n, d) = (p.xa.nrows(), p.xa.ncols() - 1);
     let q = sol.subrows(0, zd);
     let m = q * q.transpose();
-    let centred = faer::Mat::<f64>::from_fn(n, ya.ncols(), |r, o| ya[(r, o)] - sol[(zd, o)]);
+    let centred = faer::Mat::<f64>::from_fn(n, ya.ncols(), |r, o| target[(r, o)] - sol[(zd, o)]);
     let xr = p.xa.subcols(0, d).transpose() * &centred;
     let dim = zd * kk;
     let ch = |j: usize| j / rank;
@@ -223,15 +233,15 @@ fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): 
         (0..q.ncols()).map(|o| q[(j, o)] * xr[(ch(j) * kk + k, o)]).sum()
     });
     let trace: f64 = (0..dim).map(|i| g[(i, i)]).sum();
-    let lambda = ridge * trace / dim.max(1) as f64 + 1e-12;
+    let lambda = fit.ridge * trace / dim.max(1) as f64 + 1e-12;
     (0..dim).for_each(|i| g[(i, i)] += lambda);
     g.llt(faer::Side::Lower).ok()?.solve_in_place(rhs.as_mut());
     let filters: Vec<f64> = (0..dim).map(|a| rhs[(a, 0)]).collect();
     let z = faer::Mat::<f64>::from_fn(n, zd + 1, |r, j| if j == zd { 1.0 } else { (0..kk).map(|k| filters[j * kk + k] * p.xa[(r, ch(j) * kk + k)]).sum() });
-    let new_sol = crate::recover::ridge_solve(&z, ya, ridge).filter(|s| s.norm_l2().is_finite())?;
-    let err = crate::recover::residual(&z, &new_sol, ya);
+    let new_sol = fit.solve(&z, ya)?;
+    let err = fit.error(&z, &new_sol, ya);
     let depthwise = Array4::from_shape_fn((zd, 1, kh, kw), |(j, _, a, b)| filters[j * kk + a * kw + b] as f32);
-    Some((depthwise, new_sol, err))
+    Some(Round { depthwise, sol: new_sol, err, z })
 }
 
 /// SVD of a C_out × K² matrix M through the K² × K² matrix MᵀM = VΣ²Vᵀ:

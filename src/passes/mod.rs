@@ -69,7 +69,7 @@ impl PassContext<'_> {
     pub fn recover(&self, graph: &mut crate::ir::Graph, layers: Vec<crate::recover::Layer>, report: &mut PassReport) -> Result<()> {
         let Some(calib) = self.calibration else { return Ok(()) };
         self.recover_with(graph, layers, report, |g, layer, x, y| {
-            let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, calib.ridge)?;
+            let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, crate::recover::Fit::for_layer(calib, g, layer.node))?;
             Ok((g.node(layer.node).name().to_string(), before, after))
         })
     }

@@ -379,15 +379,16 @@ fn sole_consumer(graph: &Graph, cg: &ChannelGraph, classes: &[Class], group: usi
 /// The calibrated refit, in which each deferred consumer drops its share of
 /// input channels by reconstruction cost. Returns consumer → dropped inputs.
 fn select_on_data(graph: &mut Graph, ctx: &PassContext, layers: Vec<crate::recover::Layer>, deferred: &[Deferred], report: &mut PassReport) -> Result<HashMap<NodeIndex, Vec<usize>>> {
-    let ridge = ctx.calibration.map_or(1e-2, |c| c.ridge);
+    let Some(calib) = ctx.calibration else { return Ok(HashMap::new()) };
     let mut chosen = HashMap::new();
     ctx.recover_with(graph, layers, report, |g, layer, x, y| {
         let name = g.node(layer.node).name().to_string();
+        let fit = crate::recover::Fit::for_layer(calib, g, layer.node);
         let Some(d) = deferred.iter().find(|d| d.consumer == layer.node) else {
-            let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, ridge)?;
+            let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, fit)?;
             return Ok((name, before, after));
         };
-        let (before, after, dropped) = crate::reconstruct::refit_dropping(g, layer.node, x, y, d.count, ridge)?;
+        let (before, after, dropped) = crate::reconstruct::refit_dropping(g, layer.node, x, y, d.count, fit)?;
         chosen.insert(layer.node, dropped);
         Ok((name, before, after))
     })?;
