@@ -101,12 +101,19 @@ fn reconstruction_importance_drops_dead_channels_that_l1_keeps() {
 }
 
 #[test]
-fn reconstruction_importance_needs_calibration() {
-    let mut m = fixture();
-    let spec = prune(PruneOptions { importance: cresnet_opt::config::Importance::Reconstruction, ..Default::default() });
-    let err = cresnet_opt::passes::run_pipeline(&mut m, &[fold(), spec], &Default::default(), |_| {}).unwrap_err();
-    let chain = format!("{err}: {}", std::error::Error::source(&err).map(|e| e.to_string()).unwrap_or_default());
-    assert!(chain.contains("`importance: reconstruction` needs calibration images"), "{chain}");
+fn reconstruction_importance_without_calibration_falls_back_to_l1_and_says_so() {
+    let original = fixture();
+    let run_with = |importance| {
+        let mut m = original.clone();
+        let spec = prune(PruneOptions { importance, ..Default::default() });
+        let r = cresnet_opt::passes::run_pipeline(&mut m, &[fold(), spec], &Default::default(), |_| {}).unwrap();
+        (m, r)
+    };
+    let (rec, report) = run_with(cresnet_opt::config::Importance::Reconstruction);
+    let (l1, _) = run_with(cresnet_opt::config::Importance::L1);
+    assert!(report[1].declined.iter().any(|d| d.reason.contains("needs calibration images") && d.reason.ends_with("used l1")), "{:?}", report[1].declined);
+    let x = random_input(&original, 1, 1.0, 3);
+    assert_eq!(run(&rec, &x), run(&l1, &x));
 }
 
 #[test]

@@ -32,7 +32,8 @@
 //!    each consumer's bias. Exact for 1x1 consumers when the removed filters
 //!    are zero; approximate at zero-padded borders of KxK consumers.
 //!
-//! 6. `importance: reconstruction` (needs `calibration`): the allocation
+//! 6. `importance: reconstruction` (with `calibration`; without, `l1` is
+//!    used and the report says so): the allocation
 //!    above runs on `l1` scores, then every group whose channels all reach
 //!    one dense conv as its inputs (a bottleneck's insides) is chosen on
 //!    data instead: during the layer-by-layer refit (`src/recover.rs`) that
@@ -50,7 +51,7 @@ use super::dependency::{per_channel_axis, ChannelGraph, Role};
 use super::importance::{criterion, normalized};
 use super::{PassContext, PassReport};
 use crate::config::{Allocation, Importance, PruneOptions, Refit, Scope};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ir::{Graph, Weight};
 use crate::shape::Shapes;
 use ndarray::{ArrayD, Axis};
@@ -73,8 +74,10 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &PruneOptions) -> Result<
     let (classes, groups) = classes(graph, &cg, opts);
     let removed = select(graph, ctx.shapes, &cg, &classes, groups, opts);
     let deferred = match opts.importance {
+        // Data-free (e.g. the `cresnet` recipe without calibration): the l1 choice stands.
         Importance::Reconstruction if ctx.calibration.is_none() => {
-            return Err(Error::Pass { pass: "prune".into(), reason: "`importance: reconstruction` needs calibration images (a `calibration:` section)".into() })
+            report.decline("(all)", "importance: reconstruction needs calibration images (a `calibration:` section); used l1");
+            vec![]
         }
         Importance::Reconstruction => deferred_groups(graph, &cg, &classes, &removed),
         _ => vec![],
