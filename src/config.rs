@@ -392,8 +392,9 @@ pub struct Calibration {
     #[serde(default)]
     pub target: RefitTarget,
     /// Fit a conv that a ReLU reads on its post-ReLU outputs (negative
-    /// targets only need a negative prediction).
-    #[serde(default)]
+    /// targets only need a negative prediction). Measured on ResNet-50 dw
+    /// rank 1: top-1 0.519 → 0.585; prune at 70 % MACs: 0.702 / 0.696.
+    #[serde(default = "yes")]
     pub through_relu: bool,
     /// More (unlabelled) images for `distill`, beside the calibration images.
     #[serde(default)]
@@ -403,6 +404,10 @@ pub struct Calibration {
     /// at a block boundary are cached (up to 3.2 MB per image for ResNet-50).
     #[serde(default)]
     pub refit_extra: usize,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_positions() -> usize {

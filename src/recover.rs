@@ -528,7 +528,7 @@ impl Calibration {
 
     /// Calibration on in-memory images (caffe preprocessing, no source files).
     pub fn from_images(images: Vec<Array3<f32>>, positions: usize, ridge: f64) -> Calibration {
-        Calibration { images, positions, ridge, target: Default::default(), through_relu: false, sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
+        Calibration { images, positions, ridge, target: Default::default(), through_relu: true, sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
     }
 }
 

@@ -141,7 +141,7 @@ fn block_targets_repair_the_residual_stream_better_than_layer_targets() {
     let passes = [fold(), prune(PruneOptions { ratio: Some(0.5), scope: cresnet_opt::config::Scope::Inner, ..Default::default() })];
     let error = |target| {
         let mut calib = Calibration::from_images(images(24, 6), 24, 1e-3);
-        calib.target = target;
+        (calib.target, calib.through_relu) = (target, false);
         error_on_fresh_images(&original, &compress(&original, &passes, Some(&calib)))
     };
     let (layer, block) = (error(cresnet_opt::config::RefitTarget::Layer), error(cresnet_opt::config::RefitTarget::Block));
