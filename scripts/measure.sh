@@ -61,6 +61,7 @@ declare -A PASSES=(
   [dw-r2-alt2-all-cal]="[fold, {dw: {rank: 2, alternate: 2, refit: all}}]"
   [prune-m0.7-uall-cal]="[fold, {prune: {target_macs: 0.7, allocation: uniform, importance: reconstruction, refit: all}}]"
   [fifth-best-cal]="[fold, {prune: {target_params: 0.3, allocation: uniform, importance: reconstruction, refit: all}}, {dw: {rank: 1, alternate: 2, refit: all}}, fold]"
+  [dw-r2-alt4-cal]="[fold, {dw: {rank: 2, alternate: 4}}]"
   [dw-r1-alt4-cal]="[fold, {dw: {rank: 1, alternate: 4}}]"
   [dw-r3-alt2-cal]="[fold, {dw: {rank: 3, alternate: 2}}]"
   [dw-e0.9-alt2-cal]="[fold, {dw: {energy: 0.9, alternate: 2}}]"
