@@ -106,6 +106,7 @@ pub struct DwOptions {
     pub exclude: Vec<String>,
     /// Calibrated only: rounds of alternating least squares (depthwise
     /// filters, then pointwise weights) after the first pointwise fit.
+    /// Default 2 (ResNet-50 rank 1: top-1 0.423 → 0.519; rank 2 0.809 → 0.821).
     pub alternate: usize,
     /// Calibrated only: `all` also refits every other conv (they see drifted inputs).
     pub refit: Refit,
@@ -128,7 +129,7 @@ pub enum DwLayout {
 
 impl Default for DwOptions {
     fn default() -> Self {
-        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], alternate: 0, refit: Refit::Changed, layout: DwLayout::Split }
+        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], alternate: 2, refit: Refit::Changed, layout: DwLayout::Split }
     }
 }
 

@@ -26,7 +26,7 @@
 //! time in topological order on the compressed model's own activations: the
 //! depthwise filters come from the SVD, the pointwise weights and bias from a
 //! ridge least-squares fit of the original conv's outputs. `alternate: n`
-//! then runs n rounds of alternating least squares: the depthwise filters
+//! (default 2) then runs n rounds of alternating least squares: the depthwise filters
 //! refit with the pointwise weights fixed (the outputs are linear in them;
 //! normal matrix (QQᵀ)∘(XᵀX) blockwise, see `alternate_round`), then the
 //! pointwise weights and bias refit on the new features; a round is kept
