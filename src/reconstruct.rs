@@ -147,7 +147,7 @@ mod tests {
     fn solution_equals_the_ridge_fit_on_the_kept_columns() {
         let (x, mut y) = data(300, 8, 3);
         let mut rng = crate::fixture::Rng::new(3);
-        y.as_mut().col_iter_mut().for_each(|mut c| c.iter_mut().for_each(|v| *v += rng.normal() as f64 * 0.3));
+        y.as_mut().col_iter_mut().for_each(|c| c.iter_mut().for_each(|v| *v += rng.normal() as f64 * 0.3));
         let sel = drop_channels(&x, &y, 2, 1, 1e-3).unwrap();
         let kept: Vec<usize> = (0..9).filter(|&c| c == 8 || !sel.dropped.contains(&(c / 2))).collect();
         let xk = Mat::<f64>::from_fn(300, kept.len(), |r, c| x[(r, kept[c])]);
