@@ -30,7 +30,8 @@
 //! refit with the pointwise weights fixed (the outputs are linear in them;
 //! normal matrix (QQᵀ)∘(XᵀX) blockwise, see `alternate_round`), then the
 //! pointwise weights and bias refit on the new features; a round is kept
-//! only if it lowers the error. `refit: all` also refits the convs that are
+//! only if it lowers the error (skipped above `MAX_ALTERNATE_UNKNOWNS`
+//! depthwise weights in one layer). `refit: all` also refits the convs that are
 //! not factorized (they see drifted inputs). Measured on ResNet-50 (744
 //! evaluation images, README): rank 2 top-1 0.012 data-free, 0.809
 //! calibrated, 0.821 with `alternate: 2`; rank 1 0.001 / 0.423 / 0.519.
@@ -163,7 +164,7 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     let mut sol = fit.solve(&za, &ya).unwrap_or(init);
     let mut after_err = fit.error(&za, &sol, &ya);
     let (mut depthwise, mut za) = (depthwise, za);
-    if opts.alternate > 0 {
+    if opts.alternate > 0 && c_in * rank * kk <= MAX_ALTERNATE_UNKNOWNS {
         let patches = PatchStats::new(x, n, c_in * kk);
         for _ in 0..opts.alternate {
             let target = if fit.relu { crate::recover::relu_target(&za, &sol, &ya) } else { ya.clone() };
@@ -179,6 +180,13 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     graph.set_bias(pw, (0..c_out).map(|o| sol[(zd, o)] as f32).collect());
     Ok((format!("{name} (rank {rank})"), before_err, after_err))
 }
+
+/// Largest depthwise refit (C_in·r·K² unknowns) `alternate` attempts: its
+/// normal matrix is dense, so time grows with the cube and memory with the
+/// square (16,384 unknowns: 2 GB, ~1 min per round here). Larger layers
+/// (high ranks on wide layers, e.g. `energy: 0.9` on ResNet-50's last
+/// stage) keep the SVD filters and the pointwise refit.
+const MAX_ALTERNATE_UNKNOWNS: usize = 16_384;
 
 /// The calibration patches of one layer, as the depthwise refit needs them.
 struct PatchStats {
