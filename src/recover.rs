@@ -470,13 +470,17 @@ pub fn ridge_solve(xa: &Mat<f64>, ya: &Mat<f64>, ridge: f64) -> Option<Mat<f64>>
 pub fn regularized_gram(xa: &Mat<f64>, ridge: f64) -> Mat<f64> {
     let d = xa.ncols() - 1;
     let mut g = xa.transpose() * xa;
-    let trace: f64 = (0..d).map(|i| g[(i, i)]).sum();
-    let lambda = ridge * trace / d.max(1) as f64 + 1e-12;
-    for i in 0..d {
-        g[(i, i)] += lambda;
-    }
-    g[(d, d)] += 1e-9 * (1.0 + trace / d.max(1) as f64);
+    let mean_diagonal = add_ridge(&mut g, d, ridge);
+    g[(d, d)] += 1e-9 * (1.0 + mean_diagonal);
     g
+}
+
+/// Adds λ = `ridge`·tr/d to the first d diagonal entries of `g`; returns tr/d.
+pub(crate) fn add_ridge(g: &mut Mat<f64>, d: usize, ridge: f64) -> f64 {
+    let mean_diagonal = (0..d).map(|i| g[(i, i)]).sum::<f64>() / d.max(1) as f64;
+    let lambda = ridge * mean_diagonal + 1e-12;
+    (0..d).for_each(|i| g[(i, i)] += lambda);
+    mean_diagonal
 }
 
 /// The layer's present weights as a (D+1)×C_out matrix.
