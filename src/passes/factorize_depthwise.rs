@@ -100,9 +100,14 @@ fn run_calibrated(graph: &mut Graph, before: &crate::ir::Model, calib: &crate::r
                 factorized.insert(ix);
                 layers.push(crate::recover::Layer { node: ix, kept: None });
             }
-            Ok(None) | Err(_) if opts.refit == crate::config::Refit::All => layers.push(crate::recover::Layer { node: ix, kept: None }),
+            Ok(None) if opts.refit == crate::config::Refit::All => layers.push(crate::recover::Layer { node: ix, kept: None }),
             Ok(None) => {}
-            Err(reason) => report.decline(graph.node(ix).name(), reason),
+            Err(reason) => {
+                report.decline(graph.node(ix).name(), reason);
+                if opts.refit == crate::config::Refit::All {
+                    layers.push(crate::recover::Layer { node: ix, kept: None });
+                }
+            }
         }
     }
     // Convs refit as they are (`refit: all`), by name.
@@ -240,9 +245,7 @@ fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): 
         let (j, k) = (a / kk, a % kk);
         (0..q.ncols()).map(|o| q[(j, o)] * xr[(ch(j) * kk + k, o)]).sum()
     });
-    let trace: f64 = (0..dim).map(|i| g[(i, i)]).sum();
-    let lambda = fit.ridge * trace / dim.max(1) as f64 + 1e-12;
-    (0..dim).for_each(|i| g[(i, i)] += lambda);
+    crate::recover::add_ridge(&mut g, dim, fit.ridge);
     g.llt(faer::Side::Lower).ok()?.solve_in_place(rhs.as_mut());
     let filters: Vec<f64> = (0..dim).map(|a| rhs[(a, 0)]).collect();
     let z = faer::Mat::<f64>::from_fn(n, zd + 1, |r, j| if j == zd { 1.0 } else { (0..kk).map(|k| filters[j * kk + k] * p.xa[(r, ch(j) * kk + k)]).sum() });
