@@ -22,10 +22,11 @@ pub enum PassName {
     Fold,
     Prune,
     Dw,
+    Lowrank,
     Distill,
 }
 
-pub const PASS_NAMES: &[&str] = &["fold", "prune", "dw", "distill"];
+pub const PASS_NAMES: &[&str] = &["fold", "prune", "dw", "lowrank", "distill"];
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +134,27 @@ impl Default for DwOptions {
     }
 }
 
+/// Options of `lowrank`; see `passes/factorize_lowrank.rs`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LowrankOptions {
+    pub rank: Option<usize>,
+    /// Kept share of each layer's weights (default 0.5 when neither `rank` nor `energy` is set).
+    pub ratio: Option<f64>,
+    pub energy: Option<f64>,
+    pub min_gain: f64,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Calibrated only: rounds of alternating refits (A with B fixed, then B).
+    pub alternate: usize,
+}
+
+impl Default for LowrankOptions {
+    fn default() -> Self {
+        LowrankOptions { rank: None, ratio: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], alternate: 2 }
+    }
+}
+
 /// An image folder for training: every image below `dir` (sorted by path),
 /// or the first `images` of them.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -226,6 +248,7 @@ pub enum PassSpec {
     Fold(FoldOptions),
     Prune(PruneOptions),
     Dw(DwOptions),
+    Lowrank(LowrankOptions),
     Distill(DistillOptions),
 }
 
@@ -235,6 +258,7 @@ impl PassSpec {
             PassSpec::Fold(_) => "fold",
             PassSpec::Prune(_) => "prune",
             PassSpec::Dw(_) => "dw",
+            PassSpec::Lowrank(_) => "lowrank",
             PassSpec::Distill(_) => "distill",
         }
     }
@@ -245,6 +269,7 @@ impl PassSpec {
             PassName::Fold => PassSpec::Fold(FoldOptions::default()),
             PassName::Prune => PassSpec::Prune(PruneOptions::default()),
             PassName::Dw => PassSpec::Dw(DwOptions::default()),
+            PassName::Lowrank => PassSpec::Lowrank(LowrankOptions::default()),
             PassName::Distill => PassSpec::Distill(DistillOptions::default()),
         }
     }
@@ -256,6 +281,7 @@ impl PassSpec {
             PassName::Fold => PassSpec::Fold(yaml_serde::from_value(value).map_err(opts)?),
             PassName::Prune => PassSpec::Prune(yaml_serde::from_value(value).map_err(opts)?),
             PassName::Dw => PassSpec::Dw(yaml_serde::from_value(value).map_err(opts)?),
+            PassName::Lowrank => PassSpec::Lowrank(yaml_serde::from_value(value).map_err(opts)?),
             PassName::Distill => PassSpec::Distill(yaml_serde::from_value(value).map_err(opts)?),
         })
     }
@@ -294,6 +320,20 @@ impl PassSpec {
                 }
                 Ok(())
             }
+            PassSpec::Lowrank(o) => {
+                in_unit("energy", o.energy.filter(|&e| e != 1.0))?;
+                in_unit("ratio", o.ratio)?;
+                if [o.rank.is_some(), o.ratio.is_some(), o.energy.is_some()].iter().filter(|&&b| b).count() > 1 {
+                    return Err(Error::Config("`lowrank` takes only one of `rank`, `ratio`, `energy`".into()));
+                }
+                if o.rank == Some(0) {
+                    return Err(Error::Config("`lowrank.rank` must be at least 1".into()));
+                }
+                if !(o.min_gain < 1.0) {
+                    return Err(Error::Config(format!("`lowrank.min_gain` is {}, but must be below 1 (negative allows growth)", o.min_gain)));
+                }
+                Ok(())
+            }
             PassSpec::Distill(o) => {
                 let positive = [("lr", o.lr), ("temperature", o.temperature)];
                 if let Some((key, v)) = positive.iter().find(|(_, v)| !(*v > 0.0 && v.is_finite())) {
@@ -319,6 +359,7 @@ fn parse_name<E: de::Error>(name: &str) -> std::result::Result<PassName, E> {
         "fold" => Ok(PassName::Fold),
         "prune" => Ok(PassName::Prune),
         "dw" => Ok(PassName::Dw),
+        "lowrank" => Ok(PassName::Lowrank),
         "distill" => Ok(PassName::Distill),
         other => Err(E::custom(format!("unknown pass `{other}` (valid passes: {})", PASS_NAMES.join(", ")))),
     }

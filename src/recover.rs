@@ -238,7 +238,7 @@ pub fn refit(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Cal
 /// The sequential loop of [`refit`] with a custom per-layer solver, which
 /// may also rewrite the graph around the layer (the `dw` pass replaces the
 /// conv by its factorized pair there).
-pub fn refit_with(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration, mut solver: impl FnMut(&mut Graph, &Layer, &[f32], &[f32]) -> Result<(String, f64, f64)>) -> Result<Vec<(String, f64, f64)>> {
+pub fn refit_with<T>(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration, mut solver: impl FnMut(&mut Graph, &Layer, &[f32], &[f32]) -> Result<T>) -> Result<Vec<T>> {
     let layers = refittable(&model.graph, layers.to_vec());
     if layers.is_empty() || calib.images.is_empty() {
         return Ok(vec![]);

@@ -92,7 +92,7 @@ pub fn run(args: &OptimizeArgs) -> Result<()> {
     let calibration = calibration
         .map(|c| crate::recover::Calibration::load(&c).with_context(|| format!("cannot load calibration images from {}", c.data.display())))
         .transpose()?;
-    if calibration.is_none() && passes.iter().any(|p| matches!(p, PassSpec::Prune(_) | PassSpec::Dw(_))) && !args.quiet {
+    if calibration.is_none() && passes.iter().any(|p| matches!(p, PassSpec::Prune(_) | PassSpec::Dw(_) | PassSpec::Lowrank(_))) && !args.quiet {
         eprintln!("note: no calibration images: lossy passes run data-free, so accuracy will suffer (add `calibration:` to a pipeline file)");
     }
     let reports = crate::passes::run_pipeline_calibrated(&mut model, &passes, &overrides, calibration.as_ref(), |r| {

@@ -5,6 +5,7 @@
 pub mod dependency;
 pub mod distill_model;
 pub mod factorize_depthwise;
+pub mod factorize_lowrank;
 pub mod fold_batchnorm;
 pub mod importance;
 pub mod prune_channels;
@@ -113,12 +114,13 @@ pub fn run_pipeline_calibrated(
     for spec in passes {
         let started = std::time::Instant::now();
         let before = crate::stats::from_shapes(&model.graph, &shapes);
-        let before_model = calibration.filter(|_| matches!(spec, PassSpec::Prune(_) | PassSpec::Dw(_))).map(|_| model.clone());
+        let before_model = calibration.filter(|_| matches!(spec, PassSpec::Prune(_) | PassSpec::Dw(_) | PassSpec::Lowrank(_))).map(|_| model.clone());
         let ctx = PassContext { shapes: &shapes, before: before_model.as_ref(), calibration, original: original.as_ref() };
         let mut report = match spec {
             PassSpec::Fold(o) => fold_batchnorm::run(&mut model.graph, &ctx, o),
             PassSpec::Prune(o) => prune_channels::run(&mut model.graph, &ctx, o),
             PassSpec::Dw(o) => factorize_depthwise::run(&mut model.graph, &ctx, o),
+            PassSpec::Lowrank(o) => factorize_lowrank::run(&mut model.graph, &ctx, o),
             PassSpec::Distill(o) => distill_model::run(&mut model.graph, &ctx, o),
         }
         .map_err(|e| after_pass(spec.name(), e))?;

@@ -1,0 +1,339 @@
+//! Pass `lowrank`: low-rank factorization of 1x1 convolutions and of Gemm
+//! (fully connected) layers — the layers `dw` leaves alone. ResNet-50's
+//! 1x1 convs and classifier hold 14.2 M of its 25.6 M weights; once `dw`
+//! has shrunk the 3x3 convs, they are what stands between the model and
+//! the CResNet budget (1/5 of the weights).
+//!
+//! Before:  X (C_in) → Conv W [C_out, C_in, 1, 1], bias b → Y
+//! After:   X → Conv A [r, C_in, 1, 1] (same strides, pads; no bias)
+//!            → Conv B [C_out, r, 1, 1], bias b → Y
+//! Gemm (alpha = beta = 1, transA = 0; either transB) likewise becomes two
+//! Gemms with transB = 1: [r, C_in] with a zero bias, then [C_out, r] with C.
+//!
+//! Data-free: truncated SVD, W ≈ (U_r Σ_r)·V_rᵀ = B·A, from the eigenvectors
+//! of the smaller of WᵀW and WWᵀ; exact at full rank. One r per layer:
+//! `rank: r`, `ratio: f` (the largest r keeping at most a share f of the
+//! layer's weights, r·(C_in + C_out) ≤ f·C_in·C_out), or `energy: e` (the
+//! smallest r whose squared singular values reach a share e). Default:
+//! `ratio: 0.5`. Declines when r would not save `min_gain` (default 0.1) of
+//! the layer's weights (= its MACs). `include`/`exclude` take name patterns
+//! as in `dw`; convs reading a graph input are skipped unless included.
+//! Running the pass twice factorizes the factors again.
+//!
+//! With `calibration`, each 1x1 conv is factorized on data, one at a time
+//! in topological order on the compressed model's own activations
+//! (`src/recover.rs`): reduced-rank regression — the ridge least-squares
+//! map M from the sampled inputs X to the original outputs Y, projected on
+//! the top-r principal directions V_r of its centred predictions
+//! (A = (M V_r)ᵀ), then B and the bias refit on the features Z = X Aᵀ
+//! (through the following ReLU when `calibration.through_relu`).
+//! `alternate: n` (default 2) rounds then refit A with B fixed in closed
+//! form, Aᵀ = (XᵀX + λ)⁻¹ Xᵀ(T − b) B (BᵀB)⁻¹, and B, b again; a round is
+//! kept only if it lowers the error. `energy` is then measured on the
+//! predictions' spectrum. Gemm layers are factorized data-free even when
+//! calibrating (the refit samples conv patches only).
+use super::factorize_depthwise::matches;
+use super::{PassContext, PassReport};
+use crate::config::LowrankOptions;
+use crate::error::{Error, Result};
+use crate::ir::{Graph, Node, Weight};
+use crate::recover::Fit;
+use faer::prelude::*;
+use faer::{Mat, Side};
+use ndarray::{Array2, ArrayD, IxDyn};
+use petgraph::stable_graph::NodeIndex;
+
+/// A layer to factorize: its weight as [C_out, C_in] and what kind it is.
+struct Candidate {
+    w: Array2<f32>,
+    gemm: bool,
+}
+
+/// A factorization W ≈ B·A.
+pub struct LowRank {
+    /// [r, C_in]
+    pub a: Array2<f32>,
+    /// [C_out, r]
+    pub b: Array2<f32>,
+    /// Share of the squared singular values kept (data-free) or of the
+    /// prediction energy (calibrated).
+    pub energy: f64,
+}
+
+pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Result<PassReport> {
+    let mut report = PassReport::default();
+    let mut on_data = Vec::new();
+    let calibrated = ctx.calibration.is_some() && ctx.before.is_some();
+    for ix in graph.topo_order()? {
+        let name = graph.node(ix).name().to_string();
+        match candidate(graph, ix, opts) {
+            Ok(None) => {}
+            Ok(Some(c)) if calibrated && !c.gemm => on_data.push(crate::recover::Layer { node: ix, kept: None }),
+            Ok(Some(c)) => match factorize(&c.w, opts) {
+                Ok(f) => {
+                    let what = format!("rank {} (energy {:.4}), params {} -> {}", f.a.nrows(), f.energy, c.w.len(), f.a.len() + f.b.len());
+                    replace(graph, ix, &f, None)?;
+                    report.change(&name, what);
+                }
+                Err(reason) => report.decline(&name, reason),
+            },
+            Err(reason) => report.decline(&name, reason),
+        }
+    }
+    if let (Some(calib), Some(before), false) = (ctx.calibration, ctx.before, on_data.is_empty()) {
+        let mut model = crate::ir::Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
+        let result = crate::recover::refit_with(before, &mut model, &on_data, calib, |g, layer, x, y| factorize_on_data(g, layer.node, x, y, opts, Fit::for_layer(calib, g, layer.node)));
+        *graph = model.graph;
+        for outcome in result? {
+            match outcome {
+                Outcome::Done { name, what } => report.change(&name, what),
+                Outcome::Declined { name, reason } => report.decline(&name, reason),
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What the calibrated factorization did to one conv.
+enum Outcome {
+    Done { name: String, what: String },
+    Declined { name: String, reason: String },
+}
+
+/// The layer's weight as [C_out, C_in] if the pass should try it; None to
+/// skip silently (other ops and kernels, excluded names); Err to decline.
+fn candidate(graph: &Graph, ix: NodeIndex, opts: &LowrankOptions) -> std::result::Result<Option<Candidate>, String> {
+    let node = graph.node(ix);
+    let (name, op) = (node.name(), node.op());
+    if !node.is_standard() || !matches!(op, "Conv" | "Gemm") {
+        return Ok(None);
+    }
+    let included = opts.include.iter().any(|p| matches(p, name));
+    if (!opts.include.is_empty() && !included) || opts.exclude.iter().any(|p| matches(p, name)) {
+        return Ok(None);
+    }
+    let wname = node.input(1).ok_or("no weight")?;
+    let Some(w) = graph.constant(wname) else { return Err("weight is not a constant initializer".into()) };
+    let w = w.as_f32().ok_or("weight is not f32")?;
+    let gemm = op == "Gemm";
+    let shape = w.shape().to_vec();
+    if !gemm && (shape.len() != 4 || shape[2] * shape[3] != 1) {
+        return Ok(None);
+    }
+    if node.input(0).is_some_and(|x| graph.is_graph_input(x)) && !included {
+        return Ok(None);
+    }
+    if gemm {
+        let one = |a: &str| node.attr_float(a).unwrap_or(1.0) == 1.0;
+        if shape.len() != 2 || node.attr_int("transA").unwrap_or(0) != 0 || !one("alpha") || !one("beta") {
+            return Err("Gemm with transA, alpha or beta other than the plain form".into());
+        }
+    } else if node.attr_int("group").unwrap_or(1) != 1 {
+        return Err("grouped conv".into());
+    }
+    if graph.consumers(wname).len() != 1 {
+        return Err("weight shared with another node".into());
+    }
+    let (rows, cols) = (shape[0], shape[1]);
+    let m = Array2::from_shape_vec((rows, cols), w.iter().copied().collect()).map_err(|e| e.to_string())?;
+    let transposed = gemm && node.attr_int("transB").unwrap_or(0) == 0;
+    Ok(Some(Candidate { w: if transposed { m.t().to_owned() } else { m }, gemm }))
+}
+
+/// The rank the options ask for, given the squared singular values
+/// (largest first) of a C_out × C_in layer, and the share of them kept.
+fn choose_rank(sigma2: &[f64], c_out: usize, c_in: usize, opts: &LowrankOptions) -> (usize, f64) {
+    let max_rank = sigma2.len().max(1);
+    let total: f64 = sigma2.iter().sum();
+    let kept = |r: usize| if total > 0.0 { sigma2.iter().take(r).sum::<f64>() / total } else { 1.0 };
+    let rank = match (opts.rank, opts.energy) {
+        (Some(r), _) => r,
+        (None, Some(e)) => (1..=max_rank).find(|&r| kept(r) >= e - 1e-12).unwrap_or(max_rank),
+        (None, None) => ((opts.ratio.unwrap_or(0.5) * (c_out * c_in) as f64 / (c_out + c_in) as f64).floor() as usize).max(1),
+    };
+    let rank = rank.clamp(1, max_rank);
+    (rank, kept(rank))
+}
+
+/// Share of the layer's weights a rank-r factorization saves.
+fn gain(c_out: usize, c_in: usize, rank: usize) -> f64 {
+    1.0 - (rank * (c_out + c_in)) as f64 / (c_out * c_in) as f64
+}
+
+fn too_small(c_out: usize, c_in: usize, rank: usize, opts: &LowrankOptions) -> Option<String> {
+    let g = gain(c_out, c_in, rank);
+    (g < opts.min_gain).then(|| format!("rank {rank} saves {:.1} % of the layer, less than min_gain {:.1} %", 100.0 * g, 100.0 * opts.min_gain))
+}
+
+/// Eigenvalues (largest first) and eigenvectors (as columns, same order) of a symmetric matrix.
+fn eigen_desc(g: &Mat<f64>) -> Option<(Vec<f64>, Mat<f64>)> {
+    let eig = g.self_adjoint_eigen(Side::Lower).ok()?;
+    let n = g.nrows();
+    let (u, s) = (eig.U(), eig.S().column_vector());
+    let values = (0..n).rev().map(|j| s[j].max(0.0)).collect();
+    Some((values, Mat::<f64>::from_fn(n, n, |i, j| u[(i, n - 1 - j)])))
+}
+
+/// Data-free truncated SVD of W [C_out, C_in].
+pub fn factorize(w: &Array2<f32>, opts: &LowrankOptions) -> std::result::Result<LowRank, String> {
+    let (c_out, c_in) = w.dim();
+    if w.iter().any(|v| !v.is_finite()) {
+        return Err("weight holds NaN or infinity".into());
+    }
+    let m = Mat::<f64>::from_fn(c_out, c_in, |o, i| w[[o, i]] as f64);
+    // Eigenvectors of the smaller Gram matrix: V (WᵀW) when C_in ≤ C_out, else U (WWᵀ).
+    let wide = c_in > c_out;
+    let gram = if wide { &m * m.transpose() } else { m.transpose() * &m };
+    let (sigma2, vecs) = eigen_desc(&gram).ok_or("eigendecomposition failed")?;
+    let (rank, energy) = choose_rank(&sigma2, c_out, c_in, opts);
+    if let Some(reason) = too_small(c_out, c_in, rank, opts) {
+        return Err(reason);
+    }
+    let v = vecs.subcols(0, rank);
+    let (a, b) = if wide {
+        // W ≈ U_r (U_rᵀ W)
+        (to_array(&(v.transpose() * &m)), to_array(&v.to_owned()))
+    } else {
+        // W ≈ (W V_r) V_rᵀ
+        (to_array(&v.transpose().to_owned()), to_array(&(&m * v)))
+    };
+    Ok(LowRank { a, b, energy })
+}
+
+fn to_array(m: &Mat<f64>) -> Array2<f32> {
+    Array2::from_shape_fn((m.nrows(), m.ncols()), |(i, j)| m[(i, j)] as f32)
+}
+
+/// Factorizes 1x1 conv `ix` on its sampled inputs `x` (N × C_in) and
+/// reference outputs `y` (N × C_out): reduced-rank regression, then
+/// alternating refits of B (with the bias) and A.
+fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opts: &LowrankOptions, fit: Fit) -> Result<Outcome> {
+    let name = graph.node(ix).name().to_string();
+    let p = crate::recover::Problem::new(graph, ix, x, y)?;
+    let (c_in, c_out) = (p.d, p.c_out);
+    let fail = |what: &str| Error::Pass { pass: "lowrank".into(), reason: format!("`{name}`: {what}") };
+    let full = crate::recover::ridge_solve(&p.xa, &p.ya, fit.ridge).ok_or_else(|| fail("the normal equations are not positive definite"))?;
+    let (rank, energy, a) = principal_map(&p.xa, &full, c_in, c_out, opts).ok_or_else(|| fail("eigendecomposition failed"))?;
+    if let Some(reason) = too_small(c_out, c_in, rank, opts) {
+        return Ok(Outcome::Declined { name, reason });
+    }
+    let xs = p.xa.subcols(0, c_in).to_owned();
+    let before = svd_error(graph, ix, &xs, &p.ya, rank, fit).ok_or_else(|| fail("the data-free SVD failed"))?;
+    let (mut a, mut sol, mut err) = fit_outer(&xs, a, &p.ya, fit).ok_or_else(|| fail("the pointwise refit is not solvable"))?;
+    if opts.alternate > 0 {
+        let mut gram = xs.transpose() * &xs;
+        crate::recover::add_ridge(&mut gram, c_in, fit.ridge);
+        let llt = gram.llt(Side::Lower).map_err(|_| fail("the input Gram matrix is not positive definite"))?;
+        for _ in 0..opts.alternate {
+            let Some(round) = refit_inner(&xs, &llt, &a, &sol, &p.ya, fit).and_then(|a2| fit_outer(&xs, a2, &p.ya, fit)).filter(|r| r.2 < err) else { break };
+            (a, sol, err) = round;
+        }
+    }
+    if !err.is_finite() || !before.is_finite() {
+        return Err(fail("non-finite values in the calibrated factorization"));
+    }
+    let b = Array2::from_shape_fn((c_out, rank), |(o, j)| sol[(j, o)] as f32);
+    let bias: Vec<f32> = (0..c_out).map(|o| sol[(rank, o)] as f32).collect();
+    replace(graph, ix, &LowRank { a: to_array(&a), b, energy }, Some(bias))?;
+    let what = format!("rank {rank} (energy {energy:.4}) on data: relative error {before:.4} -> {err:.4}, params {} -> {}", c_in * c_out, rank * (c_in + c_out));
+    Ok(Outcome::Done { name, what })
+}
+
+/// The error of the data-free factorization at `rank` (SVD of the present
+/// weight, bias kept): what the calibrated fit is measured against.
+fn svd_error(graph: &Graph, ix: NodeIndex, xs: &Mat<f64>, ya: &Mat<f64>, rank: usize, fit: Fit) -> Option<f64> {
+    let w = graph.constant_f32(graph.node(ix).input(1)?)?;
+    let (c_out, c_in) = (w.shape()[0], w.shape()[1]);
+    let w = Array2::from_shape_vec((c_out, c_in), w.iter().copied().collect()).ok()?;
+    let f = factorize(&w, &LowrankOptions { rank: Some(rank), min_gain: f64::NEG_INFINITY, ..Default::default() }).ok()?;
+    let a = Mat::<f64>::from_fn(rank, c_in, |j, i| f.a[[j, i]] as f64);
+    let bias = graph.bias_or_zeros(ix, c_out);
+    let sol = Mat::<f64>::from_fn(rank + 1, c_out, |j, o| if j == rank { bias[o] as f64 } else { f.b[[o, j]] as f64 });
+    Some(fit.error(&with_ones(&(xs * a.transpose())), &sol, ya))
+}
+
+/// Reduced-rank regression: the rank, the energy kept, and A (r × C_in) =
+/// (M V_r)ᵀ, V_r the top principal directions of the centred predictions [X 1]·M.
+fn principal_map(xa: &Mat<f64>, full: &Mat<f64>, c_in: usize, c_out: usize, opts: &LowrankOptions) -> Option<(usize, f64, Mat<f64>)> {
+    let pred = xa * full;
+    let n = pred.nrows() as f64;
+    let means: Vec<f64> = (0..c_out).map(|c| (0..pred.nrows()).map(|r| pred[(r, c)]).sum::<f64>() / n).collect();
+    let centred = Mat::<f64>::from_fn(pred.nrows(), c_out, |r, c| pred[(r, c)] - means[c]);
+    let (values, vecs) = eigen_desc(&(centred.transpose() * &centred))?;
+    let (rank, energy) = choose_rank(&values[..c_out.min(c_in)], c_out, c_in, opts);
+    let a = (full.subrows(0, c_in) * vecs.subcols(0, rank)).transpose().to_owned();
+    Some((rank, energy, a))
+}
+
+/// B and the bias fitted on the features Z = X Aᵀ: (A, [Bᵀ; bᵀ], error).
+fn fit_outer(xs: &Mat<f64>, a: Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<(Mat<f64>, Mat<f64>, f64)> {
+    let za = with_ones(&(xs * a.transpose()));
+    let sol = fit.solve(&za, ya)?;
+    let err = fit.error(&za, &sol, ya);
+    Some((a, sol, err))
+}
+
+/// A refit with B and b fixed: Aᵀ = (XᵀX + λ)⁻¹ Xᵀ(T − b) B (BᵀB)⁻¹, with T
+/// the targets (or, through a ReLU, their stand-in at the current solution).
+fn refit_inner(xs: &Mat<f64>, llt: &faer::linalg::solvers::Llt<f64>, a: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<Mat<f64>> {
+    let rank = sol.nrows() - 1;
+    let bt = sol.subrows(0, rank); // Bᵀ: r × C_out
+    let target = if fit.relu { crate::recover::relu_target(&with_ones(&(xs * a.transpose())), sol, ya) } else { ya.clone() };
+    let centred = Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| target[(r, c)] - sol[(rank, c)]);
+    let mut lhs = xs.transpose() * (&centred * bt.transpose()); // C_in × r
+    llt.solve_in_place(lhs.as_mut());
+    // A = (BᵀB)⁻¹ lhsᵀ
+    let mut at = lhs.transpose().to_owned();
+    (bt * bt.transpose()).llt(Side::Lower).ok()?.solve_in_place(at.as_mut());
+    at.norm_l2().is_finite().then_some(at)
+}
+
+/// [Z 1].
+fn with_ones(z: &Mat<f64>) -> Mat<f64> {
+    Mat::<f64>::from_fn(z.nrows(), z.ncols() + 1, |r, c| if c == z.ncols() { 1.0 } else { z[(r, c)] })
+}
+
+/// Replaces layer `ix` by the pair A then B. `bias`, when given, replaces
+/// the layer's bias (calibrated); otherwise B keeps the original one.
+fn replace(graph: &mut Graph, ix: NodeIndex, f: &LowRank, bias: Option<Vec<f32>>) -> Result<()> {
+    let layer = graph.node(ix).clone();
+    let name = layer.name().to_string();
+    let gemm = layer.op() == "Gemm";
+    let rank = f.a.nrows();
+    let (a_name, b_name) = (graph.fresh_name(&format!("{name}_lr1")), graph.fresh_name(&format!("{name}_lr2")));
+    let (a_w, b_w, mid) = (graph.fresh_name(&format!("{name}_lr1.weight")), graph.fresh_name(&format!("{name}_lr2.weight")), graph.fresh_name(&format!("{name}_lr1_out")));
+    let shape = |m: &Array2<f32>| if gemm { vec![m.nrows(), m.ncols()] } else { vec![m.nrows(), m.ncols(), 1, 1] };
+    let as_weight = |n: &str, m: &Array2<f32>| ArrayD::from_shape_vec(IxDyn(&shape(m)), m.iter().copied().collect()).map(|a| Weight::from_f32(n, a));
+    let to_err = |e: ndarray::ShapeError| Error::invalid(format!("lowrank `{name}`: {e}"));
+    graph.weights.insert(a_w.clone(), as_weight(&a_w, &f.a).map_err(to_err)?);
+    graph.weights.insert(b_w.clone(), as_weight(&b_w, &f.b).map_err(to_err)?);
+    let mut first = layer.clone();
+    first.proto.name = Some(a_name);
+    first.proto.input = vec![layer.inputs()[0].clone(), a_w];
+    first.proto.output = vec![mid.clone()];
+    let mut second = if gemm { layer.clone() } else { Node::new("Conv", &b_name, &[], &[]) };
+    second.proto.name = Some(b_name);
+    second.proto.input = vec![mid, b_w];
+    second.proto.output = vec![layer.outputs()[0].clone()];
+    if gemm {
+        // The first Gemm's C (zeros): optional only from opset 11.
+        let c = graph.fresh_name(&format!("{name}_lr1.bias"));
+        graph.weights.insert(c.clone(), Weight::from_f32(&c, ArrayD::zeros(IxDyn(&[rank]))));
+        first.proto.input.push(c);
+        first.set_attr_int("transB", 1);
+        second.set_attr_int("transB", 1);
+    } else {
+        second.set_attr_ints("kernel_shape", &[1, 1]);
+    }
+    if let Some(b) = layer.input(2) {
+        second.proto.input.push(b.to_string());
+    }
+    graph.net.add_node(first);
+    let second = graph.net.add_node(second);
+    graph.remove_node(ix)?;
+    graph.relink()?;
+    if let Some(values) = bias {
+        graph.set_bias(second, values);
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Pass `lowrank`: 1x1 convs and Gemm as two low-rank layers.
+mod common;
+use common::*;
+use cresnet_opt::config::{LowrankOptions, PassSpec};
+use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
+use cresnet_opt::ir::Model;
+use cresnet_opt::recover::Calibration;
+use ndarray::Array3;
+
+fn fixture() -> Model {
+    resnet50(&FixtureSpec { width_div: 8, input_size: 64, classes: 10, ..Default::default() }).unwrap()
+}
+
+fn lowrank(opts: LowrankOptions) -> PassSpec {
+    PassSpec::Lowrank(opts)
+}
+
+fn count(model: &Model, op: &str) -> usize {
+    model.graph.net.node_weights().filter(|n| n.op() == op).count()
+}
+
+/// 1x1 convs of the fixture (not reading the graph input) and its Gemm.
+fn pointwise_convs(model: &Model) -> Vec<(usize, usize)> {
+    model
+        .graph
+        .net
+        .node_weights()
+        .filter(|n| n.op() == "Conv" && !n.input(0).is_some_and(|x| model.graph.is_graph_input(x)))
+        .filter_map(|n| model.graph.constant_f32(n.input(1)?).map(|w| w.shape().to_vec()))
+        .filter(|s| s[2] * s[3] == 1)
+        .map(|s| (s[0], s[1]))
+        .collect()
+}
+
+#[test]
+fn full_rank_lowrank_is_exact() {
+    let original = fixture();
+    let mut m = original.clone();
+    let opts = LowrankOptions { rank: Some(100_000), min_gain: -10.0, ..Default::default() };
+    let r = run_passes(&mut m, &[fold(), lowrank(opts)]);
+    let layers = pointwise_convs(&original).len() + 1;
+    assert_eq!(r[1].changed.len(), layers);
+    assert_eq!(count(&m, "Gemm"), 2);
+    let x = random_input(&original, 2, 50.0, 7);
+    let d = rel_diff(&run(&original, &x), &run(&m, &x));
+    assert!(d < 1e-4, "full-rank factorization differs by {d}");
+}
+
+#[test]
+fn ratio_sets_each_layers_rank_and_the_params_follow_exactly() {
+    let original = fixture();
+    let mut m = original.clone();
+    run_passes(&mut m, &[fold()]);
+    let folded = cresnet_opt::stats::compute(&m.graph, &Default::default()).unwrap().params;
+    let convs = pointwise_convs(&m);
+    let r = run_passes(&mut m, &[lowrank(LowrankOptions { ratio: Some(0.5), min_gain: 0.0, ..Default::default() })]);
+    let rank = |o: usize, i: usize| ((0.5 * (o * i) as f64 / (o + i) as f64).floor() as usize).max(1);
+    // Gemm of the fixture: 2048/8 = 256 inputs, 10 classes; plus its zero first bias.
+    let (gi, go) = (256usize, 10usize);
+    let saved: i64 = convs.iter().map(|&(o, i)| (o * i) as i64 - (rank(o, i) * (o + i)) as i64).sum::<i64>() + (go * gi) as i64 - (rank(go, gi) * (go + gi) + rank(go, gi)) as i64;
+    assert_eq!(r[0].changed.len(), convs.len() + 1);
+    assert_eq!(cresnet_opt::stats::compute(&m.graph, &Default::default()).unwrap().params as i64, folded as i64 - saved);
+    assert!(r[0].changed.iter().all(|c| c.what.starts_with("rank ")), "{:?}", r[0].changed);
+}
+
+#[test]
+fn min_gain_declines_layers_that_would_not_shrink_and_names_them() {
+    let mut m = fixture();
+    let r = run_passes(&mut m, &[fold(), lowrank(LowrankOptions { rank: Some(100_000), ..Default::default() })]);
+    assert!(r[1].changed.is_empty());
+    assert_eq!(r[1].declined.len(), pointwise_convs(&m).len() + 1);
+    assert!(r[1].declined[0].reason.contains("less than min_gain 10.0 %"), "{}", r[1].declined[0].reason);
+}
+
+#[test]
+fn include_and_exclude_choose_layers_by_name() {
+    let mut m = fixture();
+    let gemm = m.graph.net.node_weights().find(|n| n.op() == "Gemm").map(|n| n.name().to_string()).unwrap();
+    let r = run_passes(&mut m.clone(), &[fold(), lowrank(LowrankOptions { include: vec![gemm.clone()], ..Default::default() })]);
+    assert_eq!(r[1].changed.iter().map(|c| c.node.clone()).collect::<Vec<_>>(), vec![gemm.clone()]);
+    let r = run_passes(&mut m, &[fold(), lowrank(LowrankOptions { exclude: vec![gemm.clone()], ..Default::default() })]);
+    assert!(r[1].changed.iter().all(|c| c.node != gemm));
+    assert_eq!(count(&m, "Gemm"), 1);
+}
+
+#[test]
+fn gemm_without_transb_is_factorized_exactly() {
+    use cresnet_opt::fixture::Net;
+    let mut net = Net::new(5).input("x", &[1, 12]);
+    let w = net.weight("w", &[12, 6], 1.0);
+    let b = net.weight("b", &[6], 1.0);
+    net.op("Gemm", "fc", &["x", &w, &b]);
+    let original = net.model(&["fc"]).unwrap();
+    let mut m = original.clone();
+    // A layer reading the graph input is skipped unless included by name.
+    let r = run_passes(&mut m.clone(), &[lowrank(LowrankOptions { rank: Some(6), min_gain: -10.0, ..Default::default() })]);
+    assert!(r[0].changed.is_empty());
+    let r = run_passes(&mut m, &[lowrank(LowrankOptions { rank: Some(6), min_gain: -10.0, include: vec!["fc".into()], ..Default::default() })]);
+    assert_eq!(r[0].changed.len(), 1, "{:?}", r[0]);
+    let x = random_input(&original, 3, 1.0, 2);
+    let d = rel_diff(&run(&original, &x), &run(&m, &x));
+    assert!(d < 1e-5, "{d}");
+}
+
+fn images(count: usize, seed: u64) -> Vec<Array3<f32>> {
+    let mut rng = Rng::new(seed);
+    (0..count)
+        .map(|_| {
+            let (a, b, c) = (rng.uniform() * 0.3, rng.uniform() * 0.3, rng.uniform() * 6.0);
+            Array3::from_shape_fn((3, 64, 64), |(ch, y, x)| 60.0 * ((a * x as f32 + b * y as f32 + c + ch as f32).sin()) + 10.0 * rng.normal())
+        })
+        .collect()
+}
+
+#[test]
+fn calibrated_lowrank_is_closer_to_the_original_than_data_free_and_reports_errors() {
+    let original = fixture();
+    let calib = Calibration::from_images(images(24, 4), 24, 1e-3);
+    // Random weights have flat spectra: a mild ratio, and the Gemm (data-free either way) left out.
+    let passes = [fold(), lowrank(LowrankOptions { ratio: Some(0.6), exclude: vec!["fc*".into()], ..Default::default() })];
+    let compress = |c: Option<&Calibration>| {
+        let mut m = original.clone();
+        let r = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &passes, &Default::default(), c, |_| {}).unwrap();
+        (m, r)
+    };
+    let (free, rf) = compress(None);
+    let (cal, rc) = compress(Some(&calib));
+    // Same ranks, so the same weights count.
+    assert_eq!(rf[1].params_after, rc[1].params_after);
+    let on_data: Vec<_> = rc[1].changed.iter().filter(|c| c.what.contains("on data")).collect();
+    assert_eq!(on_data.len(), pointwise_convs(&original).len());
+    for c in &on_data {
+        let errs: Vec<f64> = c.what.split("relative error ").nth(1).unwrap().split(", ").next().unwrap().split(" -> ").map(|v| v.parse().unwrap()).collect();
+        assert!(errs[1] <= errs[0], "{}: {}", c.node, c.what);
+    }
+    let held = cresnet_opt::imagedata::stack(&images(6, 999), 6).into_dyn();
+    let reference = run(&original, &held);
+    let (e_free, e_cal) = (rel_diff(&reference, &run(&free, &held)), rel_diff(&reference, &run(&cal, &held)));
+    eprintln!("calibrated {e_cal} vs data-free {e_free}");
+    assert!(e_cal < 0.7 * e_free, "calibrated {e_cal} vs data-free {e_free}");
+}
+
+#[test]
+fn conflicting_lowrank_options_are_a_config_error() {
+    let err = cresnet_opt::config::PipelineFile::from_yaml("passes:\n  - lowrank: { rank: 4, ratio: 0.5 }\n", "p.yaml").unwrap_err().to_string();
+    assert!(err.contains("`lowrank` takes only one of `rank`, `ratio`, `energy`"), "{err}");
+    let err = cresnet_opt::config::PipelineFile::from_yaml("passes:\n  - lowrank: { ratio: 1.5 }\n", "p.yaml").unwrap_err().to_string();
+    assert!(err.contains("`lowrank.ratio` is 1.5, but must lie strictly between 0 and 1"), "{err}");
+}
