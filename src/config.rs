@@ -142,6 +142,8 @@ pub struct LowrankOptions {
     /// Kept share of each layer's weights (default 0.5 when neither `rank` nor `energy` is set).
     pub ratio: Option<f64>,
     pub energy: Option<f64>,
+    /// Share of the graph's weights kept after the pass: one energy level for all layers, found by bisection.
+    pub target_params: Option<f64>,
     pub min_gain: f64,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
@@ -151,7 +153,7 @@ pub struct LowrankOptions {
 
 impl Default for LowrankOptions {
     fn default() -> Self {
-        LowrankOptions { rank: None, ratio: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], alternate: 2 }
+        LowrankOptions { rank: None, ratio: None, energy: None, target_params: None, min_gain: 0.1, include: vec![], exclude: vec![], alternate: 2 }
     }
 }
 
@@ -323,8 +325,9 @@ impl PassSpec {
             PassSpec::Lowrank(o) => {
                 in_unit("energy", o.energy.filter(|&e| e != 1.0))?;
                 in_unit("ratio", o.ratio)?;
-                if [o.rank.is_some(), o.ratio.is_some(), o.energy.is_some()].iter().filter(|&&b| b).count() > 1 {
-                    return Err(Error::Config("`lowrank` takes only one of `rank`, `ratio`, `energy`".into()));
+                in_unit("target_params", o.target_params)?;
+                if [o.rank.is_some(), o.ratio.is_some(), o.energy.is_some(), o.target_params.is_some()].iter().filter(|&&b| b).count() > 1 {
+                    return Err(Error::Config("`lowrank` takes only one of `rank`, `ratio`, `energy`, `target_params`".into()));
                 }
                 if o.rank == Some(0) {
                     return Err(Error::Config("`lowrank.rank` must be at least 1".into()));

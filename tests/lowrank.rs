@@ -143,7 +143,21 @@ fn calibrated_lowrank_is_closer_to_the_original_than_data_free_and_reports_error
 #[test]
 fn conflicting_lowrank_options_are_a_config_error() {
     let err = cresnet_opt::config::PipelineFile::from_yaml("passes:\n  - lowrank: { rank: 4, ratio: 0.5 }\n", "p.yaml").unwrap_err().to_string();
-    assert!(err.contains("`lowrank` takes only one of `rank`, `ratio`, `energy`"), "{err}");
+    assert!(err.contains("`lowrank` takes only one of `rank`, `ratio`, `energy`, `target_params`"), "{err}");
     let err = cresnet_opt::config::PipelineFile::from_yaml("passes:\n  - lowrank: { ratio: 1.5 }\n", "p.yaml").unwrap_err().to_string();
     assert!(err.contains("`lowrank.ratio` is 1.5, but must lie strictly between 0 and 1"), "{err}");
+}
+
+#[test]
+fn target_params_meets_the_budget_with_one_energy_level() {
+    let mut m = fixture();
+    let r = run_passes(&mut m, &[fold(), lowrank(LowrankOptions { target_params: Some(0.6), ..Default::default() })]);
+    let kept = r[1].params_after as f64 / r[1].params_before as f64;
+    assert!(kept <= 0.6 && kept > 0.57, "kept {kept}");
+    let plan = &r[1].changed[0];
+    assert_eq!(plan.node, "(plan)");
+    assert!(plan.what.contains("(target 0.6)"), "{}", plan.what);
+    let err = cresnet_opt::passes::run_pipeline(&mut fixture(), &[fold(), lowrank(LowrankOptions { target_params: Some(0.01), ..Default::default() })], &Default::default(), |_| {}).unwrap_err();
+    let chain = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>().join(": ");
+    assert!(chain.contains("after pass `lowrank`") && chain.contains("`target_params` 0.01 is out of reach"), "{chain}");
 }

@@ -14,7 +14,9 @@
 //! of the smaller of WᵀW and WWᵀ; exact at full rank. One r per layer:
 //! `rank: r`, `ratio: f` (the largest r keeping at most a share f of the
 //! layer's weights, r·(C_in + C_out) ≤ f·C_in·C_out), or `energy: e` (the
-//! smallest r whose squared singular values reach a share e). Default:
+//! smallest r whose squared singular values reach a share e), or
+//! `target_params: t` (one e for all layers, the largest that keeps the
+//! graph within a share t of its weights; see `plan_for_target`). Default:
 //! `ratio: 0.5`. Declines when r would not save `min_gain` (default 0.1) of
 //! the layer's weights (= its MACs). `include`/`exclude` take name patterns
 //! as in `dw`; convs reading a graph input are skipped unless included.
@@ -62,27 +64,43 @@ pub struct LowRank {
 
 pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
-    let mut on_data = Vec::new();
-    let calibrated = ctx.calibration.is_some() && ctx.before.is_some();
+    let mut candidates = Vec::new();
     for ix in graph.topo_order()? {
-        let name = graph.node(ix).name().to_string();
         match candidate(graph, ix, opts) {
             Ok(None) => {}
-            Ok(Some(c)) if calibrated && !c.gemm => on_data.push(crate::recover::Layer { node: ix, kept: None }),
-            Ok(Some(c)) => match factorize(&c.w, opts) {
-                Ok(f) => {
-                    let what = format!("rank {} (energy {:.4}), params {} -> {}", f.a.nrows(), f.energy, c.w.len(), f.a.len() + f.b.len());
-                    replace(graph, ix, &f, None)?;
-                    report.change(&name, what);
-                }
-                Err(reason) => report.decline(&name, reason),
-            },
+            Ok(Some(c)) => candidates.push((ix, c)),
+            Err(reason) => report.decline(graph.node(ix).name(), reason),
+        }
+    }
+    let ranks = match opts.target_params {
+        Some(target) => Some(plan_for_target(graph, ctx, &candidates, target, opts, &mut report)?),
+        None => None,
+    };
+    // The options of one layer: its planned rank, if `target_params` planned one.
+    let layer_opts = |ix: NodeIndex| match ranks.as_ref().and_then(|r| r.get(&ix)) {
+        Some(&rank) => LowrankOptions { rank: Some(rank), ratio: None, energy: None, target_params: None, ..opts.clone() },
+        None => opts.clone(),
+    };
+    let calibrated = ctx.calibration.is_some() && ctx.before.is_some();
+    let mut on_data = Vec::new();
+    for (ix, c) in candidates {
+        if calibrated && !c.gemm {
+            on_data.push(crate::recover::Layer { node: ix, kept: None });
+            continue;
+        }
+        let name = graph.node(ix).name().to_string();
+        match factorize(&c.w, &layer_opts(ix)) {
+            Ok(f) => {
+                let what = format!("rank {} (energy {:.4}), params {} -> {}", f.a.nrows(), f.energy, c.w.len(), f.a.len() + f.b.len());
+                replace(graph, ix, &f, None)?;
+                report.change(&name, what);
+            }
             Err(reason) => report.decline(&name, reason),
         }
     }
     if let (Some(calib), Some(before), false) = (ctx.calibration, ctx.before, on_data.is_empty()) {
         let mut model = crate::ir::Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
-        let result = crate::recover::refit_with(before, &mut model, &on_data, calib, |g, layer, x, y| factorize_on_data(g, layer.node, x, y, opts, Fit::for_layer(calib, g, layer.node)));
+        let result = crate::recover::refit_with(before, &mut model, &on_data, calib, |g, layer, x, y| factorize_on_data(g, layer.node, x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node)));
         *graph = model.graph;
         for outcome in result? {
             match outcome {
@@ -92,6 +110,52 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Resul
         }
     }
     Ok(report)
+}
+
+/// `target_params`: one energy level e for every layer (each keeps the
+/// smallest rank whose squared singular values reach a share e of its
+/// own), the largest e whose ranks keep the graph within `target` of its
+/// present weights (bisection). Equal relative loss per layer, rather than
+/// an equal share of weights (`ratio`), lets layers with steep spectra
+/// shrink more. Ranks come from the weights, also when calibrating.
+fn plan_for_target(graph: &Graph, ctx: &PassContext, candidates: &[(NodeIndex, Candidate)], target: f64, opts: &LowrankOptions, report: &mut PassReport) -> Result<std::collections::HashMap<NodeIndex, usize>> {
+    use rayon::prelude::*;
+    let total = crate::stats::from_shapes(graph, ctx.shapes).params as f64;
+    let spectra: Vec<Vec<f64>> = candidates.par_iter().map(|(_, c)| spectrum(&c.w)).collect();
+    let rank_at = |e: f64, (c, sigma2): (&Candidate, &Vec<f64>)| {
+        let (c_out, c_in) = c.w.dim();
+        let (rank, _) = choose_rank(sigma2, c_out, c_in, &LowrankOptions { energy: Some(e), ..Default::default() });
+        (too_small(c_out, c_in, rank, opts).is_none()).then_some(rank)
+    };
+    let cost = |e: f64| {
+        candidates.iter().zip(&spectra).fold(total, |acc, ((_, c), s)| {
+            let (c_out, c_in) = c.w.dim();
+            let bias = if c.gemm { 1 } else { 0 };
+            acc - match rank_at(e, (c, s)) {
+                Some(r) => (c_out * c_in) as f64 - (r * (c_out + c_in + bias)) as f64,
+                None => 0.0,
+            }
+        })
+    };
+    let budget = target * total;
+    if cost(0.0) > budget {
+        return Err(Error::Pass { pass: "lowrank".into(), reason: format!("`target_params` {target} is out of reach: rank 1 everywhere keeps {:.4} of the weights", cost(0.0) / total) });
+    }
+    let (mut lo, mut hi) = (0.0, 1.0);
+    for _ in 0..40 {
+        let mid = 0.5 * (lo + hi);
+        if cost(mid) <= budget { lo = mid } else { hi = mid }
+    }
+    report.change("(plan)", format!("energy {lo:.4} per layer keeps {:.4} of the weights (target {target})", cost(lo) / total));
+    Ok(candidates.iter().zip(&spectra).filter_map(|((ix, c), s)| rank_at(lo, (c, s)).map(|r| (*ix, r))).collect())
+}
+
+/// Squared singular values of W, largest first.
+fn spectrum(w: &Array2<f32>) -> Vec<f64> {
+    let (c_out, c_in) = w.dim();
+    let m = Mat::<f64>::from_fn(c_out, c_in, |o, i| w[[o, i]] as f64);
+    let gram = if c_in > c_out { &m * m.transpose() } else { m.transpose() * &m };
+    eigen_desc(&gram).map_or_else(|| vec![f64::NAN; c_in.min(c_out)], |(values, _)| values)
 }
 
 /// What the calibrated factorization did to one conv.
