@@ -73,6 +73,7 @@ declare -A PASSES=(
   [lr-r0.5-cal]="[fold, lowrank]"
   [fifth-lr-free]="[fold, {lowrank: {ratio: 0.265}}, {dw: {rank: 1}}]"
   [fifth-lr-cal]="[fold, {lowrank: {ratio: 0.265}}, {dw: {rank: 1}}]"
+  [fifth-lrt-cal]="[fold, {lowrank: {target_params: 0.593}}, {dw: {rank: 1}}]"
 )
 ORDER="dw-r2-cal dw-r1-cal prune-m0.7-inner-cal prune-m0.9-cal dw-r1-free dw-r3-cal prune-m0.7-free prune-m0.7-none dw-e0.95-cal prune-m0.7-cal dw-r2-free dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-cal prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-free prune-m0.7-inner-free"
 for name in ${@:-$ORDER}; do

@@ -36,6 +36,25 @@ fn dw_rank9_reproduces_the_logits() {
 
 #[test]
 #[ignore = "needs ../shared (run by .ci/run)"]
+fn lowrank_at_full_rank_reproduces_the_logits_and_ratio_counts_exactly() {
+    use cresnet_opt::config::{LowrankOptions, PassSpec};
+    let original = load();
+    let mut m = original.clone();
+    let full = PassSpec::Lowrank(LowrankOptions { rank: Some(4096), min_gain: -10.0, ..Default::default() });
+    let r = run_passes(&mut m, &[fold(), full]);
+    // 36 1x1 convs and the classifier.
+    assert_eq!(r[1].changed.len(), 37);
+    let x = random_input(&original, 1, 120.0, 6);
+    let d = rel_diff(&run(&original, &x), &run(&m, &x));
+    assert!(d < 1e-4, "rel diff {d}");
+    let mut m = original.clone();
+    let r = run_passes(&mut m, &[fold(), PassSpec::Lowrank(LowrankOptions { ratio: Some(0.265), ..Default::default() }), dw(1)]);
+    // scripts/measure.sh fifth-lr-*: within the paper's 1/5 (5,127,342).
+    assert_eq!(r[2].params_after, 5_067_818);
+}
+
+#[test]
+#[ignore = "needs ../shared (run by .ci/run)"]
 fn pruning_to_half_the_macs_validates_and_runs() {
     let original = load();
     let mut m = original.clone();
