@@ -11,6 +11,7 @@
 # Usage: scripts/ablation.sh [NAME …]       (default: every variant below)
 #   EPOCHS=N  distillation epochs of the *-distill variants (default 2)
 #   RECIPE_EPOCHS=N  epochs of the `cresnet` recipe row (default: the recipe's)
+#   REUSE=1  keep an existing OUT/NAME.onnx + report (optimize time = the report's pass times)
 # Appends one JSON line per variant to docs/ablation.jsonl; render with
 # `python3 scripts/results.py` (docs/RESULTS.md tables, docs/*.svg plots).
 set -euo pipefail
@@ -47,7 +48,8 @@ declare -A PASSES=(
   [prune-dw-distill]="[fold, $PRUNE_DW, $DISTILL]"
   [lr-dw-free]="[fold, $LR_DW]"
   [lr-dw-cal]="[fold, $LR_DW]"
-  [lr-dw-distill]="[fold, $LR_DW, $DISTILL]"
+  # Distills the calibrated lr-dw-cal output (run that first): the teacher is the original.
+  [lr-dw-distill]="[{distill: {epochs: $EPOCHS, teacher: $MODEL}}]"
 )
 ORDER="cresnet original fold prune-dw-free prune-dw-cal prune-free prune-cal dw-free dw-cal lr-dw-free lr-dw-cal prune-distill dw-distill prune-dw-distill lr-dw-distill"
 for name in ${@:-$ORDER}; do
@@ -58,11 +60,15 @@ for name in ${@:-$ORDER}; do
   else
     echo "passes: ${PASSES[$name]}" > "$cfg"
   fi
-  if [[ $name == lr-dw-* && $name != *-free ]]; then echo "$CAL_X" >> "$cfg"
+  if [[ $name == lr-dw-cal ]]; then echo "$CAL_X" >> "$cfg"
   elif [[ $name != *-free && $name != original && $name != fold ]]; then echo "$CAL" >> "$cfg"; fi
   start=$(date +%s.%N)
-  if [[ $name == original ]]; then cp "$MODEL" "$OUT/$name.onnx"; echo '{"params_after": 25636712, "macs_after": 3857973248}' > "$OUT/$name.report.json"
-  else $BIN "$MODEL" -o "$OUT/$name.onnx" --config "$cfg" --report "$OUT/$name.report.json" --quiet 2> "$OUT/$name.log"; fi
+  input=$MODEL
+  [[ $name == lr-dw-distill ]] && input=$OUT/lr-dw-cal.onnx
+  if [[ -n ${REUSE:-} && -f $OUT/$name.onnx && -f $OUT/$name.report.json ]]; then
+    start=$(echo "$start - $(python3 -c 'import json,sys; print(sum(p["seconds"] for p in json.load(open(sys.argv[1]))["passes"]))' "$OUT/$name.report.json")" | bc)
+  elif [[ $name == original ]]; then cp "$MODEL" "$OUT/$name.onnx"; echo '{"params_after": 25636712, "macs_after": 3857973248}' > "$OUT/$name.report.json"
+  else $BIN "$input" -o "$OUT/$name.onnx" --config "$cfg" --report "$OUT/$name.report.json" --quiet 2> "$OUT/$name.log"; fi
   opt_s=$(echo "$(date +%s.%N) - $start" | bc)
   $BIN check "$OUT/$name.onnx" --data "$DATA" --classes "$CLASSES" --skip 256 --format json --quiet > "$OUT/$name.check.json"
   $BIN check "$OUT/$name.onnx" --data "$SHARED/data/animals10-sample" --label-map "$SHARED/data/animals10-imagenet-map.yaml" --format json --quiet > "$OUT/$name.animals.json"

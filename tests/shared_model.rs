@@ -55,6 +55,24 @@ fn lowrank_at_full_rank_reproduces_the_logits_and_ratio_counts_exactly() {
 
 #[test]
 #[ignore = "needs ../shared (run by .ci/run)"]
+fn the_cresnet_recipe_keeps_at_most_a_fifth_of_the_weights() {
+    use cresnet_opt::config::PassSpec;
+    let original = load();
+    let recipe = cresnet_opt::config::recipe("cresnet").unwrap().passes.unwrap();
+    assert!(matches!(recipe.last(), Some(PassSpec::Distill(_))));
+    // Everything but the training, data-free.
+    let passes: Vec<PassSpec> = recipe.into_iter().filter(|p| !matches!(p, PassSpec::Distill(_))).collect();
+    let mut m = original.clone();
+    let r = run_passes(&mut m, &passes);
+    let params = r.last().unwrap().params_after;
+    assert!(params <= 25_636_712 / 5, "{params} weights");
+    assert_eq!(params, 5_067_818);
+    let x = random_input(&original, 1, 120.0, 8);
+    assert_eq!(run(&m, &x).shape(), &[1, 1000]);
+}
+
+#[test]
+#[ignore = "needs ../shared (run by .ci/run)"]
 fn pruning_to_half_the_macs_validates_and_runs() {
     let original = load();
     let mut m = original.clone();
