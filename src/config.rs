@@ -314,13 +314,7 @@ impl PassSpec {
                 if o.rank.is_some() && o.energy.is_some() {
                     return Err(Error::Config("`dw` takes `rank` or `energy`, not both".into()));
                 }
-                if o.rank == Some(0) {
-                    return Err(Error::Config("`dw.rank` must be at least 1".into()));
-                }
-                if !(o.min_gain < 1.0) {
-                    return Err(Error::Config(format!("`dw.min_gain` is {}, but must be below 1 (negative allows growth)", o.min_gain)));
-                }
-                Ok(())
+                self.check_rank_and_gain(o.rank, o.min_gain)
             }
             PassSpec::Lowrank(o) => {
                 in_unit("energy", o.energy.filter(|&e| e != 1.0))?;
@@ -329,13 +323,7 @@ impl PassSpec {
                 if [o.rank.is_some(), o.ratio.is_some(), o.energy.is_some(), o.target_params.is_some()].iter().filter(|&&b| b).count() > 1 {
                     return Err(Error::Config("`lowrank` takes only one of `rank`, `ratio`, `energy`, `target_params`".into()));
                 }
-                if o.rank == Some(0) {
-                    return Err(Error::Config("`lowrank.rank` must be at least 1".into()));
-                }
-                if !(o.min_gain < 1.0) {
-                    return Err(Error::Config(format!("`lowrank.min_gain` is {}, but must be below 1 (negative allows growth)", o.min_gain)));
-                }
-                Ok(())
+                self.check_rank_and_gain(o.rank, o.min_gain)
             }
             PassSpec::Distill(o) => {
                 let positive = [("lr", o.lr), ("temperature", o.temperature)];
@@ -354,6 +342,19 @@ impl PassSpec {
                 in_unit("min_scale", Some(o.min_scale).filter(|&m| m != 1.0))
             }
         }
+    }
+}
+
+impl PassSpec {
+    /// The factorizing passes' common checks: a rank of at least 1, a `min_gain` below 1.
+    fn check_rank_and_gain(&self, rank: Option<usize>, min_gain: f64) -> Result<()> {
+        if rank == Some(0) {
+            return Err(Error::Config(format!("`{}.rank` must be at least 1", self.name())));
+        }
+        if !(min_gain < 1.0) {
+            return Err(Error::Config(format!("`{}.min_gain` is {min_gain}, but must be below 1 (negative allows growth)", self.name())));
+        }
+        Ok(())
     }
 }
 

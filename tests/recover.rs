@@ -2,20 +2,13 @@
 mod common;
 use common::*;
 use cresnet_opt::config::{DwOptions, PassSpec, PruneOptions};
-use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
+use cresnet_opt::fixture::{resnet50, FixtureSpec};
 use cresnet_opt::ir::Model;
 use cresnet_opt::recover::Calibration;
 use ndarray::Array3;
 
 fn images(count: usize, seed: u64) -> Vec<Array3<f32>> {
-    let mut rng = Rng::new(seed);
-    // Smooth random images: low-frequency structure like photos, not white noise.
-    (0..count)
-        .map(|_| {
-            let (a, b, c) = (rng.uniform() * 0.3, rng.uniform() * 0.3, rng.uniform() * 6.0);
-            Array3::from_shape_fn((3, 64, 64), |(ch, y, x)| 60.0 * ((a * x as f32 + b * y as f32 + c + ch as f32).sin()) + 10.0 * rng.normal())
-        })
-        .collect()
+    smooth_images(count, seed)
 }
 
 fn error_on_fresh_images(original: &Model, compressed: &Model) -> f64 {

@@ -64,3 +64,14 @@ pub fn prune(opts: PruneOptions) -> PassSpec {
 pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_cresnet-opt"))
 }
+
+/// Seeded smooth random 64x64 images: low-frequency structure like photos, not white noise.
+pub fn smooth_images(count: usize, seed: u64) -> Vec<ndarray::Array3<f32>> {
+    let mut rng = Rng::new(seed);
+    (0..count)
+        .map(|_| {
+            let (a, b, c) = (rng.uniform() * 0.3, rng.uniform() * 0.3, rng.uniform() * 6.0);
+            ndarray::Array3::from_shape_fn((3, 64, 64), |(ch, y, x)| 60.0 * ((a * x as f32 + b * y as f32 + c + ch as f32).sin()) + 10.0 * rng.normal())
+        })
+        .collect()
+}
