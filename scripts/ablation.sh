@@ -87,5 +87,8 @@ print(json.dumps({"name": name, "params": r["params_after"], "macs": r["macs_aft
 PY
 done
 # Per-stage weights of the recipe's output against the original (docs/stages.svg).
-if [[ -f $OUT/cresnet.onnx ]]; then $BIN stats "$MODEL" "$OUT/cresnet.onnx" --format json > docs/stages.json; fi
+# lr-dw-distill is the recipe's pipeline run in two steps (calibrate, then distill).
+for recipe in cresnet lr-dw-distill; do
+  if [[ -f $OUT/$recipe.onnx ]]; then $BIN stats "$MODEL" "$OUT/$recipe.onnx" --format json > docs/stages.json; break; fi
+done
 python3 scripts/results.py

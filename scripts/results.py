@@ -12,8 +12,9 @@ LABELS = {
     "dw-free": "dw r1 (data-free)", "dw-cal": "dw r1 (calibrated)", "dw-distill": "dw r1 + distill", "dw-distill-lr1e-3": "dw r1 + distill (lr 1e-3)",
     "prune-dw-free": "prune + dw (data-free)", "prune-dw-cal": "prune + dw (calibrated)",
     "prune-dw-distill": "prune + dw + distill", "cresnet": "**`pipeline: cresnet`**",
+    "cresnet-v1": "previous recipe (session 2): prune + dw + distill (6 epochs, lr 1e-3)",
     "lr-dw-free": "lowrank + dw (data-free)", "lr-dw-cal": "lowrank + dw (calibrated, 1,256 images)",
-    "lr-dw-distill": "lowrank + dw + distill",
+    "lr-dw-distill": "**lowrank + dw + distill** (= `pipeline: cresnet`)",
 }
 
 def load(path="docs/ablation.jsonl"):
