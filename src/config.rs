@@ -139,7 +139,7 @@ impl Default for DwOptions {
 #[serde(deny_unknown_fields, default)]
 pub struct LowrankOptions {
     pub rank: Option<usize>,
-    /// Kept share of each layer's weights (default 0.5 when neither `rank` nor `energy` is set).
+    /// Kept share of each layer's weights (default 0.5 when no other size option is set).
     pub ratio: Option<f64>,
     pub energy: Option<f64>,
     /// Share of the graph's weights kept after the pass: one energy level for all layers, found by bisection.

@@ -155,3 +155,17 @@ fn target_params_meets_the_budget_with_one_energy_level() {
     let chain = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>().join(": ");
     assert!(chain.contains("after pass `lowrank`") && chain.contains("`target_params` 0.01 is out of reach"), "{chain}");
 }
+
+#[test]
+fn an_empty_weight_is_declined_not_a_panic() {
+    use cresnet_opt::fixture::Net;
+    let mut net = Net::new(5).input("x", &[1, 0]);
+    let w = net.weight("w", &[6, 0], 1.0);
+    let mut node = cresnet_opt::ir::Node::new("Gemm", "fc", &["x", &w], &["fc"]);
+    node.set_attr_int("transB", 1);
+    net.node(node);
+    let mut m = net.model(&["fc"]).unwrap();
+    let r = run_passes(&mut m, &[lowrank(LowrankOptions { include: vec!["fc".into()], ..Default::default() })]);
+    assert_eq!(r[0].declined.len(), 1, "{:?}", r[0]);
+    assert_eq!(r[0].declined[0].reason, "empty weight");
+}

@@ -199,6 +199,9 @@ fn candidate(graph: &Graph, ix: NodeIndex, opts: &LowrankOptions) -> std::result
         return Err("weight shared with another node".into());
     }
     let (rows, cols) = (shape[0], shape[1]);
+    if rows == 0 || cols == 0 {
+        return Err("empty weight".into());
+    }
     let m = Array2::from_shape_vec((rows, cols), w.iter().copied().collect()).map_err(|e| e.to_string())?;
     let transposed = gemm && node.attr_int("transB").unwrap_or(0) == 0;
     Ok(Some(Candidate { w: if transposed { m.t().to_owned() } else { m }, gemm }))
