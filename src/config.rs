@@ -288,6 +288,17 @@ impl PassSpec {
         })
     }
 
+    /// The factorizing passes' common checks: a rank of at least 1, a `min_gain` below 1.
+    fn check_rank_and_gain(&self, rank: Option<usize>, min_gain: f64) -> Result<()> {
+        if rank == Some(0) {
+            return Err(Error::Config(format!("`{}.rank` must be at least 1", self.name())));
+        }
+        if !(min_gain < 1.0) {
+            return Err(Error::Config(format!("`{}.min_gain` is {min_gain}, but must be below 1 (negative allows growth)", self.name())));
+        }
+        Ok(())
+    }
+
     /// Checks option values (ranges, mutually exclusive keys).
     pub fn check(&self) -> Result<()> {
         let in_unit = |key: &str, v: Option<f64>| match v {
@@ -345,18 +356,6 @@ impl PassSpec {
     }
 }
 
-impl PassSpec {
-    /// The factorizing passes' common checks: a rank of at least 1, a `min_gain` below 1.
-    fn check_rank_and_gain(&self, rank: Option<usize>, min_gain: f64) -> Result<()> {
-        if rank == Some(0) {
-            return Err(Error::Config(format!("`{}.rank` must be at least 1", self.name())));
-        }
-        if !(min_gain < 1.0) {
-            return Err(Error::Config(format!("`{}.min_gain` is {min_gain}, but must be below 1 (negative allows growth)", self.name())));
-        }
-        Ok(())
-    }
-}
 
 fn parse_name<E: de::Error>(name: &str) -> std::result::Result<PassName, E> {
     match name {

@@ -284,15 +284,20 @@ pub fn matches(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// Whether `include`/`exclude` (name patterns) select `name`: None if
+/// not, else whether `include` names it (which also admits a layer a pass
+/// skips by default, such as the stem).
+pub fn selected(include: &[String], exclude: &[String], name: &str) -> Option<bool> {
+    let included = include.iter().any(|p| matches(p, name));
+    let skipped = (!include.is_empty() && !included) || exclude.iter().any(|p| matches(p, name));
+    (!skipped).then_some(included)
+}
+
 /// The conv's weight if the pass should try it; None to skip silently
 /// (1x1 convs, excluded names); Err to decline with a reason.
 fn eligible(graph: &Graph, ix: NodeIndex, opts: &DwOptions) -> std::result::Result<Option<ArrayD<f32>>, String> {
     let node = graph.node(ix);
-    let name = node.name();
-    let included = opts.include.iter().any(|p| matches(p, name));
-    if (!opts.include.is_empty() && !included) || opts.exclude.iter().any(|p| matches(p, name)) {
-        return Ok(None);
-    }
+    let Some(included) = selected(&opts.include, &opts.exclude, node.name()) else { return Ok(None) };
     let wname = node.input(1).ok_or("no weight")?;
     let w = graph.constant(wname).ok_or("weight is not a constant initializer")?;
     let w = w.as_f32().ok_or("weight is not f32")?;

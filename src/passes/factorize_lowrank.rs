@@ -34,7 +34,7 @@
 //! kept only if it lowers the error. `energy` is then measured on the
 //! predictions' spectrum. Gemm layers are factorized data-free even when
 //! calibrating (the refit samples conv patches only).
-use super::factorize_depthwise::matches;
+use super::factorize_depthwise::selected;
 use super::{PassContext, PassReport};
 use crate::config::LowrankOptions;
 use crate::error::{Error, Result};
@@ -83,9 +83,12 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Resul
     };
     let calibrated = ctx.calibration.is_some() && ctx.before.is_some();
     let mut on_data = Vec::new();
+    // The weights of the convs factorized on data, as `candidate` read them.
+    let mut weights = std::collections::HashMap::new();
     for (ix, c) in candidates {
         if calibrated && !c.gemm {
             on_data.push(crate::recover::Layer { node: ix, kept: None });
+            weights.insert(ix, c.w);
             continue;
         }
         let name = graph.node(ix).name().to_string();
@@ -100,7 +103,7 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Resul
     }
     if let (Some(calib), Some(before), false) = (ctx.calibration, ctx.before, on_data.is_empty()) {
         let mut model = crate::ir::Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
-        let result = crate::recover::refit_with(before, &mut model, &on_data, calib, |g, layer, x, y| factorize_on_data(g, layer.node, x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node)));
+        let result = crate::recover::refit_with(before, &mut model, &on_data, calib, |g, layer, x, y| factorize_on_data(g, layer.node, &weights[&layer.node], x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node)));
         *graph = model.graph;
         for outcome in result? {
             match outcome {
@@ -153,9 +156,25 @@ fn plan_for_target(graph: &Graph, ctx: &PassContext, candidates: &[(NodeIndex, C
 /// Squared singular values of W, largest first.
 fn spectrum(w: &Array2<f32>) -> Vec<f64> {
     let (c_out, c_in) = w.dim();
+    gram_eigen(w).map_or_else(|| vec![f64::NAN; c_in.min(c_out)], |g| g.sigma2)
+}
+
+/// W in f64 and the eigendecomposition of its smaller Gram matrix: WᵀW
+/// (eigenvectors V) when C_in ≤ C_out, else WWᵀ (eigenvectors U, `wide`).
+struct GramEigen {
+    m: Mat<f64>,
+    wide: bool,
+    sigma2: Vec<f64>,
+    vecs: Mat<f64>,
+}
+
+fn gram_eigen(w: &Array2<f32>) -> Option<GramEigen> {
+    let (c_out, c_in) = w.dim();
     let m = Mat::<f64>::from_fn(c_out, c_in, |o, i| w[[o, i]] as f64);
-    let gram = if c_in > c_out { &m * m.transpose() } else { m.transpose() * &m };
-    eigen_desc(&gram).map_or_else(|| vec![f64::NAN; c_in.min(c_out)], |(values, _)| values)
+    let wide = c_in > c_out;
+    let gram = if wide { &m * m.transpose() } else { m.transpose() * &m };
+    let (sigma2, vecs) = eigen_desc(&gram)?;
+    Some(GramEigen { m, wide, sigma2, vecs })
 }
 
 /// What the calibrated factorization did to one conv.
@@ -172,10 +191,7 @@ fn candidate(graph: &Graph, ix: NodeIndex, opts: &LowrankOptions) -> std::result
     if !node.is_standard() || !matches!(op, "Conv" | "Gemm") {
         return Ok(None);
     }
-    let included = opts.include.iter().any(|p| matches(p, name));
-    if (!opts.include.is_empty() && !included) || opts.exclude.iter().any(|p| matches(p, name)) {
-        return Ok(None);
-    }
+    let Some(included) = selected(&opts.include, &opts.exclude, name) else { return Ok(None) };
     let wname = node.input(1).ok_or("no weight")?;
     let Some(w) = graph.constant(wname) else { return Err("weight is not a constant initializer".into()) };
     let w = w.as_f32().ok_or("weight is not f32")?;
@@ -247,11 +263,7 @@ pub fn factorize(w: &Array2<f32>, opts: &LowrankOptions) -> std::result::Result<
     if w.iter().any(|v| !v.is_finite()) {
         return Err("weight holds NaN or infinity".into());
     }
-    let m = Mat::<f64>::from_fn(c_out, c_in, |o, i| w[[o, i]] as f64);
-    // Eigenvectors of the smaller Gram matrix: V (WᵀW) when C_in ≤ C_out, else U (WWᵀ).
-    let wide = c_in > c_out;
-    let gram = if wide { &m * m.transpose() } else { m.transpose() * &m };
-    let (sigma2, vecs) = eigen_desc(&gram).ok_or("eigendecomposition failed")?;
+    let GramEigen { m, wide, sigma2, vecs } = gram_eigen(w).ok_or("eigendecomposition failed")?;
     let (rank, energy) = choose_rank(&sigma2, c_out, c_in, opts);
     if let Some(reason) = too_small(c_out, c_in, rank, opts) {
         return Err(reason);
@@ -274,7 +286,7 @@ fn to_array(m: &Mat<f64>) -> Array2<f32> {
 /// Factorizes 1x1 conv `ix` on its sampled inputs `x` (N × C_in) and
 /// reference outputs `y` (N × C_out): reduced-rank regression, then
 /// alternating refits of B (with the bias) and A.
-fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opts: &LowrankOptions, fit: Fit) -> Result<Outcome> {
+fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32], y: &[f32], opts: &LowrankOptions, fit: Fit) -> Result<Outcome> {
     let name = graph.node(ix).name().to_string();
     let p = crate::recover::Problem::new(graph, ix, x, y)?;
     let (c_in, c_out) = (p.d, p.c_out);
@@ -285,7 +297,7 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
         return Ok(Outcome::Declined { name, reason });
     }
     let xs = p.xa.subcols(0, c_in).to_owned();
-    let before = svd_error(graph, ix, &xs, &p.ya, rank, fit).ok_or_else(|| fail("the data-free SVD failed"))?;
+    let before = svd_error(graph, ix, w, &xs, &p.ya, rank, fit).ok_or_else(|| fail("the data-free SVD failed"))?;
     let (mut a, mut sol, mut err) = fit_outer(&xs, a, &p.ya, fit).ok_or_else(|| fail("the pointwise refit is not solvable"))?;
     if opts.alternate > 0 {
         let mut gram = xs.transpose() * &xs;
@@ -308,11 +320,9 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
 
 /// The error of the data-free factorization at `rank` (SVD of the present
 /// weight, bias kept): what the calibrated fit is measured against.
-fn svd_error(graph: &Graph, ix: NodeIndex, xs: &Mat<f64>, ya: &Mat<f64>, rank: usize, fit: Fit) -> Option<f64> {
-    let w = graph.constant_f32(graph.node(ix).input(1)?)?;
-    let (c_out, c_in) = (w.shape()[0], w.shape()[1]);
-    let w = Array2::from_shape_vec((c_out, c_in), w.iter().copied().collect()).ok()?;
-    let f = factorize(&w, &LowrankOptions { rank: Some(rank), min_gain: f64::NEG_INFINITY, ..Default::default() }).ok()?;
+fn svd_error(graph: &Graph, ix: NodeIndex, w: &Array2<f32>, xs: &Mat<f64>, ya: &Mat<f64>, rank: usize, fit: Fit) -> Option<f64> {
+    let (c_out, c_in) = w.dim();
+    let f = factorize(w, &LowrankOptions { rank: Some(rank), min_gain: f64::NEG_INFINITY, ..Default::default() }).ok()?;
     let a = Mat::<f64>::from_fn(rank, c_in, |j, i| f.a[[j, i]] as f64);
     let bias = graph.bias_or_zeros(ix, c_out);
     let sol = Mat::<f64>::from_fn(rank + 1, c_out, |j, o| if j == rank { bias[o] as f64 } else { f.b[[o, j]] as f64 });
