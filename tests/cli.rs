@@ -170,6 +170,24 @@ fn fold_report_counts_changes() {
 }
 
 #[test]
+fn shipped_recipe_runs_data_free_and_leaves_the_student_untrained() {
+    let d = out_dir();
+    let out = d.path().join("c.onnx");
+    let report = d.path().join("r.json");
+    let o = bin().arg(fixture_path()).arg("-o").arg(&out).args(["--pipeline", "cresnet", "--report"]).arg(&report).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("no calibration images: lossy passes run data-free, so accuracy will suffer"), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let names: Vec<_> = r["passes"].as_array().unwrap().iter().map(|p| p["pass"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["fold", "lowrank", "dw", "distill"]);
+    let distill = &r["passes"][3];
+    assert_eq!(distill["changed"].as_array().unwrap().len(), 0);
+    assert!(distill["declined"][0]["reason"].as_str().unwrap().starts_with("no training images"), "{distill}");
+    assert_eq!(r["params_after"].as_u64(), Some(144_294));
+}
+
+#[test]
 fn stats_json_has_exactly_the_documented_keys() {
     let o = bin().args(["stats", "--format", "json"]).arg(fixture_path()).output().unwrap();
     assert!(o.status.success());

@@ -53,6 +53,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 pub fn run(graph: &mut Graph, ctx: &PassContext, o: &DistillOptions) -> Result<PassReport> {
+    let mut report = PassReport::default();
+    // A shipped recipe must also run data-free (`--pipeline cresnet` with
+    // no `calibration:`): with no images at all the student stays as it is.
+    if o.data.is_empty() && ctx.calibration.is_none() {
+        report.decline("(graph)", NO_IMAGES);
+        return Ok(report);
+    }
     let loaded = o.teacher.as_ref().map(|p| crate::io::load(p)).transpose()?;
     let teacher = loaded.as_ref().or(ctx.original).ok_or_else(|| fail("the pipeline kept no teacher model"))?;
     let mut net = match o.batchnorm {
@@ -62,7 +69,6 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, o: &DistillOptions) -> Result<P
     let (paths, pre) = training_images(ctx, o)?;
     let threads = o.threads.unwrap_or_else(rayon::current_num_threads);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| fail(format!("cannot start {threads} threads: {e}")))?;
-    let mut report = PassReport::default();
     pool.install(|| -> Result<()> {
         let images = ImagePool::load(&paths, pre)?;
         let (train, hold) = split(images.len(), o.holdout, o.seed);
@@ -74,6 +80,8 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, o: &DistillOptions) -> Result<P
     net.write_back(graph);
     Ok(report)
 }
+
+const NO_IMAGES: &str = "no training images, the student is left untrained: give a `calibration:` folder or `distill: {data: [{dir: DIR}]}`";
 
 fn fail(reason: impl Into<String>) -> Error {
     Error::Pass { pass: "distill".into(), reason: reason.into() }
