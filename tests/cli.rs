@@ -295,3 +295,21 @@ fn unknown_ops_pass_through_byte_for_byte() {
     assert_eq!(find(&m), find(&original), "the unknown node is unchanged");
     assert_eq!(m.opset_import, original.opset_import);
 }
+
+#[test]
+fn bench_profile_accounts_for_every_node() {
+    let o = bin().arg("bench").arg(fixture_path()).args(["--profile", "--runs", "2", "--top", "3", "--json"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let p = &v[0];
+    let total = p["total_ms"].as_f64().unwrap();
+    let ops = p["ops"].as_array().unwrap();
+    let by_op: f64 = ops.iter().map(|o| o["ms"].as_f64().unwrap()).sum();
+    assert!(total > 0.0 && (by_op - total).abs() <= 1e-9 * total.max(1.0), "{by_op} vs {total}");
+    assert!(ops.windows(2).all(|w| w[0]["ms"].as_f64() >= w[1]["ms"].as_f64()), "operators sorted by time");
+    assert!(ops.iter().any(|o| o["op"].as_str().unwrap().contains("MatMul")), "the convs run as matrix products: {ops:?}");
+    let slowest = p["slowest"].as_array().unwrap();
+    assert_eq!(slowest.len(), 3);
+    assert!(slowest[0]["ms"].as_f64() >= slowest[2]["ms"].as_f64());
+    assert!(slowest[0]["ms"].as_f64().unwrap() <= ops[0]["ms"].as_f64().unwrap() + 1e-12, "no node slower than its operator's total");
+}

@@ -23,6 +23,31 @@ pub struct BenchArgs {
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Instead of whole-model latency: time every node of tract's plan
+    /// (1 thread, batch `--batch`, mean of `--runs`) and show the time per
+    /// operator and the slowest nodes.
+    #[arg(long)]
+    profile: bool,
+    /// Slowest nodes listed by `--profile`.
+    #[arg(long, default_value_t = 15)]
+    top: usize,
+}
+
+/// Time per tract operator, summed over its nodes.
+#[derive(Serialize)]
+struct OpTime {
+    op: String,
+    nodes: usize,
+    ms: f64,
+}
+
+#[derive(Serialize)]
+struct Profile {
+    model: PathBuf,
+    batch: usize,
+    total_ms: f64,
+    ops: Vec<OpTime>,
+    slowest: Vec<crate::runner::NodeTime>,
 }
 
 #[derive(Serialize)]
@@ -37,6 +62,9 @@ struct Timing {
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.runs == 0 || args.batch == 0 || args.threads.contains(&0) {
         bail!("--runs, --batch and --threads must be at least 1");
+    }
+    if args.profile {
+        return profile(args);
     }
     let mut timings = Vec::new();
     for path in &args.models {
@@ -63,4 +91,47 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&timings)?);
     }
     Ok(())
+}
+
+fn profile(args: &BenchArgs) -> Result<()> {
+    let mut profiles = Vec::new();
+    for path in &args.models {
+        let model = load(path)?;
+        let runner = Runner::new(&model, args.batch, &[]).with_context(|| format!("cannot run {} with tract", path.display()))?;
+        let x = ndarray::ArrayD::<f32>::from_elem(runner.input_shape.clone(), 0.5);
+        let nodes = runner.profile(x, args.runs)?;
+        let mut ops: Vec<OpTime> = Vec::new();
+        for n in &nodes {
+            match ops.iter_mut().find(|o| o.op == n.op) {
+                Some(o) => (o.nodes, o.ms) = (o.nodes + 1, o.ms + n.ms),
+                None => ops.push(OpTime { op: n.op.clone(), nodes: 1, ms: n.ms }),
+            }
+        }
+        ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        let mut slowest = nodes.clone();
+        slowest.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        slowest.truncate(args.top);
+        let total_ms = nodes.iter().map(|n| n.ms).sum();
+        let p = Profile { model: path.clone(), batch: args.batch, total_ms, ops, slowest };
+        if !args.json {
+            print_profile(&p);
+        }
+        profiles.push(p);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&profiles)?);
+    }
+    Ok(())
+}
+
+fn print_profile(p: &Profile) {
+    println!("{}: batch {}, 1 thread, {:.1} ms in nodes", p.model.display(), p.batch, p.total_ms);
+    println!("{:<28} {:>6} {:>9} {:>7}", "operator", "nodes", "ms", "share");
+    for o in &p.ops {
+        println!("{:<28} {:>6} {:>9.2} {:>6.1}%", o.op, o.nodes, o.ms, 100.0 * o.ms / p.total_ms.max(1e-9));
+    }
+    println!("slowest nodes:");
+    for n in &p.slowest {
+        println!("  {:<48} {:<20} {:>8.2} ms", n.name, n.op, n.ms);
+    }
 }
