@@ -31,7 +31,10 @@ PRUNE="{prune: {target_params: 0.192}}"   # matches prune+dw's params (4.90 M)
 PRUNE_DW="{prune: {target_params: 0.3}}, {dw: {rank: 1}}, fold"
 # lowrank (1x1 convs and the classifier, half of the rank budget each) then dw rank 1: 19.8 %.
 LR_DW="{lowrank: {ratio: 0.265}}, {dw: {rank: 1}}"
-# The lr-dw rows refit on 1,256 images (the 256 plus all unlabelled photos).
+# The recipe's split (session 5): the first two stages (res2*, res3*) keep more
+# (lowrank ratio 0.6, dw rank 2), the last two less (ratio 0.2445): 5,124,268 weights.
+SPLIT='{lowrank: {ratio: 0.6, include: ["res2*", "res3*"]}}, {lowrank: {ratio: 0.2445, exclude: ["res2*", "res3*"]}}, {dw: {rank: 2, include: ["res2*", "res3*"]}}, {dw: {rank: 1, exclude: ["res2*", "res3*"]}}'
+# The lr-dw and split rows refit on 1,256 images (the 256 plus all unlabelled photos).
 CAL_X="calibration: { data: $DATA, images: 256, extra: [{dir: $SHARED/data/unlabelled-photos}], refit_extra: 1000 }"
 
 declare -A PASSES=(
@@ -50,8 +53,12 @@ declare -A PASSES=(
   [lr-dw-cal]="[fold, $LR_DW]"
   # Distills the calibrated lr-dw-cal output (run that first): the teacher is the original.
   [lr-dw-distill]="[{distill: {epochs: $EPOCHS, teacher: $MODEL}}]"
+  [split-free]="[fold, $SPLIT]"
+  [split-cal]="[fold, $SPLIT]"
+  # Distills the calibrated split-cal output (run that first): the teacher is the original.
+  [split-distill]="[{distill: {epochs: $EPOCHS, teacher: $MODEL}}]"
 )
-ORDER="cresnet original fold prune-dw-free prune-dw-cal prune-free prune-cal dw-free dw-cal lr-dw-free lr-dw-cal prune-distill dw-distill prune-dw-distill lr-dw-distill"
+ORDER="cresnet original fold prune-dw-free prune-dw-cal prune-free prune-cal dw-free dw-cal lr-dw-free lr-dw-cal split-free split-cal prune-distill dw-distill prune-dw-distill lr-dw-distill split-distill"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
   if [[ $name == cresnet ]]; then
@@ -60,11 +67,12 @@ for name in ${@:-$ORDER}; do
   else
     echo "passes: ${PASSES[$name]}" > "$cfg"
   fi
-  if [[ $name == lr-dw-cal ]]; then echo "$CAL_X" >> "$cfg"
+  if [[ $name == lr-dw-cal || $name == split-cal ]]; then echo "$CAL_X" >> "$cfg"
   elif [[ $name != *-free && $name != original && $name != fold ]]; then echo "$CAL" >> "$cfg"; fi
   start=$(date +%s.%N)
   input=$MODEL
   [[ $name == lr-dw-distill ]] && input=$OUT/lr-dw-cal.onnx
+  [[ $name == split-distill ]] && input=$OUT/split-cal.onnx
   if [[ -n ${REUSE:-} && -f $OUT/$name.onnx && -f $OUT/$name.report.json ]]; then
     start=$(echo "$start - $(python3 -c 'import json,sys; print(sum(p["seconds"] for p in json.load(open(sys.argv[1]))["passes"]))' "$OUT/$name.report.json")" | bc)
   elif [[ $name == original ]]; then cp "$MODEL" "$OUT/$name.onnx"; echo '{"params_after": 25636712, "macs_after": 3857973248}' > "$OUT/$name.report.json"
@@ -87,8 +95,8 @@ print(json.dumps({"name": name, "params": r["params_after"], "macs": r["macs_aft
 PY
 done
 # Per-stage weights of the recipe's output against the original (docs/stages.svg).
-# lr-dw-distill is the recipe's pipeline run in two steps (calibrate, then distill).
-for recipe in cresnet lr-dw-distill; do
+# split-distill is the recipe's pipeline run in two steps (calibrate, then distill).
+for recipe in cresnet split-distill; do
   if [[ -f $OUT/$recipe.onnx ]]; then $BIN stats "$MODEL" "$OUT/$recipe.onnx" --format json > docs/stages.json; break; fi
 done
 python3 scripts/results.py

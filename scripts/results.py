@@ -13,8 +13,10 @@ LABELS = {
     "prune-dw-free": "prune + dw (data-free)", "prune-dw-cal": "prune + dw (calibrated)",
     "prune-dw-distill": "prune + dw + distill", "cresnet": "**`pipeline: cresnet`**",
     "cresnet-v1": "previous recipe (session 2): prune + dw + distill (6 epochs, lr 1e-3)",
-    "lr-dw-free": "lowrank + dw (data-free)", "lr-dw-cal": "lowrank + dw (calibrated, 1,256 images)",
-    "lr-dw-distill": "**lowrank + dw + distill** (= `pipeline: cresnet`)",
+    "lr-dw-free": "lowrank + dw, one ratio (data-free)", "lr-dw-cal": "lowrank + dw, one ratio (calibrated, 1,256 images)",
+    "lr-dw-distill": "lowrank + dw + distill (session 4 recipe: one ratio for all stages)",
+    "split-free": "per-stage lowrank + dw (data-free)", "split-cal": "per-stage lowrank + dw (calibrated, 1,256 images)",
+    "split-distill": "**per-stage lowrank + dw + distill** (= `pipeline: cresnet`)",
 }
 
 def load(path="docs/ablation.jsonl"):

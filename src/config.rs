@@ -105,6 +105,9 @@ pub struct DwOptions {
     pub min_gain: f64,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
+    /// Only convs whose output is at least / at most this many pixels high.
+    pub min_resolution: Option<usize>,
+    pub max_resolution: Option<usize>,
     /// Calibrated only: rounds of alternating least squares (depthwise
     /// filters, then pointwise weights) after the first pointwise fit.
     /// Default 2 (ResNet-50 rank 1: top-1 0.423 → 0.519; rank 2 0.809 → 0.821).
@@ -130,7 +133,7 @@ pub enum DwLayout {
 
 impl Default for DwOptions {
     fn default() -> Self {
-        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], alternate: 2, refit: Refit::Changed, layout: DwLayout::Split }
+        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], min_resolution: None, max_resolution: None, alternate: 2, refit: Refit::Changed, layout: DwLayout::Split }
     }
 }
 
@@ -147,13 +150,17 @@ pub struct LowrankOptions {
     pub min_gain: f64,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
+    /// Only layers whose output is at least / at most this many pixels high
+    /// (a Gemm's output counts as 1): budgets per stage, whatever the names.
+    pub min_resolution: Option<usize>,
+    pub max_resolution: Option<usize>,
     /// Calibrated only: rounds of alternating refits (A with B fixed, then B).
     pub alternate: usize,
 }
 
 impl Default for LowrankOptions {
     fn default() -> Self {
-        LowrankOptions { rank: None, ratio: None, energy: None, target_params: None, min_gain: 0.1, include: vec![], exclude: vec![], alternate: 2 }
+        LowrankOptions { rank: None, ratio: None, energy: None, target_params: None, min_gain: 0.1, include: vec![], exclude: vec![], min_resolution: None, max_resolution: None, alternate: 2 }
     }
 }
 
@@ -288,8 +295,14 @@ impl PassSpec {
         })
     }
 
-    /// The factorizing passes' common checks: a rank of at least 1, a `min_gain` below 1.
-    fn check_rank_and_gain(&self, rank: Option<usize>, min_gain: f64) -> Result<()> {
+    /// The factorizing passes' common checks: a rank of at least 1, a
+    /// `min_gain` below 1, a resolution range that can match a layer.
+    fn check_factorize(&self, rank: Option<usize>, min_gain: f64, resolution: (Option<usize>, Option<usize>)) -> Result<()> {
+        if let (Some(min), Some(max)) = resolution {
+            if min > max {
+                return Err(Error::Config(format!("`{0}.min_resolution` is {min}, above `{0}.max_resolution` ({max}): no layer can match", self.name())));
+            }
+        }
         if rank == Some(0) {
             return Err(Error::Config(format!("`{}.rank` must be at least 1", self.name())));
         }
@@ -325,7 +338,7 @@ impl PassSpec {
                 if o.rank.is_some() && o.energy.is_some() {
                     return Err(Error::Config("`dw` takes `rank` or `energy`, not both".into()));
                 }
-                self.check_rank_and_gain(o.rank, o.min_gain)
+                self.check_factorize(o.rank, o.min_gain, (o.min_resolution, o.max_resolution))
             }
             PassSpec::Lowrank(o) => {
                 in_unit("energy", o.energy.filter(|&e| e != 1.0))?;
@@ -334,7 +347,7 @@ impl PassSpec {
                 if [o.rank.is_some(), o.ratio.is_some(), o.energy.is_some(), o.target_params.is_some()].iter().filter(|&&b| b).count() > 1 {
                     return Err(Error::Config("`lowrank` takes only one of `rank`, `ratio`, `energy`, `target_params`".into()));
                 }
-                self.check_rank_and_gain(o.rank, o.min_gain)
+                self.check_factorize(o.rank, o.min_gain, (o.min_resolution, o.max_resolution))
             }
             PassSpec::Distill(o) => {
                 let positive = [("lr", o.lr), ("temperature", o.temperature)];

@@ -121,6 +121,7 @@ fn bad_yaml_is_named() {
         ("passes:\n  - prune: { ratio: lots }\n", "invalid type"),
         ("passes:\n  - squash\n", "unknown pass `squash` (valid passes: fold, prune, dw, lowrank, distill)"),
         ("pipeline: nosuch\n", "unknown pipeline `nosuch` (shipped pipelines: fold, cresnet)"),
+        ("passes:\n  - dw: { min_resolution: 28, max_resolution: 14 }\n", "`dw.min_resolution` is 28, above `dw.max_resolution` (14): no layer can match"),
         ("passes: [fold\n", "p.yaml"),
         ("calibration: { data: x, images: -3 }\npasses: [fold]\n", "calibration"),
     ];

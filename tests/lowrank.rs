@@ -169,3 +169,24 @@ fn an_empty_weight_is_declined_not_a_panic() {
     assert_eq!(r[0].declined.len(), 1, "{:?}", r[0]);
     assert_eq!(r[0].declined[0].reason, "empty weight");
 }
+
+#[test]
+fn resolution_bounds_select_stages_whatever_the_names() {
+    // The fixture's stages run at 16, 8, 4 and 2 pixels (input 64).
+    let m = fixture();
+    let r = run_passes(&mut m.clone(), &[fold(), lowrank(LowrankOptions { min_resolution: Some(8), ..Default::default() })]);
+    let early: Vec<&str> = r[1].changed.iter().map(|c| c.node.as_str()).collect();
+    // res2*: 3 blocks x 2 + the shortcut; res3*: 4 x 2 + the shortcut.
+    assert_eq!(early.len(), 16, "{early:?}");
+    assert!(early.iter().all(|n| n.starts_with("res2") || n.starts_with("res3")), "{early:?}");
+    let r = run_passes(&mut m.clone(), &[fold(), lowrank(LowrankOptions { max_resolution: Some(4), ..Default::default() })]);
+    let late: Vec<&str> = r[1].changed.iter().map(|c| c.node.as_str()).collect();
+    // res4*: 6 x 2 + 1, res5*: 3 x 2 + 1, and the classifier (a Gemm's output counts as 1 pixel).
+    assert_eq!(late.len(), 21, "{late:?}");
+    assert!(late.iter().all(|n| n.starts_with("res4") || n.starts_with("res5") || n.starts_with("fc")), "{late:?}");
+    let dw = PassSpec::Dw(cresnet_opt::config::DwOptions { rank: Some(1), min_gain: -10.0, min_resolution: Some(8), max_resolution: Some(8), ..Default::default() });
+    let r = run_passes(&mut m.clone(), &[fold(), dw]);
+    let mid: Vec<&str> = r[1].changed.iter().map(|c| c.node.as_str()).collect();
+    assert_eq!(mid.len(), 4, "res3*'s four 3x3 convs: {mid:?}");
+    assert!(mid.iter().all(|n| n.starts_with("res3")), "{mid:?}");
+}

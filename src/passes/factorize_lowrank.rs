@@ -34,7 +34,8 @@
 //! kept only if it lowers the error. `energy` is then measured on the
 //! predictions' spectrum. Gemm layers are factorized data-free even when
 //! calibrating (the refit samples conv patches only).
-use super::factorize_depthwise::selected;
+use super::factorize_depthwise::{in_resolution, selected};
+use crate::shape::Shapes;
 use super::{PassContext, PassReport};
 use crate::config::LowrankOptions;
 use crate::error::{Error, Result};
@@ -66,7 +67,7 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Resul
     let mut report = PassReport::default();
     let mut candidates = Vec::new();
     for ix in graph.topo_order()? {
-        match candidate(graph, ix, opts) {
+        match candidate(graph, ctx.shapes, ix, opts) {
             Ok(None) => {}
             Ok(Some(c)) => candidates.push((ix, c)),
             Err(reason) => report.decline(graph.node(ix).name(), reason),
@@ -185,13 +186,16 @@ enum Outcome {
 
 /// The layer's weight as [C_out, C_in] if the pass should try it; None to
 /// skip silently (other ops and kernels, excluded names); Err to decline.
-fn candidate(graph: &Graph, ix: NodeIndex, opts: &LowrankOptions) -> std::result::Result<Option<Candidate>, String> {
+fn candidate(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &LowrankOptions) -> std::result::Result<Option<Candidate>, String> {
     let node = graph.node(ix);
     let (name, op) = (node.name(), node.op());
     if !node.is_standard() || !matches!(op, "Conv" | "Gemm") {
         return Ok(None);
     }
     let Some(included) = selected(&opts.include, &opts.exclude, name) else { return Ok(None) };
+    if !in_resolution(graph, shapes, ix, opts.min_resolution, opts.max_resolution) {
+        return Ok(None);
+    }
     let wname = node.input(1).ok_or("no weight")?;
     let Some(w) = graph.constant(wname) else { return Err("weight is not a constant initializer".into()) };
     let w = w.as_f32().ok_or("weight is not f32")?;
