@@ -31,9 +31,9 @@ PRUNE="{prune: {target_params: 0.192}}"   # matches prune+dw's params (4.90 M)
 PRUNE_DW="{prune: {target_params: 0.3}}, {dw: {rank: 1}}, fold"
 # lowrank (1x1 convs and the classifier, half of the rank budget each) then dw rank 1: 19.8 %.
 LR_DW="{lowrank: {ratio: 0.265}}, {dw: {rank: 1}}"
-# The recipe's split (session 5): the first two stages (res2*, res3*) keep more
+# The recipe's split (session 5): the first two stages (56x56, 28x28) keep more
 # (lowrank ratio 0.6, dw rank 2), the last two less (ratio 0.2445): 5,124,268 weights.
-SPLIT='{lowrank: {ratio: 0.6, include: ["res2*", "res3*"]}}, {lowrank: {ratio: 0.2445, exclude: ["res2*", "res3*"]}}, {dw: {rank: 2, include: ["res2*", "res3*"]}}, {dw: {rank: 1, exclude: ["res2*", "res3*"]}}'
+SPLIT='{lowrank: {ratio: 0.6, min_resolution: 28}}, {lowrank: {ratio: 0.2445, max_resolution: 14}}, {dw: {rank: 2, min_resolution: 28}}, {dw: {rank: 1, max_resolution: 14}}'
 # The lr-dw and split rows refit on 1,256 images (the 256 plus all unlabelled photos).
 CAL_X="calibration: { data: $DATA, images: 256, extra: [{dir: $SHARED/data/unlabelled-photos}], refit_extra: 1000 }"
 
