@@ -509,7 +509,7 @@ pub struct PipelineFile {
 /// Recipes shipped in the binary: (name, one-line summary, YAML).
 pub const RECIPES: &[(&str, &str, &str)] = &[
     ("fold", "fold BatchNormalization into convs: lossless, tract-friendly", include_str!("../passes/fold.yaml")),
-    ("cresnet", "CResNet (Luo et al. 2021) at 1/5 of the weights: fold, low-rank 1x1 convs and classifier, depthwise rank 1, distillation (needs calibration)", include_str!("../passes/cresnet.yaml")),
+    ("cresnet", "CResNet (Luo et al. 2021) at 1/5 of the weights: fold, low-rank 1x1 convs and classifier, depthwise (rank 2 early, 1 late), distillation (trains only given calibration images)", include_str!("../passes/cresnet.yaml")),
 ];
 
 impl PipelineFile {
