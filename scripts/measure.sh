@@ -74,6 +74,12 @@ declare -A PASSES=(
   [fifth-lr-free]="[fold, {lowrank: {ratio: 0.265}}, {dw: {rank: 1}}]"
   [fifth-lr-cal]="[fold, {lowrank: {ratio: 0.265}}, {dw: {rank: 1}}]"
   [fifth-lrt-cal]="[fold, {lowrank: {target_params: 0.593}}, {dw: {rank: 1}}]"
+  # Per-stage splits (session 5): the early stages (>= 28 px) keep more; the
+  # first is `pipeline: cresnet`'s (5,124,268 weights), the others shift
+  # weights between the 14 px and the 7 px + classifier stages.
+  [fifth-split-cal]="[fold, {lowrank: {ratio: 0.6, min_resolution: 28}}, {lowrank: {ratio: 0.2445, max_resolution: 14}}, {dw: {rank: 2, min_resolution: 28}}, {dw: {rank: 1, max_resolution: 14}}]"
+  [fifth-split-mid-cal]="[fold, {lowrank: {ratio: 0.6, min_resolution: 28}}, {lowrank: {ratio: 0.35, min_resolution: 14, max_resolution: 14}}, {lowrank: {ratio: 0.207, max_resolution: 7}}, {dw: {rank: 2, min_resolution: 28}}, {dw: {rank: 1, max_resolution: 14}}]"
+  [fifth-split-late-cal]="[fold, {lowrank: {ratio: 0.6, min_resolution: 28}}, {lowrank: {ratio: 0.2, min_resolution: 14, max_resolution: 14}}, {lowrank: {ratio: 0.262, max_resolution: 7}}, {dw: {rank: 2, min_resolution: 28}}, {dw: {rank: 1, max_resolution: 14}}]"
 )
 ORDER="dw-r2-cal dw-r1-cal prune-m0.7-inner-cal prune-m0.9-cal dw-r1-free dw-r3-cal prune-m0.7-free prune-m0.7-none dw-e0.95-cal prune-m0.7-cal dw-r2-free dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-cal prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-free prune-m0.7-inner-free"
 for name in ${@:-$ORDER}; do
