@@ -21,6 +21,8 @@
 //! conv reading a graph input, ResNet's 7x7 on RGB — is left alone: it
 //! holds 0.04 % of the weights, its 3 input channels make the depthwise
 //! half tiny, and its features feed everything after it. `include` it by name.
+//! `min_resolution`/`max_resolution` keep only convs whose output height lies
+//! in that range (a budget per stage, whatever the names).
 //!
 //! With `calibration` (see `src/recover.rs`), layers are factorized one at a
 //! time in topological order on the compressed model's own activations: the

@@ -20,6 +20,7 @@
 //! `ratio: 0.5`. Declines when r would not save `min_gain` (default 0.1) of
 //! the layer's weights (= its MACs). `include`/`exclude` take name patterns
 //! as in `dw`; convs reading a graph input are skipped unless included.
+//! `min_resolution`/`max_resolution` as in `dw` (a Gemm's output counts as 1).
 //! Running the pass twice factorizes the factors again.
 //!
 //! With `calibration`, each 1x1 conv is factorized on data, one at a time
