@@ -287,34 +287,44 @@ pub fn matches(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// Whether `include`/`exclude` (name patterns) select `name`: None if
-/// not, else whether `include` names it (which also admits a layer a pass
-/// skips by default, such as the stem).
-pub fn selected(include: &[String], exclude: &[String], name: &str) -> Option<bool> {
-    let included = include.iter().any(|p| matches(p, name));
-    let skipped = (!include.is_empty() && !included) || exclude.iter().any(|p| matches(p, name));
-    (!skipped).then_some(included)
+/// Which layers a factorizing pass may touch: name patterns and a range
+/// of output heights (the options `dw` and `lowrank` share).
+pub struct Selection<'a> {
+    pub include: &'a [String],
+    pub exclude: &'a [String],
+    pub min_resolution: Option<usize>,
+    pub max_resolution: Option<usize>,
 }
 
-/// Whether node `ix`'s output height (1 for a 2-d output such as a Gemm's)
-/// lies within `min..=max`; with a bound set, an unknown shape does not.
-pub fn in_resolution(graph: &Graph, shapes: &Shapes, ix: NodeIndex, min: Option<usize>, max: Option<usize>) -> bool {
-    if min.is_none() && max.is_none() {
-        return true;
+impl Selection<'_> {
+    /// None if node `ix` is not selected, else whether `include` names it
+    /// (which also admits a layer a pass skips by default, such as the stem).
+    pub fn pick(&self, graph: &Graph, shapes: &Shapes, ix: NodeIndex) -> Option<bool> {
+        let name = graph.node(ix).name();
+        let included = self.include.iter().any(|p| matches(p, name));
+        let skipped = (!self.include.is_empty() && !included) || self.exclude.iter().any(|p| matches(p, name));
+        (!skipped && self.in_resolution(graph, shapes, ix)).then_some(included)
     }
-    let shape = graph.node(ix).output(0).and_then(|y| shapes.get(y)).and_then(|t| t.shape.as_ref());
-    let height = shape.map(|s| if s.len() >= 3 { s[2] } else { 1 });
-    height.is_some_and(|h| min.is_none_or(|m| h >= m) && max.is_none_or(|m| h <= m))
+
+    /// Whether the output height (1 for a 2-d output such as a Gemm's) lies
+    /// within the range; with a bound set, an unknown shape does not.
+    fn in_resolution(&self, graph: &Graph, shapes: &Shapes, ix: NodeIndex) -> bool {
+        let (min, max) = (self.min_resolution, self.max_resolution);
+        if min.is_none() && max.is_none() {
+            return true;
+        }
+        let shape = graph.node(ix).output(0).and_then(|y| shapes.get(y)).and_then(|t| t.shape.as_ref());
+        let height = shape.map(|s| if s.len() >= 3 { s[2] } else { 1 });
+        height.is_some_and(|h| min.is_none_or(|m| h >= m) && max.is_none_or(|m| h <= m))
+    }
 }
 
 /// The conv's weight if the pass should try it; None to skip silently
 /// (1x1 convs, excluded names); Err to decline with a reason.
 fn eligible(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &DwOptions) -> std::result::Result<Option<ArrayD<f32>>, String> {
     let node = graph.node(ix);
-    let Some(included) = selected(&opts.include, &opts.exclude, node.name()) else { return Ok(None) };
-    if !in_resolution(graph, shapes, ix, opts.min_resolution, opts.max_resolution) {
-        return Ok(None);
-    }
+    let selection = Selection { include: &opts.include, exclude: &opts.exclude, min_resolution: opts.min_resolution, max_resolution: opts.max_resolution };
+    let Some(included) = selection.pick(graph, shapes, ix) else { return Ok(None) };
     let wname = node.input(1).ok_or("no weight")?;
     let w = graph.constant(wname).ok_or("weight is not a constant initializer")?;
     let w = w.as_f32().ok_or("weight is not f32")?;

@@ -35,13 +35,13 @@
 //! kept only if it lowers the error. `energy` is then measured on the
 //! predictions' spectrum. Gemm layers are factorized data-free even when
 //! calibrating (the refit samples conv patches only).
-use super::factorize_depthwise::{in_resolution, selected};
-use crate::shape::Shapes;
+use super::factorize_depthwise::Selection;
 use super::{PassContext, PassReport};
 use crate::config::LowrankOptions;
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Node, Weight};
 use crate::recover::Fit;
+use crate::shape::Shapes;
 use faer::prelude::*;
 use faer::{Mat, Side};
 use ndarray::{Array2, ArrayD, IxDyn};
@@ -189,14 +189,12 @@ enum Outcome {
 /// skip silently (other ops and kernels, excluded names); Err to decline.
 fn candidate(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &LowrankOptions) -> std::result::Result<Option<Candidate>, String> {
     let node = graph.node(ix);
-    let (name, op) = (node.name(), node.op());
+    let op = node.op();
     if !node.is_standard() || !matches!(op, "Conv" | "Gemm") {
         return Ok(None);
     }
-    let Some(included) = selected(&opts.include, &opts.exclude, name) else { return Ok(None) };
-    if !in_resolution(graph, shapes, ix, opts.min_resolution, opts.max_resolution) {
-        return Ok(None);
-    }
+    let selection = Selection { include: &opts.include, exclude: &opts.exclude, min_resolution: opts.min_resolution, max_resolution: opts.max_resolution };
+    let Some(included) = selection.pick(graph, shapes, ix) else { return Ok(None) };
     let wname = node.input(1).ok_or("no weight")?;
     let Some(w) = graph.constant(wname) else { return Err("weight is not a constant initializer".into()) };
     let w = w.as_f32().ok_or("weight is not f32")?;
