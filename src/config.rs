@@ -156,11 +156,17 @@ pub struct LowrankOptions {
     pub max_resolution: Option<usize>,
     /// Calibrated only: rounds of alternating refits (A with B fixed, then B).
     pub alternate: usize,
+    /// Calibrated only: factorize Gemm layers on data too. Off by default:
+    /// a classifier's data-aware factorization needs images of all its
+    /// classes; on ResNet-50 with the 1,256 calibration images here (1,000
+    /// of them photos of few subjects) it scored top-1 0.333 against 0.367
+    /// data-free (README "Where to spend the budget").
+    pub fit_gemm: bool,
 }
 
 impl Default for LowrankOptions {
     fn default() -> Self {
-        LowrankOptions { rank: None, ratio: None, energy: None, target_params: None, min_gain: 0.1, include: vec![], exclude: vec![], min_resolution: None, max_resolution: None, alternate: 2 }
+        LowrankOptions { rank: None, ratio: None, energy: None, target_params: None, min_gain: 0.1, include: vec![], exclude: vec![], min_resolution: None, max_resolution: None, alternate: 2, fit_gemm: false }
     }
 }
 
@@ -202,6 +208,10 @@ pub struct DistillOptions {
     pub holdout: f64,
     /// Smallest area share of a random resized crop.
     pub min_scale: f64,
+    /// Share of the training images blended with another image of their
+    /// batch (mixup, weight drawn uniformly; student and teacher see the
+    /// same blend): new inputs for the teacher to label.
+    pub mixup: f64,
     pub seed: u64,
     /// Threads (default: all cores).
     pub threads: Option<usize>,
@@ -242,6 +252,7 @@ impl Default for DistillOptions {
             feature_weight: 0.0,
             holdout: 0.1,
             min_scale: 0.35,
+            mixup: 0.0,
             seed: 0,
             threads: None,
             checkpoint: None,
@@ -360,6 +371,9 @@ impl PassSpec {
                 if !(o.weight_decay >= 0.0 && o.feature_weight >= 0.0) {
                     return Err(Error::Config("`distill.weight_decay` and `distill.feature_weight` must be >= 0".into()));
                 }
+                if !(0.0..=1.0).contains(&o.mixup) {
+                    return Err(Error::Config(format!("`distill.mixup` is {}, but must lie in [0, 1]", o.mixup)));
+                }
                 if !(0.0..1.0).contains(&o.holdout) {
                     return Err(Error::Config(format!("`distill.holdout` is {}, but must lie in [0, 1)", o.holdout)));
                 }
@@ -449,6 +463,9 @@ pub struct Calibration {
     /// What a refit conv reproduces; see [`RefitTarget`].
     #[serde(default)]
     pub target: RefitTarget,
+    /// Which model's activations the refits reproduce; see [`RefitReference`].
+    #[serde(default)]
+    pub reference: RefitReference,
     /// Fit a conv that a ReLU reads on its post-ReLU outputs (negative
     /// targets only need a negative prediction). Measured on ResNet-50 dw
     /// rank 1: top-1 0.519 → 0.585; prune at 70 % MACs: 0.702 / 0.696.
@@ -495,6 +512,21 @@ pub enum RefitTarget {
     /// the Add's other (drifted) input, so the block output is repaired and
     /// errors do not pile up along the residual stream.
     Block,
+}
+
+/// Which model the refits of a lossy pass reproduce.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefitReference {
+    /// The model as the previous pass left it: each pass repairs only its
+    /// own damage.
+    Previous,
+    /// The model as it was loaded: each refit also absorbs what earlier
+    /// lossy passes broke upstream of the layer. A pass falls back to
+    /// `previous` when earlier passes changed the shape of a tensor both
+    /// models have (pruned channels), since the targets would not line up.
+    #[default]
+    Original,
 }
 
 /// A whole pipeline file.

@@ -112,10 +112,11 @@ pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
         .to_rgb8())
 }
 
-/// Stacks [3,H,W] images into a batch, padding with zeros up to `batch`.
+/// Stacks [C,H,W] images (the first one's shape) into a batch, padding
+/// with zeros up to `batch`.
 pub fn stack(images: &[Array3<f32>], batch: usize) -> Array4<f32> {
-    let (h, w) = images.first().map_or((0, 0), |a| (a.shape()[1], a.shape()[2]));
-    let mut out = Array4::<f32>::zeros((batch.max(images.len()), 3, h, w));
+    let (c, h, w) = images.first().map_or((3, 0, 0), |a| a.dim());
+    let mut out = Array4::<f32>::zeros((batch.max(images.len()), c, h, w));
     for (mut slot, img) in out.axis_iter_mut(Axis(0)).zip(images) {
         slot.assign(img);
     }

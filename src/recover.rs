@@ -36,6 +36,7 @@ pub struct Calibration {
     pub positions: usize,
     pub ridge: f64,
     pub target: crate::config::RefitTarget,
+    pub reference: crate::config::RefitReference,
     /// Fit convs read by a ReLU on their post-ReLU outputs.
     pub through_relu: bool,
     /// The image files, `extra` included (the default training data of `distill`).
@@ -122,15 +123,24 @@ struct Geometry {
 fn geometry(graph: &Graph, ix: NodeIndex) -> Option<Geometry> {
     let node = graph.node(ix);
     let w = graph.constant_f32(node.input(1)?)?;
+    if node.op() == "Gemm" {
+        // A fully connected layer is a 1x1 conv on a 1x1 map, if its weight is [C_out, C_in].
+        let one = |a: &str| node.attr_float(a).unwrap_or(1.0) == 1.0;
+        let plain = w.ndim() == 2 && node.attr_int("transA").unwrap_or(0) == 0 && node.attr_int("transB").unwrap_or(0) == 1 && one("alpha") && one("beta");
+        return plain.then_some(Geometry { kh: 1, kw: 1, stride: [1, 1], pad: [0, 0], dilation: [1, 1] });
+    }
     let ints = |name: &str, default: [usize; 2]| node.attr_ints(name).map_or(Some(default), |v| (v.len() >= 2 && v.iter().all(|&x| x >= 0)).then(|| [v[0] as usize, v[1] as usize]));
     let auto_pad = node.attr_str("auto_pad").unwrap_or_default();
     let ok = node.op() == "Conv" && node.attr_int("group").unwrap_or(1) == 1 && w.ndim() == 4 && matches!(auto_pad.as_str(), "" | "NOTSET");
     ok.then_some(Geometry { kh: w.shape()[2], kw: w.shape()[3], stride: ints("strides", [1, 1])?, pad: ints("pads", [0, 0])?, dilation: ints("dilations", [1, 1])? })
 }
 
-/// The layers of `layers` that can be refit (dense 2-d convs with f32 weights).
+/// The layers of `layers` that the generic refit ([`refit`],
+/// [`solve_layer`]) handles: dense 2-d convs with f32 weights. A solver
+/// given to [`refit_with`] may also get plain Gemms ([C_out, C_in] weight,
+/// transB = 1), whose every image gives one sample.
 pub fn refittable(graph: &Graph, layers: Vec<Layer>) -> Vec<Layer> {
-    layers.into_iter().filter(|l| geometry(graph, l.node).is_some()).collect()
+    layers.into_iter().filter(|l| graph.node(l.node).op() == "Conv" && geometry(graph, l.node).is_some()).collect()
 }
 
 /// Least samples per unknown of a layer's least-squares problem: with fewer,
@@ -170,38 +180,51 @@ fn run_all<T: Send>(model: &Model, names: &[String], calib: &Calibration, take: 
         .collect()
 }
 
+/// A 4-d activation, or a 2-d one [N, C] (a Gemm's) as [N, C, 1, 1].
 fn as4(a: &ArrayD<f32>) -> Result<ArrayView4<'_, f32>> {
-    a.view().into_dimensionality().map_err(|_| Error::Data(format!("expected a 4-d activation, got {:?}", a.shape())))
+    let bad = || Error::Data(format!("expected a 2-d or 4-d activation, got {:?}", a.shape()));
+    match *a.shape() {
+        [n, c] => a.view().into_shape_with_order((n, c, 1, 1)).map_err(|_| bad()),
+        _ => a.view().into_dimensionality().map_err(|_| bad()),
+    }
 }
 
 /// Reference targets: per layer, an N×C matrix (row = one sampled position).
 fn targets(reference: &Model, graph: &Graph, layers: &[Layer], blocks: &[Option<Block>], calib: &Calibration) -> Result<Vec<Vec<f32>>> {
     let names: Vec<String> = layers.iter().zip(blocks).map(|(l, b)| b.as_ref().map_or_else(|| graph.node(l.node).outputs()[0].clone(), |b| b.sum.clone())).collect();
+    let c_outs: Vec<usize> = layers.iter().map(|l| output_channels(graph, l.node)).collect();
     let per_image = run_all(reference, &names, calib, |i, outs| {
         outs.iter()
             .zip(layers)
             .enumerate()
             .map(|(li, (y, layer))| {
-                let y = as4(y).ok()?;
+                let y = as4(y)?;
                 let (c, h, w) = (y.shape()[1], y.shape()[2], y.shape()[3]);
                 let channels: Vec<usize> = layer.kept.clone().unwrap_or_else(|| (0..c).collect());
+                if channels.len() != c_outs[li] || channels.iter().any(|&ch| ch >= c) {
+                    return Err(Error::Data(format!("reference tensor `{}` has {c} channels, but layer `{}` writes {}", names[li], graph.node(layer.node).name(), c_outs[li])));
+                }
                 let count = samples_per_image(graph, layer, calib);
                 let mut out = Vec::with_capacity(count * channels.len());
                 for (py, px) in positions(h, w, count, seed(i, li)) {
                     out.extend(channels.iter().map(|&ch| y[[0, ch, py, px]]));
                 }
-                Some(out)
+                Ok(out)
             })
-            .collect::<Option<Vec<Vec<f32>>>>()
+            .collect::<Result<Vec<Vec<f32>>>>()
     })?;
     let mut out = vec![Vec::new(); layers.len()];
     for img in per_image {
-        let img = img.ok_or_else(|| Error::Data("a reference activation is not 4-d".into()))?;
-        for (acc, rows) in out.iter_mut().zip(img) {
+        for (acc, rows) in out.iter_mut().zip(img?) {
             acc.extend(rows);
         }
     }
     Ok(out)
+}
+
+/// Output channels of a refit layer (its weight's first dimension).
+fn output_channels(graph: &Graph, ix: NodeIndex) -> usize {
+    graph.node(ix).input(1).and_then(|w| graph.constant(w)).map_or(0, |w| w.shape().first().copied().unwrap_or(0))
 }
 
 /// Input patches of one layer at the positions of its output map.
@@ -227,7 +250,8 @@ fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usiz
 /// the pass), one layer at a time in topological order. Returns, per layer,
 /// the relative reconstruction error before and after.
 pub fn refit(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration) -> Result<Vec<(String, f64, f64)>> {
-    refit_with(reference, model, layers, calib, |graph, layer, x, y| {
+    let layers = refittable(&model.graph, layers.to_vec());
+    refit_with(reference, model, &layers, calib, |graph, layer, x, y| {
         let (before, after) = solve_layer(graph, layer.node, x, y, Fit::for_layer(calib, graph, layer.node))?;
         Ok((graph.node(layer.node).name().to_string(), before, after))
     })
@@ -239,7 +263,7 @@ pub fn refit(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Cal
 /// may also rewrite the graph around the layer (the `dw` pass replaces the
 /// conv by its factorized pair there).
 pub fn refit_with<T>(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration, mut solver: impl FnMut(&mut Graph, &Layer, &[f32], &[f32]) -> Result<T>) -> Result<Vec<T>> {
-    let layers = refittable(&model.graph, layers.to_vec());
+    let layers: Vec<Layer> = layers.iter().filter(|l| geometry(&model.graph, l.node).is_some()).cloned().collect();
     if layers.is_empty() || calib.images.is_empty() {
         return Ok(vec![]);
     }
@@ -527,12 +551,12 @@ impl Calibration {
         let images = refit_paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
         let mut sources = paths;
         sources.extend(extras);
-        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, target: cfg.target, through_relu: cfg.through_relu, sources, preprocessing: pre })
+        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, target: cfg.target, reference: cfg.reference, through_relu: cfg.through_relu, sources, preprocessing: pre })
     }
 
     /// Calibration on in-memory images (caffe preprocessing, no source files).
     pub fn from_images(images: Vec<Array3<f32>>, positions: usize, ridge: f64) -> Calibration {
-        Calibration { images, positions, ridge, target: Default::default(), through_relu: true, sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
+        Calibration { images, positions, ridge, target: Default::default(), reference: Default::default(), through_relu: true, sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
     }
 }
 

@@ -190,3 +190,49 @@ fn resolution_bounds_select_stages_whatever_the_names() {
     assert_eq!(mid.len(), 4, "res3*'s four 3x3 convs: {mid:?}");
     assert!(mid.iter().all(|n| n.starts_with("res3")), "{mid:?}");
 }
+
+/// The fixture with `classes` outputs, its classifier's weight stored
+/// [C_in, C_out] (transB = 0) when `transposed`.
+fn with_classifier(classes: usize, transposed: bool) -> Model {
+    let mut m = resnet50(&FixtureSpec { width_div: 8, input_size: 64, classes, ..Default::default() }).unwrap();
+    if transposed {
+        let ix = m.graph.net.node_indices().find(|&ix| m.graph.node(ix).op() == "Gemm").unwrap();
+        let wname = m.graph.node(ix).input(1).unwrap().to_string();
+        let w = m.graph.constant_f32(&wname).unwrap().t().as_standard_layout().into_owned();
+        m.graph.weights.get_mut(&wname).unwrap().set_data(cresnet_opt::ir::Data::F32(w));
+        m.graph.node_mut(ix).set_attr_int("transB", 0);
+    }
+    m
+}
+
+#[test]
+fn calibrated_gemm_is_factorized_on_data_when_asked_whatever_its_weight_layout() {
+    let calib = Calibration::from_images(images(24, 4), 24, 1e-3);
+    let passes = [lowrank(LowrankOptions { ratio: Some(0.3), max_resolution: Some(1), fit_gemm: true, ..Default::default() })];
+    let compress = |m: &Model, c: Option<&Calibration>| {
+        let mut m = m.clone();
+        let r = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &passes, &Default::default(), c, |_| {}).unwrap();
+        (m, r)
+    };
+    let original = with_classifier(32, false);
+    let held = cresnet_opt::imagedata::stack(&images(6, 999), 6).into_dyn();
+    let reference = run(&original, &held);
+    let (free, _) = compress(&original, None);
+    let (cal, report) = compress(&original, Some(&calib));
+    // 0.3 of 256 x 32 weights: rank 8.
+    let [change] = &report[0].changed[..] else { panic!("{:?}", report[0]) };
+    assert!(change.what.starts_with("rank 8 ") && change.what.contains("on data"), "{}", change.what);
+    assert_eq!(count(&cal, "Gemm"), 2);
+    let (e_free, e_cal) = (rel_diff(&reference, &run(&free, &held)), rel_diff(&reference, &run(&cal, &held)));
+    eprintln!("calibrated {e_cal} vs data-free {e_free}");
+    assert!(e_cal < 0.7 * e_free, "calibrated {e_cal} vs data-free {e_free}");
+    // transB = 0 is first rewritten to the [C_out, C_in] layout: same result.
+    let (cal_t, _) = compress(&with_classifier(32, true), Some(&calib));
+    let d = rel_diff(&run(&cal, &held), &run(&cal_t, &held));
+    assert!(d < 1e-5, "{d}");
+    // Without `fit_gemm` the Gemm is factorized data-free, calibration or not.
+    let (mut default_cal, plain) = (original.clone(), [lowrank(LowrankOptions { ratio: Some(0.3), max_resolution: Some(1), ..Default::default() })]);
+    let report = cresnet_opt::passes::run_pipeline_calibrated(&mut default_cal, &plain, &Default::default(), Some(&calib), |_| {}).unwrap();
+    assert!(!report[0].changed[0].what.contains("on data"), "{}", report[0].changed[0].what);
+    assert!(rel_diff(&run(&free, &held), &run(&default_cal, &held)) < 1e-6);
+}

@@ -140,3 +140,63 @@ fn block_targets_repair_the_residual_stream_better_than_layer_targets() {
     let (layer, block) = (error(cresnet_opt::config::RefitTarget::Layer), error(cresnet_opt::config::RefitTarget::Block));
     assert!(block < 0.95 * layer, "block {block} vs layer {layer}");
 }
+
+/// x → 1x1 conv `a` → ReLU → 1x1 conv `b`, 8 channels.
+fn two_convs() -> Model {
+    use cresnet_opt::fixture::{ConvSpec, Net};
+    let mut net = Net::new(3).input("x", &[1, 8, 6, 6]);
+    let y = net.conv("a", "x", ConvSpec::new(8, 8, 1));
+    let y = net.op("Relu", "relu", &[&y]);
+    let y = net.conv("b", &y, ConvSpec::new(8, 8, 1));
+    net.model(&[&y]).unwrap()
+}
+
+fn random_images(count: usize, seed: u64) -> Vec<Array3<f32>> {
+    let mut rng = cresnet_opt::fixture::Rng::new(seed);
+    (0..count).map(|_| Array3::from_shape_fn((8, 6, 6), |_| rng.normal())).collect()
+}
+
+/// The relative errors "before -> after" that a calibrated pass reports for `node`.
+fn reported_errors(report: &cresnet_opt::passes::PassReport, node: &str) -> (f64, f64) {
+    let c = report.changed.iter().find(|c| c.node == node).unwrap_or_else(|| panic!("{node} not in {report:?}"));
+    let errs: Vec<f64> = c.what.split("relative error ").nth(1).unwrap().split(", ").next().unwrap().split(" -> ").map(|v| v.parse().unwrap()).collect();
+    (errs[0], errs[1])
+}
+
+#[test]
+fn refits_reproduce_the_original_or_the_previous_pass_as_configured() {
+    use cresnet_opt::config::{LowrankOptions, RefitReference};
+    // `a` at rank 2 loses information; `b`, refactorized at full rank, is
+    // fitted either to the previous model's output (which it reproduces
+    // exactly) or to the original's (a's error included, partly repaired).
+    let original = two_convs();
+    let passes = [
+        PassSpec::Lowrank(LowrankOptions { rank: Some(2), include: vec!["a".into()], ..Default::default() }),
+        PassSpec::Lowrank(LowrankOptions { rank: Some(8), min_gain: -10.0, include: vec!["b".into()], ..Default::default() }),
+    ];
+    let mut calib = Calibration::from_images(random_images(24, 1), 36, 1e-6);
+    let mut b_errors = |reference| {
+        calib.reference = reference;
+        let mut m = original.clone();
+        let reports = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &passes, &Default::default(), Some(&calib), |_| {}).unwrap();
+        reported_errors(&reports[1], "b")
+    };
+    let (before, after) = b_errors(RefitReference::Previous);
+    assert!(before < 1e-6 && after < 1e-6, "{before} -> {after}");
+    let (before, after) = b_errors(RefitReference::Original);
+    assert!(before > 0.1 && after < before, "{before} -> {after}");
+}
+
+#[test]
+fn refits_fall_back_to_the_previous_pass_once_pruning_changed_shapes() {
+    // Against the original the pruned tensors would have more channels than
+    // the model being refit; the dw pass must refit against the pruned model.
+    let original = fixture();
+    let calib = Calibration::from_images(images(24, 1), 24, 1e-3);
+    let passes = [fold(), prune(PruneOptions { ratio: Some(0.5), ..Default::default() }), PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() })];
+    let mut m = original.clone();
+    let reports = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &passes, &Default::default(), Some(&calib), |_| {}).unwrap();
+    let refits = reports[2].changed.iter().filter(|c| c.what.contains("refit") || c.what.contains("on data")).count();
+    assert!(refits > 0, "{:?}", reports[2]);
+    assert!(error_on_fresh_images(&original, &m).is_finite());
+}

@@ -26,8 +26,9 @@
 //! `frozen` a BN on fixed statistics.
 //!
 //! Data: random resized crops + flips of the training images (`data`, else
-//! the calibration images); the teacher (tract) sees the same augmented
-//! batch. Schedule: cosine from `lr` to 0 over all steps; LAMB, Adam with
+//! the calibration images), and with `mixup: p` a share p of them blended
+//! with another image of the batch; the teacher (tract) sees the same
+//! augmented batch. Schedule: cosine from `lr` to 0 over all steps; LAMB, Adam with
 //! decoupled weight decay, or SGD with momentum 0.9. A seeded share
 //! (`holdout`) of the images is never trained on: after every epoch the
 //! student's top-1 agreement with the teacher and KL (T = 1) on their centre
@@ -214,6 +215,27 @@ fn mse(student: &[f32], teacher: &[f32], weight: f64) -> (f64, Vec<f32>) {
     (loss, student.iter().zip(teacher).map(|(s, t)| (2.0 * weight * (s - t) as f64 / n) as f32).collect())
 }
 
+/// Blends a share `p` of the `batch` images in `x` each with another image
+/// of the batch: x_i ← λ·x_i + (1 − λ)·x_j, λ uniform in [0, 1).
+fn mixup(x: &mut [f32], batch: usize, p: f64, seed: u64) {
+    if p <= 0.0 || batch < 2 {
+        return;
+    }
+    let len = x.len() / batch;
+    let original = x.to_vec();
+    let mut rng = Rng::new(seed);
+    for (i, xi) in x.chunks_mut(len).enumerate() {
+        if (rng.uniform() as f64) >= p {
+            continue;
+        }
+        let j = (i + 1 + rng.below(batch - 1)) % batch;
+        let lambda = rng.uniform();
+        for (v, o) in xi.iter_mut().zip(&original[j * len..(j + 1) * len]) {
+            *v = lambda * *v + (1.0 - lambda) * o;
+        }
+    }
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) }).0
 }
@@ -350,7 +372,8 @@ impl Trainer<'_> {
         for (k, chunk) in order.chunks_exact(batch).enumerate() {
             let seed = |slot: usize| self.o.seed ^ ((epoch as u64) << 40) ^ ((k * batch + slot) as u64) << 8;
             let t = Instant::now();
-            let x = self.images.batch(chunk, |slot, i| self.images.augmented(i, seed(slot), self.o.min_scale));
+            let mut x = self.images.batch(chunk, |slot, i| self.images.augmented(i, seed(slot), self.o.min_scale));
+            mixup(&mut x, batch, self.o.mixup, seed(batch));
             times[0] += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let targets = self.teacher.run(&x)?;
@@ -455,4 +478,28 @@ fn progress(steps: u64, epoch: usize) -> indicatif::ProgressBar {
     bar.set_style(style);
     bar.set_prefix(epoch.to_string());
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mixup;
+
+    /// A batch of 4 constant images of values 0, 1, 2, 3 (5 values each).
+    fn batch() -> Vec<f32> {
+        (0..4).flat_map(|i| [i as f32; 5]).collect()
+    }
+
+    #[test]
+    fn mixup_blends_each_chosen_image_with_another_one() {
+        let mut x = batch();
+        mixup(&mut x, 4, 1.0, 7);
+        for (i, img) in x.chunks(5).enumerate() {
+            // A blend of two constant images is constant, and not image i itself.
+            assert!(img.iter().all(|&v| v == img[0]), "{img:?}");
+            assert!(img[0] != i as f32 && (0.0..=3.0).contains(&img[0]), "image {i}: {}", img[0]);
+        }
+        let mut untouched = batch();
+        mixup(&mut untouched, 4, 0.0, 7);
+        assert_eq!(untouched, batch());
+    }
 }

@@ -62,7 +62,7 @@ pub struct Factorization {
 }
 
 pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<PassReport> {
-    if let (Some(calib), Some(before)) = (ctx.calibration, ctx.before) {
+    if let (Some(calib), Some(before)) = (ctx.calibration, ctx.reference) {
         return run_calibrated(graph, ctx.shapes, before, calib, opts);
     }
     let mut report = PassReport::default();

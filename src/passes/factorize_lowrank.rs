@@ -33,8 +33,12 @@
 //! `alternate: n` (default 2) rounds then refit A with B fixed in closed
 //! form, Aᵀ = (XᵀX + λ)⁻¹ Xᵀ(T − b) B (BᵀB)⁻¹, and B, b again; a round is
 //! kept only if it lowers the error. `energy` is then measured on the
-//! predictions' spectrum. Gemm layers are factorized data-free even when
-//! calibrating (the refit samples conv patches only).
+//! predictions' spectrum. Gemm layers stay data-free unless `fit_gemm`
+//! (a classifier needs calibration images of all its classes); then, with
+//! one sample per image and typically fewer images than inputs, a Gemm
+//! takes its principal directions from its present weights' predictions
+//! on the data instead of the least-squares map, and only B and the bias
+//! are refit.
 use super::factorize_depthwise::Selection;
 use super::{PassContext, PassReport};
 use crate::config::LowrankOptions;
@@ -83,12 +87,15 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Resul
         Some(&rank) => LowrankOptions { rank: Some(rank), ratio: None, energy: None, target_params: None, ..opts.clone() },
         None => opts.clone(),
     };
-    let calibrated = ctx.calibration.is_some() && ctx.before.is_some();
+    let calibrated = ctx.calibration.is_some() && ctx.reference.is_some();
     let mut on_data = Vec::new();
     // The weights of the convs factorized on data, as `candidate` read them.
     let mut weights = std::collections::HashMap::new();
     for (ix, c) in candidates {
-        if calibrated && !c.gemm {
+        if calibrated && (!c.gemm || opts.fit_gemm) {
+            if c.gemm {
+                as_trans_b(graph, ix, &c.w);
+            }
             on_data.push(crate::recover::Layer { node: ix, kept: None });
             weights.insert(ix, c.w);
             continue;
@@ -103,7 +110,7 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Resul
             Err(reason) => report.decline(&name, reason),
         }
     }
-    if let (Some(calib), Some(before), false) = (ctx.calibration, ctx.before, on_data.is_empty()) {
+    if let (Some(calib), Some(before), false) = (ctx.calibration, ctx.reference, on_data.is_empty()) {
         let mut model = crate::ir::Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
         let result = crate::recover::refit_with(before, &mut model, &on_data, calib, |g, layer, x, y| factorize_on_data(g, layer.node, &weights[&layer.node], x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node)));
         *graph = model.graph;
@@ -294,7 +301,12 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32
     let p = crate::recover::Problem::new(graph, ix, x, y)?;
     let (c_in, c_out) = (p.d, p.c_out);
     let fail = |what: &str| Error::Pass { pass: "lowrank".into(), reason: format!("`{name}`: {what}") };
-    let full = crate::recover::ridge_solve(&p.xa, &p.ya, fit.ridge).ok_or_else(|| fail("the normal equations are not positive definite"))?;
+    // A Gemm gets one sample per image: with fewer images than inputs
+    // (ResNet-50: 1,256 against 2,048) the least-squares map would
+    // interpolate the calibration outputs, so its principal directions are
+    // those of the present weights' predictions, and A is not refit.
+    let gemm = graph.node(ix).op() == "Gemm";
+    let full = if gemm { crate::recover::current_solution(graph, ix, c_in, c_out) } else { crate::recover::ridge_solve(&p.xa, &p.ya, fit.ridge).ok_or_else(|| fail("the normal equations are not positive definite"))? };
     let (rank, energy, a) = principal_map(&p.xa, &full, c_in, c_out, opts).ok_or_else(|| fail("eigendecomposition failed"))?;
     if let Some(reason) = too_small(c_out, c_in, rank, opts) {
         return Ok(Outcome::Declined { name, reason });
@@ -302,7 +314,7 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32
     let xs = p.xa.subcols(0, c_in).to_owned();
     let before = svd_error(graph, ix, w, &xs, &p.ya, rank, fit).ok_or_else(|| fail("the data-free SVD failed"))?;
     let (mut a, mut sol, mut err) = fit_outer(&xs, a, &p.ya, fit).ok_or_else(|| fail("the pointwise refit is not solvable"))?;
-    if opts.alternate > 0 {
+    if opts.alternate > 0 && !gemm {
         let mut gram = xs.transpose() * &xs;
         crate::recover::add_ridge(&mut gram, c_in, fit.ridge);
         let llt = gram.llt(Side::Lower).map_err(|_| fail("the input Gram matrix is not positive definite"))?;
@@ -366,6 +378,19 @@ fn refit_inner(xs: &Mat<f64>, llt: &faer::linalg::solvers::Llt<f64>, a: &Mat<f64
     let mut at = lhs.transpose().to_owned();
     (bt * bt.transpose()).llt(Side::Lower).ok()?.solve_in_place(at.as_mut());
     at.norm_l2().is_finite().then_some(at)
+}
+
+/// Rewrites Gemm `ix` to read its weight as `w` = [C_out, C_in] with
+/// transB = 1 (the same function), the layout the calibrated refit reads.
+fn as_trans_b(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>) {
+    if graph.node(ix).attr_int("transB").unwrap_or(0) == 1 {
+        return;
+    }
+    let Some(wname) = graph.node(ix).input(1).map(str::to_string) else { return };
+    if let Some(weight) = graph.weights.get_mut(&wname) {
+        weight.set_data(crate::ir::Data::F32(w.clone().into_dyn()));
+        graph.node_mut(ix).set_attr_int("transB", 1);
+    }
 }
 
 /// [Z 1].

@@ -10,7 +10,7 @@ pub mod fold_batchnorm;
 pub mod importance;
 pub mod prune_channels;
 
-use crate::config::PassSpec;
+use crate::config::{PassSpec, RefitReference};
 use crate::error::{Error, Result};
 use crate::ir::Model;
 use crate::shape::{InputShapes, Shapes};
@@ -55,9 +55,10 @@ impl PassReport {
 pub struct PassContext<'a> {
     /// Shapes of the graph as it is before this pass.
     pub shapes: &'a Shapes,
-    /// The model before this pass (the reference for calibrated recovery;
-    /// only kept when calibrating).
-    pub before: Option<&'a Model>,
+    /// The reference of calibrated recovery (only kept when calibrating):
+    /// the model as loaded or as the previous pass left it
+    /// (`calibration.reference`).
+    pub reference: Option<&'a Model>,
     /// Calibration images, when the pipeline has them.
     pub calibration: Option<&'a crate::recover::Calibration>,
     /// The model as it was loaded (the teacher of `distill`; only kept
@@ -84,14 +85,25 @@ impl PassContext<'_> {
         report: &mut PassReport,
         solver: impl FnMut(&mut crate::ir::Graph, &crate::recover::Layer, &[f32], &[f32]) -> Result<(String, f64, f64)>,
     ) -> Result<()> {
-        let (Some(calib), Some(before)) = (self.calibration, self.before) else { return Ok(()) };
+        let (Some(calib), Some(before)) = (self.calibration, self.reference) else { return Ok(()) };
         let mut model = Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
+        let layers = crate::recover::refittable(&model.graph, layers);
         let result = crate::recover::refit_with(before, &mut model, &layers, calib, solver);
         *graph = model.graph;
         for (layer, before, after) in result? {
             report.change(&layer, format!("refit: relative error {before:.4} -> {after:.4}"));
         }
         Ok(())
+    }
+}
+
+/// The model a lossy pass refits against: the original (with its shapes)
+/// when given and every tensor both graphs have still has its original
+/// shape, else a copy of the model as it is now.
+fn refit_reference<'a>(model: &Model, shapes: &Shapes, original: Option<(&'a Model, &Shapes)>) -> std::borrow::Cow<'a, Model> {
+    match original {
+        Some((o, o_shapes)) if o_shapes.iter().all(|(name, t)| shapes.get(name).is_none_or(|now| now.shape == t.shape)) => std::borrow::Cow::Borrowed(o),
+        _ => std::borrow::Cow::Owned(model.clone()),
     }
 }
 
@@ -110,12 +122,16 @@ pub fn run_pipeline_calibrated(
 ) -> Result<Vec<PassReport>> {
     let mut shapes = crate::validate::validate(&model.graph, overrides)?;
     let mut reports = Vec::new();
-    let original = passes.iter().any(|p| matches!(p, PassSpec::Distill(o) if o.teacher.is_none())).then(|| model.clone());
+    let to_original = calibration.is_some_and(|c| c.reference == RefitReference::Original);
+    let distills = passes.iter().any(|p| matches!(p, PassSpec::Distill(o) if o.teacher.is_none()));
+    let original = (distills || to_original).then(|| model.clone());
+    let original_shapes = to_original.then(|| shapes.clone());
     for spec in passes {
         let started = std::time::Instant::now();
         let before = crate::stats::from_shapes(&model.graph, &shapes);
-        let before_model = calibration.filter(|_| matches!(spec, PassSpec::Prune(_) | PassSpec::Dw(_) | PassSpec::Lowrank(_))).map(|_| model.clone());
-        let ctx = PassContext { shapes: &shapes, before: before_model.as_ref(), calibration, original: original.as_ref() };
+        let lossy = calibration.is_some() && matches!(spec, PassSpec::Prune(_) | PassSpec::Dw(_) | PassSpec::Lowrank(_));
+        let reference = lossy.then(|| refit_reference(model, &shapes, original.as_ref().zip(original_shapes.as_ref())));
+        let ctx = PassContext { shapes: &shapes, reference: reference.as_deref(), calibration, original: original.as_ref() };
         let mut report = match spec {
             PassSpec::Fold(o) => fold_batchnorm::run(&mut model.graph, &ctx, o),
             PassSpec::Prune(o) => prune_channels::run(&mut model.graph, &ctx, o),
