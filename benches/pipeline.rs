@@ -1,7 +1,7 @@
 //! Benchmarks (a plain harness: `cargo bench --bench pipeline`).
 //! Times load / validate / save / each pass of the shared ResNet-50, median
 //! of several runs. Needs ../shared/models/resnet50-imagenet.onnx.
-use cresnet_opt::config::{DwOptions, FoldOptions, PassSpec, PruneOptions};
+use cresnet_opt::config::{DwOptions, FoldOptions, LowrankOptions, PassSpec, PruneOptions};
 use std::path::Path;
 use std::time::Instant;
 
@@ -49,7 +49,10 @@ fn main() {
     }
     if std::env::args().any(|a| a == "--train") {
         train_engine_vs_frameworks();
-        train_benches(&model);
+        train_benches(&model, true);
+    }
+    if std::env::args().any(|a| a == "--students") {
+        train_benches(&model, false);
     }
 }
 
@@ -84,13 +87,16 @@ fn train_engine_vs_frameworks() {
 
 /// One training step (forward + backward, batch 16, 224x224) of the
 /// training engine on the folded model and on data-free compressed students.
-fn train_benches(model: &cresnet_opt::ir::Model) {
+fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
     let fold = PassSpec::Fold(FoldOptions::default());
     let dw1 = PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() });
     let prune = PassSpec::Prune(PruneOptions { target_params: Some(0.3), ..Default::default() });
-    let students = [("fold", vec![fold.clone()]), ("fold,dw r1", vec![fold.clone(), dw1.clone(), fold.clone()]), ("fold,prune p0.3,dw r1", vec![fold.clone(), prune, dw1, fold])];
+    let lowrank = |ratio: f64, min_resolution: Option<usize>, max_resolution: Option<usize>| PassSpec::Lowrank(LowrankOptions { ratio: Some(ratio), min_resolution, max_resolution, ..Default::default() });
+    let dw = |rank: usize, min_resolution: Option<usize>, max_resolution: Option<usize>| PassSpec::Dw(DwOptions { rank: Some(rank), min_resolution, max_resolution, ..Default::default() });
+    let recipe = vec![fold.clone(), lowrank(0.6, Some(28), None), lowrank(0.2445, None, Some(14)), dw(2, Some(28), None), dw(1, None, Some(14))];
+    let students = [("fold", vec![fold.clone()]), ("fold,dw r1", vec![fold.clone(), dw1.clone(), fold.clone()]), ("fold,prune p0.3,dw r1", vec![fold.clone(), prune, dw1, fold]), ("cresnet (data-free)", recipe)];
     let batch = 16;
-    for b in [1, 4, 16] {
+    for b in if with_teacher { vec![1, 4, 16] } else { vec![] } {
         let runner = cresnet_opt::runner::Runner::new(model, b, &[]).expect("tract");
         let x = ndarray::ArrayD::<f32>::from_elem(vec![b, 3, 224, 224], 0.5);
         let t1 = time(3, || runner.run(x.clone()).expect("run"));

@@ -17,13 +17,16 @@ mkdir -p "$OUT" docs
 # Calibration: `-cal` = the first 256 images; letters after it add options:
 # x = also the first 256 unlabelled photos in the refits (refit_extra),
 # X = all 1000 of them (1,256 refit images),
-# b = block targets, r = fit convs read by a ReLU through it (through_relu).
+# b = block targets, r = fit convs read by a ReLU through it (through_relu),
+# p = refits reproduce the previous pass's model (`reference: previous`, the
+# behaviour before session 6; the default reproduces the model as loaded).
 calibration() {
   local flags=$1 extra=""
   [[ $flags == *x* ]] && extra+=", extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 256"
   [[ $flags == *X* ]] && extra+=", extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 1000"
   [[ $flags == *b* ]] && extra+=", target: block"
   [[ $flags == *r* ]] && extra+=", through_relu: true"
+  [[ $flags == *p* ]] && extra+=", reference: previous"
   echo "calibration: { data: $(realpath "$DATA"), images: 256$extra }"
 }
 
@@ -79,13 +82,18 @@ declare -A PASSES=(
   # weights between the 14 px and the 7 px + classifier stages.
   [fifth-split-cal]="[fold, {lowrank: {ratio: 0.6, min_resolution: 28}}, {lowrank: {ratio: 0.2445, max_resolution: 14}}, {dw: {rank: 2, min_resolution: 28}}, {dw: {rank: 1, max_resolution: 14}}]"
   [fifth-split-mid-cal]="[fold, {lowrank: {ratio: 0.6, min_resolution: 28}}, {lowrank: {ratio: 0.35, min_resolution: 14, max_resolution: 14}}, {lowrank: {ratio: 0.207, max_resolution: 7}}, {dw: {rank: 2, min_resolution: 28}}, {dw: {rank: 1, max_resolution: 14}}]"
+  # Session 6: the classifier's rank is worth more than the 7 px convs'
+  # (README "Where to spend the budget"): classifier ratio 0.4 / 0.5, paid by
+  # the 7 px stage.
+  [fifth-fc4-cal]="[fold, {lowrank: {ratio: 0.6, min_resolution: 28}}, {lowrank: {ratio: 0.2445, min_resolution: 14, max_resolution: 14}}, {lowrank: {ratio: 0.204, min_resolution: 7, max_resolution: 7}}, {lowrank: {ratio: 0.4, max_resolution: 1}}, {dw: {rank: 2, min_resolution: 28}}, {dw: {rank: 1, max_resolution: 14}}]"
+  [fifth-fc5-cal]="[fold, {lowrank: {ratio: 0.6, min_resolution: 28}}, {lowrank: {ratio: 0.2445, min_resolution: 14, max_resolution: 14}}, {lowrank: {ratio: 0.179, min_resolution: 7, max_resolution: 7}}, {lowrank: {ratio: 0.5, max_resolution: 1}}, {dw: {rank: 2, min_resolution: 28}}, {dw: {rank: 1, max_resolution: 14}}]"
   [fifth-split-late-cal]="[fold, {lowrank: {ratio: 0.6, min_resolution: 28}}, {lowrank: {ratio: 0.2, min_resolution: 14, max_resolution: 14}}, {lowrank: {ratio: 0.262, max_resolution: 7}}, {dw: {rank: 2, min_resolution: 28}}, {dw: {rank: 1, max_resolution: 14}}]"
 )
 ORDER="dw-r2-cal dw-r1-cal prune-m0.7-inner-cal prune-m0.9-cal dw-r1-free dw-r3-cal prune-m0.7-free prune-m0.7-none dw-e0.95-cal prune-m0.7-cal dw-r2-free dw-r3-free prune-m0.9-free prune-m0.9-none prune-m0.5-cal prune-m0.5-free prune-m0.5-none dw-e0.9-cal dw-e0.9-free dw-e0.95-free prune-m0.7-inner-free"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
   base=$name flags=""
-  [[ $name =~ ^(.*-cal)([xXbr]*)$ ]] && { base=${BASH_REMATCH[1]}; flags=${BASH_REMATCH[2]}; }
+  [[ $name =~ ^(.*-cal)([xXbrp]*)$ ]] && { base=${BASH_REMATCH[1]}; flags=${BASH_REMATCH[2]}; }
   echo "passes: ${PASSES[$base]}" > "$cfg"
   [[ $base == *-cal ]] && calibration "$flags" >> "$cfg"
   start=$(date +%s.%N)

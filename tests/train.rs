@@ -135,8 +135,11 @@ fn check_gradients(mut net: Network, params: usize) {
         let down = loss(&net, &x, &c);
         net.params[i].data = original;
         let numeric = (up - down) / (2.0 * eps as f64);
-        // A conv bias before a training-mode BN has gradient 0: f32 noise there is ~5e-5.
-        let err = (numeric - analytic).abs() / analytic.abs().max(1e-2);
+        // A conv bias before a training-mode BN has gradient 0, where the
+        // central difference of the f32 loss shows noise up to ~1.5e-4 (the
+        // value depends on the kernels' summation order): small gradients
+        // are compared in absolute terms (5e-4).
+        let err = (numeric - analytic).abs() / analytic.abs().max(5e-2);
         assert!(err < 1e-2, "param `{}`: analytic {analytic:.6} vs numeric {numeric:.6}", net.params[i].name);
     }
 }
