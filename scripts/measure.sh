@@ -18,15 +18,15 @@ mkdir -p "$OUT" docs
 # x = also the first 256 unlabelled photos in the refits (refit_extra),
 # X = all 1000 of them (1,256 refit images),
 # b = block targets, r = fit convs read by a ReLU through it (through_relu),
-# p = refits reproduce the previous pass's model (`reference: previous`, the
-# behaviour before session 6; the default reproduces the model as loaded).
+# o = refits reproduce the model as loaded (`reference: original`; default:
+# the previous pass's model).
 calibration() {
   local flags=$1 extra=""
   [[ $flags == *x* ]] && extra+=", extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 256"
   [[ $flags == *X* ]] && extra+=", extra: [{ dir: $(realpath "$SHARED/data/unlabelled-photos") }], refit_extra: 1000"
   [[ $flags == *b* ]] && extra+=", target: block"
   [[ $flags == *r* ]] && extra+=", through_relu: true"
-  [[ $flags == *p* ]] && extra+=", reference: previous"
+  [[ $flags == *o* ]] && extra+=", reference: original"
   echo "calibration: { data: $(realpath "$DATA"), images: 256$extra }"
 }
 
@@ -93,7 +93,7 @@ ORDER="dw-r2-cal dw-r1-cal prune-m0.7-inner-cal prune-m0.9-cal dw-r1-free dw-r3-
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
   base=$name flags=""
-  [[ $name =~ ^(.*-cal)([xXbrp]*)$ ]] && { base=${BASH_REMATCH[1]}; flags=${BASH_REMATCH[2]}; }
+  [[ $name =~ ^(.*-cal)([xXbro]*)$ ]] && { base=${BASH_REMATCH[1]}; flags=${BASH_REMATCH[2]}; }
   echo "passes: ${PASSES[$base]}" > "$cfg"
   [[ $base == *-cal ]] && calibration "$flags" >> "$cfg"
   start=$(date +%s.%N)

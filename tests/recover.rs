@@ -192,7 +192,8 @@ fn refits_fall_back_to_the_previous_pass_once_pruning_changed_shapes() {
     // Against the original the pruned tensors would have more channels than
     // the model being refit; the dw pass must refit against the pruned model.
     let original = fixture();
-    let calib = Calibration::from_images(images(24, 1), 24, 1e-3);
+    let mut calib = Calibration::from_images(images(24, 1), 24, 1e-3);
+    calib.reference = cresnet_opt::config::RefitReference::Original;
     let passes = [fold(), prune(PruneOptions { ratio: Some(0.5), ..Default::default() }), PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() })];
     let mut m = original.clone();
     let reports = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &passes, &Default::default(), Some(&calib), |_| {}).unwrap();
