@@ -247,7 +247,8 @@ fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usiz
 }
 
 /// Refits `layers` of `model.graph` against `reference` (the model before
-/// the pass), one layer at a time in topological order. Returns, per layer,
+/// the pass, or as loaded: `calibration.reference`), one layer at a time in
+/// topological order. Returns, per layer,
 /// the relative reconstruction error before and after.
 pub fn refit(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration) -> Result<Vec<(String, f64, f64)>> {
     let layers = refittable(&model.graph, layers.to_vec());

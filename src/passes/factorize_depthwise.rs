@@ -62,8 +62,8 @@ pub struct Factorization {
 }
 
 pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<PassReport> {
-    if let (Some(calib), Some(before)) = (ctx.calibration, ctx.reference) {
-        return run_calibrated(graph, ctx.shapes, before, calib, opts);
+    if let (Some(calib), Some(reference)) = (ctx.calibration, ctx.reference) {
+        return run_calibrated(graph, ctx.shapes, reference, calib, opts);
     }
     let mut report = PassReport::default();
     let convs: Vec<NodeIndex> = graph.topo_order()?.into_iter().filter(|&ix| graph.node(ix).op() == "Conv" && graph.node(ix).is_standard()).collect();
@@ -90,7 +90,7 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<Pas
 /// then the pointwise weights and bias are a ridge least-squares fit of the
 /// conv's outputs. (Measured on ResNet-50 rank 2: weighting the per-channel
 /// SVD by the input patches' covariance gave lower top-1, 0.763 vs 0.804.)
-fn run_calibrated(graph: &mut Graph, shapes: &Shapes, before: &crate::ir::Model, calib: &crate::recover::Calibration, opts: &DwOptions) -> Result<PassReport> {
+fn run_calibrated(graph: &mut Graph, shapes: &Shapes, reference: &crate::ir::Model, calib: &crate::recover::Calibration, opts: &DwOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
     let mut layers = Vec::new();
     let mut factorized = std::collections::HashSet::new();
@@ -115,8 +115,8 @@ fn run_calibrated(graph: &mut Graph, shapes: &Shapes, before: &crate::ir::Model,
     }
     // Convs refit as they are (`refit: all`), by name.
     let plain: std::collections::HashSet<String> = layers.iter().filter(|l| !factorized.contains(&l.node)).map(|l| graph.node(l.node).name().to_string()).collect();
-    let mut model = crate::ir::Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
-    let result = crate::recover::refit_with(before, &mut model, &layers, calib, |g, layer, x, y| {
+    let mut model = crate::ir::Model { proto: reference.proto.clone(), graph: std::mem::take(graph) };
+    let result = crate::recover::refit_with(reference, &mut model, &layers, calib, |g, layer, x, y| {
         if factorized.contains(&layer.node) {
             return factorize_on_data(g, layer.node, x, y, opts, crate::recover::Fit::for_layer(calib, g, layer.node));
         }

@@ -110,9 +110,9 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Resul
             Err(reason) => report.decline(&name, reason),
         }
     }
-    if let (Some(calib), Some(before), false) = (ctx.calibration, ctx.reference, on_data.is_empty()) {
-        let mut model = crate::ir::Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
-        let result = crate::recover::refit_with(before, &mut model, &on_data, calib, |g, layer, x, y| factorize_on_data(g, layer.node, &weights[&layer.node], x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node)));
+    if let (Some(calib), Some(reference), false) = (ctx.calibration, ctx.reference, on_data.is_empty()) {
+        let mut model = crate::ir::Model { proto: reference.proto.clone(), graph: std::mem::take(graph) };
+        let result = crate::recover::refit_with(reference, &mut model, &on_data, calib, |g, layer, x, y| factorize_on_data(g, layer.node, &weights[&layer.node], x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node)));
         *graph = model.graph;
         for outcome in result? {
             match outcome {

@@ -85,10 +85,10 @@ impl PassContext<'_> {
         report: &mut PassReport,
         solver: impl FnMut(&mut crate::ir::Graph, &crate::recover::Layer, &[f32], &[f32]) -> Result<(String, f64, f64)>,
     ) -> Result<()> {
-        let (Some(calib), Some(before)) = (self.calibration, self.reference) else { return Ok(()) };
-        let mut model = Model { proto: before.proto.clone(), graph: std::mem::take(graph) };
+        let (Some(calib), Some(reference)) = (self.calibration, self.reference) else { return Ok(()) };
+        let mut model = Model { proto: reference.proto.clone(), graph: std::mem::take(graph) };
         let layers = crate::recover::refittable(&model.graph, layers);
-        let result = crate::recover::refit_with(before, &mut model, &layers, calib, solver);
+        let result = crate::recover::refit_with(reference, &mut model, &layers, calib, solver);
         *graph = model.graph;
         for (layer, before, after) in result? {
             report.change(&layer, format!("refit: relative error {before:.4} -> {after:.4}"));

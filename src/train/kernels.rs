@@ -201,12 +201,13 @@ fn depthwise_input_grad(g: &ConvGeom, w: &[f32], dy: &[f32], dx: &mut [f32]) {
 /// y = conv(x, w) + b for one image.
 pub fn conv_forward(g: &ConvGeom, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], col: &mut Vec<f32>) {
     let (og, p, patch) = (g.per_group_out(), g.positions(), g.patch());
-    for gi in 0..if g.is_depthwise() { 0 } else { g.group } {
-        let src = group_operand(g, x, gi, col);
-        gemm(og, patch, p, &w[gi * og * patch..], false, src, false, &mut y[gi * og * p..], 0.0);
-    }
     if g.is_depthwise() {
         depthwise_forward(g, x, w, y);
+    } else {
+        for gi in 0..g.group {
+            let src = group_operand(g, x, gi, col);
+            gemm(og, patch, p, &w[gi * og * patch..], false, src, false, &mut y[gi * og * p..], 0.0);
+        }
     }
     if let Some(b) = b {
         for (yc, &bc) in y.chunks_mut(p).zip(b) {
@@ -220,10 +221,11 @@ pub fn conv_weight_grad(g: &ConvGeom, x: &[f32], dy: &[f32], dw: &mut [f32], db:
     let (og, p, patch) = (g.per_group_out(), g.positions(), g.patch());
     if g.is_depthwise() {
         depthwise_weight_grad(g, x, dy, dw);
-    }
-    for gi in 0..if g.is_depthwise() { 0 } else { g.group } {
-        let src = group_operand(g, x, gi, col);
-        gemm(og, p, patch, &dy[gi * og * p..], false, src, true, &mut dw[gi * og * patch..], 1.0);
+    } else {
+        for gi in 0..g.group {
+            let src = group_operand(g, x, gi, col);
+            gemm(og, p, patch, &dy[gi * og * p..], false, src, true, &mut dw[gi * og * patch..], 1.0);
+        }
     }
     if let Some(db) = db {
         for (d, yc) in db.iter_mut().zip(dy.chunks(p)) {
