@@ -1,7 +1,11 @@
 //! Benchmarks (a plain harness: `cargo bench --bench pipeline`).
 //! Times load / validate / save / each pass of the shared ResNet-50, median
 //! of several runs. Needs ../shared/models/resnet50-imagenet.onnx.
-use cresnet_opt::config::{DwOptions, FoldOptions, LowrankOptions, PassSpec, PruneOptions};
+use cresnet_opt::passes::dw::DwOptions;
+use cresnet_opt::passes::fold::FoldOptions;
+use cresnet_opt::passes::lowrank::LowrankOptions;
+use cresnet_opt::passes::PassSpec;
+use cresnet_opt::passes::prune::PruneOptions;
 use std::path::Path;
 use std::time::Instant;
 
@@ -142,9 +146,9 @@ fn tract_benches(path: &Path, model: &cresnet_opt::ir::Model) {
         println!("tract batch 1 {name:<16} {:>7.1} ms (1 thread) {:>7.1} ms (2 threads)", 1e3 * t1, 1e3 * t2);
     }
     let data = path.parent().and_then(Path::parent).expect("shared").join("data");
-    let samples = cresnet_opt::imagedata::labelled(&data.join("imagenet-1k-sample"), Some(&data.join("imagenet-1k-classes.txt")), 1000).expect("data");
+    let samples = cresnet_opt::data::labelled(&data.join("imagenet-1k-sample"), Some(&data.join("imagenet-1k-classes.txt")), 1000).expect("data");
     let samples = &samples[..64];
-    let pre = cresnet_opt::imagedata::Preprocessing::caffe();
+    let pre = cresnet_opt::data::Preprocessing::caffe();
     let inputs = cresnet_opt::evaluate::Inputs::Images { samples, preprocessing: &pre, label_map: None };
     let (a, b) = (Runner::new(&folded, 4, &[]).expect("tract"), Runner::new(model, 4, &[]).expect("tract"));
     let t = time(3, || cresnet_opt::evaluate::evaluate(&a, Some(&b), &inputs, 4, &|_| {}).expect("check"));

@@ -2,7 +2,7 @@
 //! images or on random inputs, run with tract on all cores (rayon over
 //! batches, each batch run single-threaded).
 use crate::error::{Error, Result};
-use crate::imagedata::{stack, LabelMap, Preprocessing, Sample};
+use crate::data::{stack, LabelMap, Preprocessing, Sample};
 use crate::runner::Runner;
 use ndarray::{ArrayD, Axis};
 use rayon::prelude::*;
@@ -119,7 +119,7 @@ fn batch_input(inputs: &Inputs, start: usize, end: usize, batch: usize, shape: &
         Inputs::Random { seed, .. } => {
             let mut dims = shape.to_vec();
             dims[0] = batch;
-            let mut rng = crate::fixture::Rng::new(seed.wrapping_add(start as u64));
+            let mut rng = crate::rng::Rng::new(seed.wrapping_add(start as u64));
             let data = ArrayD::from_shape_simple_fn(dims, || rng.uniform() * 2.0 - 1.0);
             Ok((data, vec![]))
         }

@@ -4,43 +4,13 @@
 //! convs with bias), BN as separate nodes or already folded, 1000 or any
 //! number of classes. Weights are He-initialised from a seeded generator,
 //! with per-filter gains spread out so filter importance differs.
-use crate::config::FoldOptions;
 use crate::error::Result;
 use crate::ir::{Graph, Model, Node, Weight};
-use crate::onnx::{tensor_shape_proto, type_proto, GraphProto, ModelProto, OperatorSetIdProto, TensorShapeProto, TypeProto, ValueInfoProto};
+use crate::onnx::{GraphProto, ModelProto, OperatorSetIdProto, ValueInfoProto};
 use indexmap::IndexMap;
 use ndarray::{Array1, ArrayD, Dimension, IxDyn};
 
-/// A small, fast, seeded generator (SplitMix64): tests and fixtures must be
-/// reproducible, and we need nothing stronger.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u1 = self.uniform().max(1e-7);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-}
+pub use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Layout {
@@ -172,16 +142,6 @@ fn bottleneck(b: &mut Builder, layout: Layout, x: &str, (stage, block): (usize, 
     b.op("Relu", &relu, &[&y])
 }
 
-pub(crate) fn tensor_info(name: &str, dims: &[Option<i64>]) -> ValueInfoProto {
-    use tensor_shape_proto::dimension::Value;
-    let dim = dims
-        .iter()
-        .map(|d| tensor_shape_proto::Dimension { value: Some(d.map_or(Value::DimParam("N".into()), Value::DimValue)), ..Default::default() })
-        .collect();
-    let tensor = type_proto::Tensor { elem_type: Some(1), shape: Some(TensorShapeProto { dim }) };
-    ValueInfoProto { name: Some(name.into()), r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), ..Default::default() }), ..Default::default() }
-}
-
 /// Builds the fixture model described by `spec`.
 pub fn resnet50(spec: &FixtureSpec) -> Result<Model> {
     let mut b = Builder { nodes: vec![], weights: IndexMap::new(), rng: Rng::new(spec.seed), bias: spec.layout == Layout::Keras };
@@ -212,8 +172,8 @@ pub fn resnet50(spec: &FixtureSpec) -> Result<Model> {
     b.nodes.push(fc);
     let meta = GraphProto {
         name: Some("resnet50_fixture".into()),
-        input: vec![tensor_info("input", &[None, Some(3), Some(spec.input_size as i64), Some(spec.input_size as i64)])],
-        output: vec![tensor_info("logits", &[None, Some(spec.classes as i64)])],
+        input: vec![crate::ir::value_info("input", &[None, Some(3), Some(spec.input_size as i64), Some(spec.input_size as i64)])],
+        output: vec![crate::ir::value_info("logits", &[None, Some(spec.classes as i64)])],
         ..Default::default()
     };
     let graph = Graph::new(b.nodes.into_iter().map(|n| n.proto).collect(), b.weights, meta)?;
@@ -225,7 +185,7 @@ pub fn resnet50(spec: &FixtureSpec) -> Result<Model> {
     };
     let mut model = Model { proto, graph };
     if spec.folded {
-        crate::passes::run_pipeline(&mut model, &[crate::config::PassSpec::Fold(FoldOptions::default())], &Default::default(), |_| {})?;
+        crate::passes::run_pipeline(&mut model, &[crate::passes::PassSpec::Fold(Default::default())], &Default::default(), |_| {})?;
     }
     Ok(model)
 }
@@ -265,7 +225,7 @@ impl Net {
 
     pub fn input(mut self, name: &str, shape: &[usize]) -> Net {
         let dims: Vec<Option<i64>> = shape.iter().map(|&d| Some(d as i64)).collect();
-        self.inputs.push(tensor_info(name, &dims));
+        self.inputs.push(crate::ir::value_info(name, &dims));
         self
     }
 
@@ -344,7 +304,7 @@ fn set_output_types(model: &mut Model) -> Result<()> {
     for out in &mut model.graph.meta.output {
         if out.r#type.is_none() {
             let dims: Vec<Option<i64>> = shapes.get(out.name()).and_then(|t| t.shape.clone()).unwrap_or_default().iter().map(|&d| Some(d as i64)).collect();
-            out.r#type = tensor_info(out.name(), &dims).r#type;
+            out.r#type = crate::ir::value_info(out.name(), &dims).r#type;
         }
     }
     Ok(())

@@ -1,6 +1,9 @@
+//! The `cresnet-opt` command line (`src/cli`, one module per subcommand).
+mod cli;
+
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
-    cresnet_opt::cli::main()
+    cli::main()
 }
 
 /// glibc returns freed blocks above 128 KB to the kernel at once, so every

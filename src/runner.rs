@@ -123,7 +123,7 @@ fn outlet(model: &InferenceModel, name: &str) -> TractResult<OutletId> {
 /// The first graph input that is not an initializer, with symbolic dims as 1.
 pub fn model_input_shape(model: &Model) -> Result<Vec<usize>> {
     let g = &model.graph;
-    let input = g.meta.input.iter().find(|i| !g.weights.contains_key(i.name())).ok_or_else(|| Error::invalid("the model has no input"))?;
+    let input = g.meta.input.iter().find(|i| !g.weights().contains_key(i.name())).ok_or_else(|| Error::invalid("the model has no input"))?;
     let info = crate::shape::value_info_tensor(input);
     match info.shape {
         Some(s) if !s.is_empty() => Ok(s),

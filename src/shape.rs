@@ -26,11 +26,11 @@ const FLOAT: i32 = DataType::Float as i32;
 /// Infers the shape of every tensor of `graph`.
 pub fn infer(graph: &Graph, overrides: &InputShapes) -> Result<Shapes> {
     let mut shapes = Shapes::new();
-    for (name, w) in &graph.weights {
+    for (name, w) in graph.weights() {
         shapes.insert(name.clone(), TensorInfo { dtype: w.dtype(), shape: Some(w.shape()) });
     }
     for input in &graph.meta.input {
-        if graph.weights.contains_key(input.name()) && !overrides.contains_key(input.name()) {
+        if graph.weights().contains_key(input.name()) && !overrides.contains_key(input.name()) {
             continue;
         }
         let info = match overrides.get(input.name()) {

@@ -56,7 +56,7 @@ pub fn from_shapes(graph: &Graph, shapes: &Shapes) -> Stats {
     for l in &layers {
         *ops.entry(l.op.clone()).or_insert(0) += 1;
     }
-    Stats { params: graph.weights.values().map(|w| w.len() as u64).sum::<u64>() + constants, macs, nodes: graph.node_count(), ops, layers }
+    Stats { params: graph.weights().values().map(|w| w.len() as u64).sum::<u64>() + constants, macs, nodes: graph.node_count(), ops, layers }
 }
 
 fn layer(graph: &Graph, node: &Node, shapes: &Shapes) -> Layer {
@@ -64,7 +64,7 @@ fn layer(graph: &Graph, node: &Node, shapes: &Shapes) -> Layer {
     let params = if node.op() == "Constant" {
         node.attr_tensor("value").map_or(0, |t| t.dims.iter().map(|&d| d.max(0) as u64).product())
     } else {
-        node.inputs().iter().filter_map(|n| graph.weights.get(n)).map(|w| w.len() as u64).sum()
+        node.inputs().iter().filter_map(|n| graph.weight(n)).map(|w| w.len() as u64).sum()
     };
     let input_shape = |slot: usize| node.input(slot).and_then(|n| shapes.get(n)).and_then(|t| t.shape.clone());
     Layer { name: node.name().to_string(), op: node.op().to_string(), macs: macs(node, out.as_deref(), &input_shape), output_shape: out, params, share: 0.0 }

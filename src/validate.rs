@@ -16,12 +16,12 @@ pub fn validate(graph: &Graph, overrides: &InputShapes) -> Result<Shapes> {
 }
 
 fn check_defined(graph: &Graph) -> Result<()> {
-    let mut defined: HashSet<&str> = graph.weights.keys().map(String::as_str).collect();
+    let mut defined: HashSet<&str> = graph.weights().keys().map(String::as_str).collect();
     defined.extend(graph.meta.input.iter().map(|i| i.name()));
-    for ix in graph.net.node_indices() {
+    for ix in graph.node_indices() {
         defined.extend(graph.node(ix).outputs().iter().map(String::as_str));
     }
-    for ix in graph.net.node_indices() {
+    for ix in graph.node_indices() {
         let node = graph.node(ix);
         // Nodes with subgraphs may read outer-scope names we do not track here.
         for name in node.inputs().iter().filter(|n| !n.is_empty()) {
@@ -40,9 +40,8 @@ fn check_defined(graph: &Graph) -> Result<()> {
 
 /// Edges must be exactly what the names say (guards the IR's own bookkeeping).
 fn check_edges(graph: &Graph) -> Result<()> {
-    use petgraph::visit::{EdgeRef, IntoEdgeReferences};
-    for edge in graph.net.edge_references() {
-        let (from, to, w) = (graph.node(edge.source()), graph.node(edge.target()), edge.weight());
+    for (from, to, w) in graph.wires() {
+        let (from, to) = (graph.node(from), graph.node(to));
         if from.output(w.from_slot) != Some(w.name.as_str()) || to.input(w.to_slot) != Some(w.name.as_str()) {
             return Err(Error::invalid(format!("dangling edge `{}` from `{}` to `{}`", w.name, from.name(), to.name())));
         }

@@ -2,7 +2,7 @@
 mod common;
 use common::*;
 use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
-use cresnet_opt::imagedata::{LabelMap, Preprocessing};
+use cresnet_opt::data::{LabelMap, Preprocessing};
 use std::path::{Path, PathBuf};
 
 /// A 10-class fixture and an image folder holding 3 of its classes.

@@ -142,7 +142,7 @@ fn output_equal_to_input_is_replaced_only_on_success() {
     let o = optimize(&model, &model, "fold");
     assert!(o.status.success(), "{}", stderr(&o));
     let after = cresnet_opt::io::load(&model).unwrap();
-    assert_eq!(after.graph.net.node_weights().filter(|n| n.op() == "BatchNormalization").count(), 0);
+    assert_eq!(after.graph.nodes().filter(|n| n.op() == "BatchNormalization").count(), 0);
 }
 
 #[test]

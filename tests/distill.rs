@@ -1,10 +1,13 @@
 //! The `distill` pass: loss gradient, training that works, checkpoints, errors.
 mod common;
 use common::*;
-use cresnet_opt::config::{DataSource, DistillOptions, PassSpec, Preprocess, PruneOptions};
+use cresnet_opt::config::{DataSource, Preprocess};
+use cresnet_opt::passes::distill::DistillOptions;
+use cresnet_opt::passes::PassSpec;
+use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
 use cresnet_opt::ir::Model;
-use cresnet_opt::passes::distill_model::kd_loss;
+use cresnet_opt::train::distill::kd_loss;
 use std::path::Path;
 
 #[test]
@@ -72,11 +75,11 @@ fn student_passes() -> Vec<PassSpec> {
 /// Mean KL(teacher ‖ student) (T = 1) over fresh images.
 fn kl_on_fresh_images(teacher: &Model, student: &Model, dir: &Path) -> f64 {
     let Preprocess::File(p) = preprocess_file(dir) else { unreachable!() };
-    let pre = cresnet_opt::imagedata::Preprocessing::from_choice(&Preprocess::File(p)).unwrap();
+    let pre = cresnet_opt::data::Preprocessing::from_choice(&Preprocess::File(p)).unwrap();
     write_images(&dir.join("fresh"), 12, 77);
-    let paths = cresnet_opt::imagedata::list_images(&dir.join("fresh")).unwrap();
+    let paths = cresnet_opt::data::list_images(&dir.join("fresh")).unwrap();
     let images: Vec<_> = paths.iter().map(|p| pre.load(p).unwrap()).collect();
-    let x = cresnet_opt::imagedata::stack(&images, images.len()).into_dyn();
+    let x = cresnet_opt::data::stack(&images, images.len()).into_dyn();
     let (t, s) = (run(teacher, &x), run(student, &x));
     kd_loss(s.as_slice().unwrap(), t.as_slice().unwrap(), 10, 1.0).0
 }
@@ -97,7 +100,7 @@ fn distill_fixture(opts: impl Fn(&Path) -> DistillOptions) -> (f64, f64, Vec<Str
     let reports = run_passes(&mut distilled, &passes);
     let after = kl_on_fresh_images(&teacher, &distilled, dir.path());
     let log = reports.last().unwrap().changed.iter().map(|c| c.what.clone()).collect();
-    (before, after, log, (student.graph.weights.len(), distilled.graph.weights.len()))
+    (before, after, log, (student.graph.weights().len(), distilled.graph.weights().len()))
 }
 
 #[test]
@@ -139,8 +142,8 @@ fn a_run_resumes_from_its_checkpoint() {
     // The same run again resumes after its last epoch: nothing left to train, same weights.
     let (again, log) = with_checkpoint(2);
     assert_eq!(log[0], "resumed from checkpoint after epoch 2");
-    for (name, w) in &straight.graph.weights {
-        assert_eq!(w.as_f32(), again.graph.weights[name].as_f32(), "weight {name}");
+    for (name, w) in straight.graph.weights() {
+        assert_eq!(w.as_f32(), again.graph.weights()[name].as_f32(), "weight {name}");
     }
     // An interrupted run (1 epoch done) continues with epoch 2.
     std::fs::remove_file(&ckpt).unwrap();

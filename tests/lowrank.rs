@@ -1,10 +1,11 @@
 //! Pass `lowrank`: 1x1 convs and Gemm as two low-rank layers.
 mod common;
 use common::*;
-use cresnet_opt::config::{LowrankOptions, PassSpec};
+use cresnet_opt::passes::lowrank::LowrankOptions;
+use cresnet_opt::passes::PassSpec;
 use cresnet_opt::fixture::{resnet50, FixtureSpec};
 use cresnet_opt::ir::Model;
-use cresnet_opt::recover::Calibration;
+use cresnet_opt::refit::Calibration;
 use ndarray::Array3;
 
 fn fixture() -> Model {
@@ -16,15 +17,14 @@ fn lowrank(opts: LowrankOptions) -> PassSpec {
 }
 
 fn count(model: &Model, op: &str) -> usize {
-    model.graph.net.node_weights().filter(|n| n.op() == op).count()
+    model.graph.nodes().filter(|n| n.op() == op).count()
 }
 
 /// 1x1 convs of the fixture (not reading the graph input) and its Gemm.
 fn pointwise_convs(model: &Model) -> Vec<(usize, usize)> {
     model
         .graph
-        .net
-        .node_weights()
+        .nodes()
         .filter(|n| n.op() == "Conv" && !n.input(0).is_some_and(|x| model.graph.is_graph_input(x)))
         .filter_map(|n| model.graph.constant_f32(n.input(1)?).map(|w| w.shape().to_vec()))
         .filter(|s| s[2] * s[3] == 1)
@@ -75,7 +75,7 @@ fn min_gain_declines_layers_that_would_not_shrink_and_names_them() {
 #[test]
 fn include_and_exclude_choose_layers_by_name() {
     let mut m = fixture();
-    let gemm = m.graph.net.node_weights().find(|n| n.op() == "Gemm").map(|n| n.name().to_string()).unwrap();
+    let gemm = m.graph.nodes().find(|n| n.op() == "Gemm").map(|n| n.name().to_string()).unwrap();
     let r = run_passes(&mut m.clone(), &[fold(), lowrank(LowrankOptions { include: vec![gemm.clone()], ..Default::default() })]);
     assert_eq!(r[1].changed.iter().map(|c| c.node.clone()).collect::<Vec<_>>(), vec![gemm.clone()]);
     let r = run_passes(&mut m, &[fold(), lowrank(LowrankOptions { exclude: vec![gemm.clone()], ..Default::default() })]);
@@ -127,7 +127,7 @@ fn calibrated_lowrank_is_closer_to_the_original_than_data_free_and_reports_error
         let errs: Vec<f64> = c.what.split("relative error ").nth(1).unwrap().split(", ").next().unwrap().split(" -> ").map(|v| v.parse().unwrap()).collect();
         assert!(errs[1] <= errs[0], "{}: {}", c.node, c.what);
     }
-    let held = cresnet_opt::imagedata::stack(&images(6, 999), 6).into_dyn();
+    let held = cresnet_opt::data::stack(&images(6, 999), 6).into_dyn();
     let reference = run(&original, &held);
     let (e_free, e_cal) = (rel_diff(&reference, &run(&free, &held)), rel_diff(&reference, &run(&cal, &held)));
     eprintln!("calibrated {e_cal} vs data-free {e_free}");
@@ -184,7 +184,7 @@ fn resolution_bounds_select_stages_whatever_the_names() {
     // res4*: 6 x 2 + 1, res5*: 3 x 2 + 1, and the classifier (a Gemm's output counts as 1 pixel).
     assert_eq!(late.len(), 21, "{late:?}");
     assert!(late.iter().all(|n| n.starts_with("res4") || n.starts_with("res5") || n.starts_with("fc")), "{late:?}");
-    let dw = PassSpec::Dw(cresnet_opt::config::DwOptions { rank: Some(1), min_gain: -10.0, min_resolution: Some(8), max_resolution: Some(8), ..Default::default() });
+    let dw = PassSpec::Dw(cresnet_opt::passes::dw::DwOptions { rank: Some(1), min_gain: -10.0, min_resolution: Some(8), max_resolution: Some(8), ..Default::default() });
     let r = run_passes(&mut m.clone(), &[fold(), dw]);
     let mid: Vec<&str> = r[1].changed.iter().map(|c| c.node.as_str()).collect();
     assert_eq!(mid.len(), 4, "res3*'s four 3x3 convs: {mid:?}");
@@ -196,11 +196,11 @@ fn resolution_bounds_select_stages_whatever_the_names() {
 fn with_classifier(classes: usize, transposed: bool) -> Model {
     let mut m = resnet50(&FixtureSpec { width_div: 8, input_size: 64, classes, ..Default::default() }).unwrap();
     if transposed {
-        let ix = m.graph.net.node_indices().find(|&ix| m.graph.node(ix).op() == "Gemm").unwrap();
+        let ix = m.graph.node_indices().into_iter().find(|&ix| m.graph.node(ix).op() == "Gemm").unwrap();
         let wname = m.graph.node(ix).input(1).unwrap().to_string();
         let w = m.graph.constant_f32(&wname).unwrap().t().as_standard_layout().into_owned();
-        m.graph.weights.get_mut(&wname).unwrap().set_data(cresnet_opt::ir::Data::F32(w));
-        m.graph.node_mut(ix).set_attr_int("transB", 0);
+        m.graph.weight_mut(&wname).unwrap().set_data(cresnet_opt::ir::Data::F32(w));
+        m.graph.update_node(ix, |n| n.set_attr_int("transB", 0)).unwrap();
     }
     m
 }
@@ -215,7 +215,7 @@ fn calibrated_gemm_is_factorized_on_data_when_asked_whatever_its_weight_layout()
         (m, r)
     };
     let original = with_classifier(32, false);
-    let held = cresnet_opt::imagedata::stack(&images(6, 999), 6).into_dyn();
+    let held = cresnet_opt::data::stack(&images(6, 999), 6).into_dyn();
     let reference = run(&original, &held);
     let (free, _) = compress(&original, None);
     let (cal, report) = compress(&original, Some(&calib));

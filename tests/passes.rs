@@ -1,10 +1,11 @@
 //! The passes: numeric equivalence, declines with reasons, exact counts.
 mod common;
 use common::*;
-use cresnet_opt::config::{PruneOptions, Scope};
+use cresnet_opt::passes::prune::PruneOptions;
+use cresnet_opt::passes::prune::Scope;
 use cresnet_opt::fixture::{resnet50, ConvSpec, FixtureSpec, Layout, Net};
 use cresnet_opt::ir::{Model, Node};
-use cresnet_opt::passes::dependency::ChannelGraph;
+use cresnet_opt::passes::prune::dependency::ChannelGraph;
 use ndarray::s;
 
 fn small_fixture(layout: Layout) -> Model {
@@ -12,7 +13,7 @@ fn small_fixture(layout: Layout) -> Model {
 }
 
 fn count(model: &Model, op: &str) -> usize {
-    model.graph.net.node_weights().filter(|n| n.op() == op).count()
+    model.graph.nodes().filter(|n| n.op() == op).count()
 }
 
 #[test]
@@ -36,7 +37,7 @@ fn fold_removes_four_params_per_channel_and_adds_missing_biases() {
     let mut folded = original.clone();
     let r = run_passes(&mut folded, &[fold()]).remove(0);
     // Torchvision convs have no bias: each BN's 4·C params become C bias values.
-    let bn_channels: u64 = original.graph.net.node_weights().filter(|n| n.op() == "BatchNormalization").map(|n| original.graph.weights[n.input(1).unwrap()].len() as u64).sum();
+    let bn_channels: u64 = original.graph.nodes().filter(|n| n.op() == "BatchNormalization").map(|n| original.graph.weights()[n.input(1).unwrap()].len() as u64).sum();
     assert_eq!(r.params_before - r.params_after, 3 * bn_channels);
 }
 
@@ -107,12 +108,12 @@ fn dw_at_full_rank_is_exact_for_varied_geometry() {
         let original = net.model(&[&y]).unwrap();
         let factored = original.clone();
         let full = spec.c_out.min(spec.k * spec.k);
-        for layout in [cresnet_opt::config::DwLayout::Grouped, cresnet_opt::config::DwLayout::Split] {
+        for layout in [cresnet_opt::passes::dw::DwLayout::Grouped, cresnet_opt::passes::dw::DwLayout::Split] {
             let mut factored = factored.clone();
-            let opts = cresnet_opt::config::DwOptions { rank: Some(full), min_gain: -10.0, include: vec!["conv".into()], layout, ..Default::default() };
-            let r = run_passes(&mut factored, &[cresnet_opt::config::PassSpec::Dw(opts)]).remove(0);
+            let opts = cresnet_opt::passes::dw::DwOptions { rank: Some(full), min_gain: -10.0, include: vec!["conv".into()], layout, ..Default::default() };
+            let r = run_passes(&mut factored, &[cresnet_opt::passes::PassSpec::Dw(opts)]).remove(0);
             assert_eq!(r.changed.len(), 1, "case {i}: {:?}", r.declined);
-            let convs = if layout == cresnet_opt::config::DwLayout::Grouped { 2 } else { 2 * full };
+            let convs = if layout == cresnet_opt::passes::dw::DwLayout::Grouped { 2 } else { 2 * full };
             assert_eq!(count(&factored, "Conv"), convs, "case {i} {layout:?}");
             let x = random_input(&original, 2, 1.0, i as u64);
             let d = rel_diff(&run(&original, &x), &run(&factored, &x));
@@ -133,7 +134,7 @@ fn dw_rank_one_counts_and_min_gain() {
     let mut model2 = Net::new(3).input("x", &[1, 16, 8, 8]);
     let y = model2.conv("conv", "x", ConvSpec::new(16, 32, 3));
     let mut model2 = model2.model(&[&y]).unwrap();
-    let spec = cresnet_opt::config::PassSpec::Dw(cresnet_opt::config::DwOptions { rank: Some(9), include: vec!["*".into()], ..Default::default() });
+    let spec = cresnet_opt::passes::PassSpec::Dw(cresnet_opt::passes::dw::DwOptions { rank: Some(9), include: vec!["*".into()], ..Default::default() });
     let r = run_passes(&mut model2, &[spec]).remove(0);
     assert!(r.changed.is_empty());
     assert!(r.declined[0].reason.contains("less than min_gain 10.0 %"), "{}", r.declined[0].reason);
@@ -157,11 +158,11 @@ fn dead_channel_chain(bias_on_dead: f32) -> Model {
     let r = net.op("Relu", "r", &[&a]);
     let b = net.conv("b", &r, ConvSpec::new(6, 5, 1));
     let mut model = net.model(&[&b]).unwrap();
-    let w = model.graph.weights.get_mut("a.w").unwrap().as_f32_mut().unwrap();
+    let w = model.graph.weight_mut("a.w").unwrap().as_f32_mut().unwrap();
     for c in [1, 4] {
         w.slice_mut(s![c, .., .., ..]).fill(0.0);
     }
-    let bias = model.graph.weights.get_mut("a.b").unwrap().as_f32_mut().unwrap();
+    let bias = model.graph.weight_mut("a.b").unwrap().as_f32_mut().unwrap();
     bias[[1]] = bias_on_dead;
     bias[[4]] = bias_on_dead;
     model
@@ -172,8 +173,8 @@ fn pruning_all_zero_channels_leaves_outputs_unchanged() {
     let original = dead_channel_chain(0.0);
     let mut pruned = original.clone();
     run_passes(&mut pruned, &[prune(PruneOptions { ratio: Some(0.34), ..Default::default() })]);
-    assert_eq!(pruned.graph.weights["a.w"].shape(), vec![4, 3, 3, 3]);
-    assert_eq!(pruned.graph.weights["b.w"].shape(), vec![5, 4, 1, 1]);
+    assert_eq!(pruned.graph.weights()["a.w"].shape(), vec![4, 3, 3, 3]);
+    assert_eq!(pruned.graph.weights()["b.w"].shape(), vec![5, 4, 1, 1]);
     let x = random_input(&original, 2, 1.0, 1);
     let d = rel_diff(&run(&original, &x), &run(&pruned, &x));
     assert!(d < 1e-5, "rel diff {d}");
@@ -236,7 +237,7 @@ fn pruning_a_residual_stage_keeps_adds_consistent_and_runs() {
     let original = residual_stage();
     let mut pruned = original.clone();
     let r = run_passes(&mut pruned, &[prune(PruneOptions { ratio: Some(0.5), ..Default::default() })]).remove(0);
-    let w = &pruned.graph.weights;
+    let w = pruned.graph.weights();
     assert_eq!(w["stem.w"].shape()[0], 2);
     assert_eq!((w["c1.w"].shape()[0], w["c2.w"].shape()[0], w["c3.w"].shape()[0], w["c3.w"].shape()[1]), (4, 4, 4, 4));
     assert_eq!(w["fc.w"].shape(), vec![5, 4], "the Gemm loses the matching input columns");
@@ -249,8 +250,8 @@ fn pruning_a_residual_stage_keeps_adds_consistent_and_runs() {
 fn inner_scope_leaves_the_residual_stream() {
     let mut m = residual_stage();
     run_passes(&mut m, &[prune(PruneOptions { ratio: Some(0.5), scope: Scope::Inner, ..Default::default() })]);
-    assert_eq!(m.graph.weights["c1.w"].shape()[0], 8);
-    assert_eq!(m.graph.weights["stem.w"].shape()[0], 2);
+    assert_eq!(m.graph.weights()["c1.w"].shape()[0], 8);
+    assert_eq!(m.graph.weights()["stem.w"].shape()[0], 2);
 }
 
 #[test]
@@ -271,7 +272,7 @@ fn concat_ties_channels_with_offsets() {
     assert_eq!(root("b", 1), root("cat", 5));
     let mut pruned = m.clone();
     run_passes(&mut pruned, &[prune(PruneOptions { ratio: Some(0.5), ..Default::default() })]);
-    assert_eq!(pruned.graph.weights["c.w"].shape()[1], pruned.graph.weights["a.w"].shape()[0] + pruned.graph.weights["b.w"].shape()[0]);
+    assert_eq!(pruned.graph.weights()["c.w"].shape()[1], pruned.graph.weights()["a.w"].shape()[0] + pruned.graph.weights()["b.w"].shape()[0]);
     let x = random_input(&m, 1, 1.0, 5);
     assert_eq!(run(&pruned, &x).shape(), &[1, 5, 6, 6]);
 }
@@ -295,9 +296,9 @@ fn depthwise_conv_ties_input_and_output_and_unknown_ops_block() {
     assert!(!cg.is_blocked(cg.slot("a", 0).unwrap(), &blocked));
     let mut pruned = m.clone();
     let r = run_passes(&mut pruned, &[prune(PruneOptions { ratio: Some(0.5), ..Default::default() })]).remove(0);
-    assert_eq!(pruned.graph.weights["d.w"].shape(), vec![2, 1, 3, 3]);
+    assert_eq!(pruned.graph.weights()["d.w"].shape(), vec![2, 1, 3, 3]);
     assert_eq!(pruned.graph.node(pruned.graph.find_node("d").unwrap()).attr_int("group"), Some(2));
-    assert_eq!(pruned.graph.weights["b.w"].shape(), vec![6, 2, 1, 1], "blocked outputs stay whole");
+    assert_eq!(pruned.graph.weights()["b.w"].shape(), vec![6, 2, 1, 1], "blocked outputs stay whole");
     assert!(r.declined.iter().any(|d| d.reason.contains("MysteryOp `odd`")), "{:?}", r.declined);
 }
 
@@ -311,7 +312,7 @@ fn target_macs_is_met_on_the_fixture_and_the_result_runs() {
         assert!(share <= target + 1e-9 && share > target - 0.06, "target {target}: got {share}");
         let x = random_input(&original, 1, 1.0, 5);
         assert_eq!(run(&m, &x).shape(), &[1, 10]);
-        for (name, w) in &m.graph.weights {
+        for (name, w) in m.graph.weights() {
             if name.ends_with(".weight") && w.shape().len() == 4 && name != "conv1.weight" {
                 assert_eq!(w.shape()[0] % 2, 0, "{name} {:?} is a multiple of round_to", w.shape());
             }
@@ -323,17 +324,17 @@ fn target_macs_is_met_on_the_fixture_and_the_result_runs() {
 fn uniform_allocation_removes_the_same_share_of_every_inner_group() {
     let original = resnet50(&FixtureSpec { input_size: 64, classes: 10, ..Default::default() }).unwrap();
     let mut m = original.clone();
-    let opts = PruneOptions { target_macs: Some(0.8), scope: cresnet_opt::config::Scope::Inner, allocation: cresnet_opt::config::Allocation::Uniform, ..Default::default() };
+    let opts = PruneOptions { target_macs: Some(0.8), scope: cresnet_opt::passes::prune::Scope::Inner, allocation: cresnet_opt::passes::prune::Allocation::Uniform, ..Default::default() };
     let r = run_passes(&mut m, &[fold(), prune(opts)]);
     let share = r[1].macs_after as f64 / r[1].macs_before as f64;
     assert!(share <= 0.8 + 1e-9 && share > 0.74, "got {share}");
     // Every bottleneck conv's output channels (inner groups): kept = n - floor(r·n) for one r.
     let kept: Vec<(usize, usize)> = original
         .graph
-        .weights
+        .weights()
         .iter()
         .filter(|(name, _)| ["branch2a.weight", "branch2b.weight"].iter().any(|s| name.ends_with(s)) || (name.starts_with("layer") && (name.ends_with("conv1.weight") || name.ends_with("conv2.weight"))))
-        .map(|(name, w)| (w.shape()[0], m.graph.weights[name].shape()[0]))
+        .map(|(name, w)| (w.shape()[0], m.graph.weights()[name].shape()[0]))
         .collect();
     assert!(kept.len() >= 32, "{} inner convs", kept.len());
     let ratios: Vec<f64> = kept.iter().map(|&(n, k)| (n - k) as f64 / n as f64).collect();
@@ -349,16 +350,16 @@ fn zero_weights_everywhere_in_a_group_prune_exactly_on_a_residual_stage() {
     let mut m = original.clone();
     // Kill residual-stream channel 6 in every producer (c1, c2, c3).
     for name in ["c1", "c2", "c3"] {
-        let w = m.graph.weights.get_mut(&format!("{name}.w")).unwrap().as_f32_mut().unwrap();
+        let w = m.graph.weight_mut(&format!("{name}.w")).unwrap().as_f32_mut().unwrap();
         w.slice_mut(s![6, .., .., ..]).fill(0.0);
-        m.graph.weights.get_mut(&format!("{name}.b")).unwrap().as_f32_mut().unwrap()[[6]] = 0.0;
+        m.graph.weight_mut(&format!("{name}.b")).unwrap().as_f32_mut().unwrap()[[6]] = 0.0;
     }
     let x = random_input(&original, 1, 1.0, 6);
     let before = run(&m, &x);
     let mut pruned = m.clone();
     run_passes(&mut pruned, &[prune(PruneOptions { ratio: Some(0.125), ignore: vec!["stem".into()], ..Default::default() })]);
-    assert_eq!(pruned.graph.weights["c3.w"].shape()[..2], [7, 7]);
-    assert_eq!(pruned.graph.weights["stem.w"].shape()[0], 4, "ignored");
+    assert_eq!(pruned.graph.weights()["c3.w"].shape()[..2], [7, 7]);
+    assert_eq!(pruned.graph.weights()["stem.w"].shape()[0], 4, "ignored");
     let d = rel_diff(&before, &run(&pruned, &x));
     assert!(d < 1e-5, "rel diff {d}");
 }
@@ -370,11 +371,11 @@ fn split_layout_computes_what_the_grouped_layout_computes() {
     for rank in [2, 3] {
         let with = |layout| {
             let mut m = original.clone();
-            let opts = cresnet_opt::config::DwOptions { rank: Some(rank), min_gain: -10.0, layout, ..Default::default() };
-            run_passes(&mut m, &[fold(), cresnet_opt::config::PassSpec::Dw(opts)]);
+            let opts = cresnet_opt::passes::dw::DwOptions { rank: Some(rank), min_gain: -10.0, layout, ..Default::default() };
+            run_passes(&mut m, &[fold(), cresnet_opt::passes::PassSpec::Dw(opts)]);
             m
         };
-        let (grouped, split) = (with(cresnet_opt::config::DwLayout::Grouped), with(cresnet_opt::config::DwLayout::Split));
+        let (grouped, split) = (with(cresnet_opt::passes::dw::DwLayout::Grouped), with(cresnet_opt::passes::dw::DwLayout::Split));
         let d = rel_diff(&run(&grouped, &x), &run(&split, &x));
         assert!(d < 1e-5, "rank {rank}: {d}");
         let count = |m: &cresnet_opt::ir::Model, op: &str| m.graph.node_indices().into_iter().filter(|&ix| m.graph.node(ix).op() == op).count();

@@ -4,7 +4,7 @@
 //! and every result validates and runs in tract.
 mod common;
 use common::*;
-use cresnet_opt::config::PruneOptions;
+use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::{ConvSpec, Net};
 use cresnet_opt::ir::{Model, Node};
 use proptest::prelude::*;
@@ -119,7 +119,7 @@ proptest! {
         run_passes(&mut pruned, &[prune(PruneOptions { ratio: Some(1.0 / 3.0), compensate: false, ..Default::default() })]);
         // Every block conv loses its zero channels (the head's output is a graph output).
         for name in &convs {
-            let (before, after) = (original.graph.weights[&format!("{name}.w")].shape()[0], pruned.graph.weights[&format!("{name}.w")].shape()[0]);
+            let (before, after) = (original.graph.weights()[&format!("{name}.w")].shape()[0], pruned.graph.weights()[&format!("{name}.w")].shape()[0]);
             prop_assert_eq!(after, before - before / 3, "conv {}", name);
         }
         check_equivalent(&original, &pruned, 1e-5)?;
@@ -134,7 +134,7 @@ fn ops(model: &Model, pred: impl Fn(&cresnet_opt::ir::Graph, petgraph::stable_gr
 
 /// Zeroes slices 1, 4, 7 along `axis` of weight `name` (if it exists).
 fn zero_channels(model: &mut Model, name: &str, axis: usize) {
-    let Some(w) = model.graph.weights.get_mut(name).and_then(|w| w.as_f32_mut()) else { return };
+    let Some(w) = model.graph.weight_mut(name).and_then(|w| w.as_f32_mut()) else { return };
     for c in (1..w.shape()[axis]).step_by(3) {
         w.index_axis_mut(ndarray::Axis(axis), c).fill(0.0);
     }

@@ -1,10 +1,12 @@
 //! Calibrated recovery: refits reduce the error the data-free passes leave.
 mod common;
 use common::*;
-use cresnet_opt::config::{DwOptions, PassSpec, PruneOptions};
+use cresnet_opt::passes::dw::DwOptions;
+use cresnet_opt::passes::PassSpec;
+use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::{resnet50, FixtureSpec};
 use cresnet_opt::ir::Model;
-use cresnet_opt::recover::Calibration;
+use cresnet_opt::refit::Calibration;
 use ndarray::Array3;
 
 fn images(count: usize, seed: u64) -> Vec<Array3<f32>> {
@@ -13,7 +15,7 @@ fn images(count: usize, seed: u64) -> Vec<Array3<f32>> {
 
 fn error_on_fresh_images(original: &Model, compressed: &Model) -> f64 {
     let held_out = images(6, 999);
-    let batch = cresnet_opt::imagedata::stack(&held_out, 6).into_dyn();
+    let batch = cresnet_opt::data::stack(&held_out, 6).into_dyn();
     rel_diff(&run(original, &batch), &run(compressed, &batch))
 }
 
@@ -82,8 +84,8 @@ fn reconstruction_importance_drops_dead_channels_that_l1_keeps() {
     let original = dead_but_heavy();
     let calib = Calibration::from_images(images(8, 4), 64, 1e-6);
     let opts = |importance| PruneOptions { ratio: Some(0.5), importance, ..Default::default() };
-    let l1 = compress(&original, &[prune(opts(cresnet_opt::config::Importance::L1))], Some(&calib));
-    let rec = compress(&original, &[prune(opts(cresnet_opt::config::Importance::Reconstruction))], Some(&calib));
+    let l1 = compress(&original, &[prune(opts(cresnet_opt::passes::prune::Importance::L1))], Some(&calib));
+    let rec = compress(&original, &[prune(opts(cresnet_opt::passes::prune::Importance::Reconstruction))], Some(&calib));
     for m in [&l1, &rec] {
         assert_eq!(m.graph.constant("a.w").unwrap().shape(), vec![4, 3, 3, 3]);
         assert_eq!(m.graph.constant("b.w").unwrap().shape(), vec![4, 4, 3, 3]);
@@ -102,8 +104,8 @@ fn reconstruction_importance_without_calibration_falls_back_to_l1_and_says_so() 
         let r = cresnet_opt::passes::run_pipeline(&mut m, &[fold(), spec], &Default::default(), |_| {}).unwrap();
         (m, r)
     };
-    let (rec, report) = run_with(cresnet_opt::config::Importance::Reconstruction);
-    let (l1, _) = run_with(cresnet_opt::config::Importance::L1);
+    let (rec, report) = run_with(cresnet_opt::passes::prune::Importance::Reconstruction);
+    let (l1, _) = run_with(cresnet_opt::passes::prune::Importance::L1);
     assert!(report[1].declined.iter().any(|d| d.reason.contains("needs calibration images") && d.reason.ends_with("used l1")), "{:?}", report[1].declined);
     let x = random_input(&original, 1, 1.0, 3);
     assert_eq!(run(&rec, &x), run(&l1, &x));
@@ -131,7 +133,7 @@ fn alternating_depthwise_refit_lowers_the_layer_errors() {
 #[test]
 fn block_targets_repair_the_residual_stream_better_than_layer_targets() {
     let original = fixture();
-    let passes = [fold(), prune(PruneOptions { ratio: Some(0.5), scope: cresnet_opt::config::Scope::Inner, ..Default::default() })];
+    let passes = [fold(), prune(PruneOptions { ratio: Some(0.5), scope: cresnet_opt::passes::prune::Scope::Inner, ..Default::default() })];
     let error = |target| {
         let mut calib = Calibration::from_images(images(24, 6), 24, 1e-3);
         (calib.target, calib.through_relu) = (target, false);
@@ -165,7 +167,8 @@ fn reported_errors(report: &cresnet_opt::passes::PassReport, node: &str) -> (f64
 
 #[test]
 fn refits_reproduce_the_original_or_the_previous_pass_as_configured() {
-    use cresnet_opt::config::{LowrankOptions, RefitReference};
+    use cresnet_opt::config::RefitReference;
+    use cresnet_opt::passes::lowrank::LowrankOptions;
     // `a` at rank 2 loses information; `b`, refactorized at full rank, is
     // fitted either to the previous model's output (which it reproduces
     // exactly) or to the original's (a's error included, partly repaired).

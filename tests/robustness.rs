@@ -2,7 +2,9 @@
 //! load → validate → fold, prune, dw → save; none may panic.
 mod common;
 use common::*;
-use cresnet_opt::config::{DwOptions, PassSpec, PruneOptions};
+use cresnet_opt::passes::dw::DwOptions;
+use cresnet_opt::passes::PassSpec;
+use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
 
 fn mutate(bytes: &[u8], rng: &mut Rng) -> Vec<u8> {

@@ -33,7 +33,7 @@ fn fixture_stats_are_exact() {
     let s = cresnet_opt::stats::compute(&model.graph, &Default::default()).unwrap();
     assert_eq!((s.nodes, s.ops["Conv"], s.ops["BatchNormalization"], s.ops["Add"], s.ops["Relu"]), (175, 53, 53, 16, 49));
     // Params: every initializer element, by hand from the widths (C/8).
-    let weights: u64 = model.graph.weights.values().map(|w| w.len() as u64).sum();
+    let weights: u64 = model.graph.weights().values().map(|w| w.len() as u64).sum();
     assert_eq!(s.params, weights);
     assert_eq!(s.params, 641_112);
     assert_eq!(s.macs, 73_412_608);

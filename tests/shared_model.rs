@@ -2,7 +2,7 @@
 //! `.ci/run` runs them with `--include-ignored`.
 mod common;
 use common::*;
-use cresnet_opt::config::PruneOptions;
+use cresnet_opt::passes::prune::PruneOptions;
 
 fn load() -> cresnet_opt::ir::Model {
     cresnet_opt::io::load(&shared_model()).expect("../shared/models/resnet50-imagenet.onnx")
@@ -16,7 +16,7 @@ fn fold_removes_every_bn_and_keeps_the_logits() {
     let r = run_passes(&mut folded, &[fold()]).remove(0);
     assert_eq!(r.changed.len(), 53);
     assert_eq!(r.params_after, 25_530_472);
-    assert_eq!(folded.graph.net.node_weights().filter(|n| n.op() == "BatchNormalization").count(), 0);
+    assert_eq!(folded.graph.nodes().filter(|n| n.op() == "BatchNormalization").count(), 0);
     let x = random_input(&original, 2, 120.0, 3);
     let d = rel_diff(&run(&original, &x), &run(&folded, &x));
     assert!(d < 1e-5, "rel diff {d}");
@@ -37,7 +37,8 @@ fn dw_rank9_reproduces_the_logits() {
 #[test]
 #[ignore = "needs ../shared (run by .ci/run)"]
 fn lowrank_at_full_rank_reproduces_the_logits_and_ratio_counts_exactly() {
-    use cresnet_opt::config::{LowrankOptions, PassSpec};
+    use cresnet_opt::passes::lowrank::LowrankOptions;
+    use cresnet_opt::passes::PassSpec;
     let original = load();
     let mut m = original.clone();
     let full = PassSpec::Lowrank(LowrankOptions { rank: Some(4096), min_gain: -10.0, ..Default::default() });
@@ -56,9 +57,9 @@ fn lowrank_at_full_rank_reproduces_the_logits_and_ratio_counts_exactly() {
 #[test]
 #[ignore = "needs ../shared (run by .ci/run)"]
 fn the_cresnet_recipe_keeps_at_most_a_fifth_of_the_weights() {
-    use cresnet_opt::config::PassSpec;
+    use cresnet_opt::passes::PassSpec;
     let original = load();
-    let recipe = cresnet_opt::config::recipe("cresnet").unwrap().passes.unwrap();
+    let recipe = cresnet_opt::config::shipped_pipeline("cresnet").unwrap().passes.unwrap();
     assert!(matches!(recipe.last(), Some(PassSpec::Distill(_))));
     // Everything but the training, data-free.
     let passes: Vec<PassSpec> = recipe.into_iter().filter(|p| !matches!(p, PassSpec::Distill(_))).collect();
@@ -141,7 +142,7 @@ fn animals10_zero_shot_with_the_label_map() {
 #[test]
 #[ignore = "needs ../shared (run by .ci/run)"]
 fn training_engine_is_exact_on_the_real_student() {
-    use cresnet_opt::passes::distill_model::kd_loss;
+    use cresnet_opt::train::distill::kd_loss;
     let original = load();
     let mut student = original.clone();
     let passes = [fold(), prune(PruneOptions { target_params: Some(0.3), ..Default::default() }), dw(1), fold()];

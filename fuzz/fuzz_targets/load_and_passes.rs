@@ -1,7 +1,10 @@
 //! load → validate → fold, prune, dw → save, on arbitrary bytes. Any panic
 //! is a bug: every bad input must come back as an error.
 #![no_main]
-use cresnet_opt::config::{DwOptions, FoldOptions, PassSpec, PruneOptions};
+use cresnet_opt::passes::dw::DwOptions;
+use cresnet_opt::passes::fold::FoldOptions;
+use cresnet_opt::passes::PassSpec;
+use cresnet_opt::passes::prune::PruneOptions;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

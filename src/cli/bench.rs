@@ -1,7 +1,7 @@
 //! `cresnet-opt bench MODEL…`: tract latency at a fixed batch, median of
 //! several runs after a warm-up, for 1 and 2 (or the given) thread counts.
 use super::load;
-use crate::runner::Runner;
+use cresnet_opt::runner::Runner;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -47,7 +47,7 @@ struct Profile {
     batch: usize,
     total_ms: f64,
     ops: Vec<OpTime>,
-    slowest: Vec<crate::runner::NodeTime>,
+    slowest: Vec<cresnet_opt::runner::NodeTime>,
 }
 
 #[derive(Serialize)]
@@ -78,7 +78,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     let t = std::time::Instant::now();
                     runner.run_threads(x.clone(), threads).map(|_| 1e3 * t.elapsed().as_secs_f64())
                 })
-                .collect::<crate::error::Result<_>>()?;
+                .collect::<cresnet_opt::error::Result<_>>()?;
             ms.sort_by(f64::total_cmp);
             let timing = Timing { model: path.clone(), batch: args.batch, threads, median_ms: ms[ms.len() / 2], min_ms: ms[0] };
             if !args.json {

@@ -1,10 +1,10 @@
 //! `cresnet-opt check MODEL [--reference REF] [--data DIR --classes FILE | --random N] …`
 //! Exit codes: 0 all thresholds met, 1 a threshold violated, 2 an error.
 use super::load;
-use crate::config::Preprocess;
-use crate::evaluate::{evaluate, Evaluation, Inputs};
-use crate::imagedata::{labelled, LabelMap, Preprocessing};
-use crate::runner::Runner;
+use cresnet_opt::config::Preprocess;
+use cresnet_opt::evaluate::{evaluate, Evaluation, Inputs};
+use cresnet_opt::data::{labelled, LabelMap, Preprocessing};
+use cresnet_opt::runner::Runner;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -110,13 +110,13 @@ pub fn run(args: &CheckArgs) -> Result<ExitCode> {
     Ok(if violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn output_count(model: &crate::ir::Model) -> Result<usize> {
+fn output_count(model: &cresnet_opt::ir::Model) -> Result<usize> {
     let out = model.graph.meta.output.first().context("the model has no output")?;
-    let info = crate::shape::value_info_tensor(out);
+    let info = cresnet_opt::shape::value_info_tensor(out);
     match info.shape.as_deref() {
         Some([_, n]) => Ok(*n),
         _ => {
-            let shapes = crate::shape::infer(&model.graph, &Default::default())?;
+            let shapes = cresnet_opt::shape::infer(&model.graph, &Default::default())?;
             match shapes.get(out.name()).and_then(|t| t.shape.clone()).as_deref() {
                 Some([_, n]) => Ok(*n),
                 other => bail!("output `{}` has shape {other:?}, expected [batch, classes]", out.name()),

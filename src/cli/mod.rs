@@ -5,6 +5,7 @@ mod bench;
 mod check;
 mod optimize;
 mod pipelines;
+mod progress;
 mod stats;
 
 use anyhow::{Context, Result};
@@ -66,13 +67,13 @@ fn parse_input_shape(spec: &str) -> Result<(String, Vec<usize>)> {
     Ok((name.to_string(), dims))
 }
 
-fn input_shapes(specs: &[String]) -> Result<crate::shape::InputShapes> {
+fn input_shapes(specs: &[String]) -> Result<cresnet_opt::shape::InputShapes> {
     specs.iter().map(|s| parse_input_shape(s)).collect()
 }
 
 /// Loads a model with the path in the error context.
-fn load(path: &std::path::Path) -> Result<crate::ir::Model> {
-    crate::io::load(path).with_context(|| format!("cannot load model {}", path.display()))
+fn load(path: &std::path::Path) -> Result<cresnet_opt::ir::Model> {
+    cresnet_opt::io::load(path).with_context(|| format!("cannot load model {}", path.display()))
 }
 
 /// Thousands separators for counts in tables.

@@ -1,7 +1,8 @@
 //! `cresnet-opt IN -o OUT (--passes LIST | --pipeline NAME | --config FILE)`.
 use super::{group, input_shapes, load};
-use crate::config::{recipe, PassName, PassSpec, PipelineFile};
-use crate::passes::PassReport;
+use cresnet_opt::config::{shipped_pipeline, PipelineFile};
+use cresnet_opt::passes::{PassSpec, PASS_NAMES};
+use cresnet_opt::passes::PassReport;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -17,7 +18,7 @@ pub struct OptimizeArgs {
     output: Option<PathBuf>,
     /// Comma-separated passes, applied in order with default options; `none` = round trip.
     #[arg(long, value_delimiter = ',', value_parser = parse_pass, group = "source")]
-    passes: Vec<Option<PassName>>,
+    passes: Vec<Option<PassSpec>>,
     /// A shipped pipeline by name (see `cresnet-opt pipelines`).
     #[arg(long, group = "source")]
     pipeline: Option<String>,
@@ -42,11 +43,11 @@ pub struct OptimizeArgs {
 }
 
 /// `none` parses as `None` (no pass); anything else must be a pass name.
-fn parse_pass(s: &str) -> Result<Option<PassName>, String> {
+fn parse_pass(s: &str) -> Result<Option<PassSpec>, String> {
     if s == "none" {
         return Ok(None);
     }
-    <PassName as clap::ValueEnum>::from_str(s, false).map(Some).map_err(|_| format!("unknown pass `{s}` (valid: none, {})", crate::config::PASS_NAMES.join(", ")))
+    PassSpec::default_for(s).map(Some).ok_or_else(|| format!("unknown pass `{s}` (valid: none, {})", PASS_NAMES.join(", ")))
 }
 
 #[derive(Serialize)]
@@ -62,18 +63,18 @@ struct RunReport<'a> {
 }
 
 /// The passes to run and, from a pipeline file, the calibration settings.
-fn pipeline_passes(args: &OptimizeArgs) -> Result<(Vec<PassSpec>, Option<crate::config::Calibration>)> {
+fn pipeline_passes(args: &OptimizeArgs) -> Result<(Vec<PassSpec>, Option<cresnet_opt::config::Calibration>)> {
     if let Some(path) = &args.config {
         let file = PipelineFile::load(path).with_context(|| format!("cannot use pipeline file {}", path.display()))?;
         return Ok((file.resolve_passes()?, file.calibration));
     }
     if let Some(name) = &args.pipeline {
-        return Ok((recipe(name)?.passes.unwrap_or_default(), None));
+        return Ok((shipped_pipeline(name)?.passes.unwrap_or_default(), None));
     }
     if args.passes.is_empty() {
         bail!("nothing to do: give --passes LIST (or `none`), --pipeline NAME or --config FILE");
     }
-    Ok((args.passes.iter().flatten().map(|&p| PassSpec::default_for(p)).collect(), None))
+    Ok((args.passes.iter().flatten().cloned().collect(), None))
 }
 
 pub fn run(args: &OptimizeArgs) -> Result<()> {
@@ -90,17 +91,17 @@ pub fn run(args: &OptimizeArgs) -> Result<()> {
     let overrides = input_shapes(&args.input_shape)?;
     let mut model = load(input)?;
     let calibration = calibration
-        .map(|c| crate::recover::Calibration::load(&c).with_context(|| format!("cannot load calibration images from {}", c.data.display())))
+        .map(|c| cresnet_opt::refit::Calibration::load(&c).with_context(|| format!("cannot load calibration images from {}", c.data.display())))
         .transpose()?;
-    if calibration.is_none() && passes.iter().any(|p| matches!(p, PassSpec::Prune(_) | PassSpec::Dw(_) | PassSpec::Lowrank(_))) && !args.quiet {
+    if calibration.is_none() && passes.iter().any(PassSpec::lossy) && !args.quiet {
         eprintln!("note: no calibration images: lossy passes run data-free, so accuracy will suffer (add `calibration:` to a pipeline file)");
     }
-    let reports = crate::passes::run_pipeline_calibrated(&mut model, &passes, &overrides, calibration.as_ref(), |r| {
+    let reports = cresnet_opt::passes::run_pipeline_with(&mut model, &passes, &overrides, calibration.as_ref(), &super::progress::Bar::default(), |r| {
         if !args.quiet {
             eprintln!("{}", summary(r));
         }
     })?;
-    crate::io::save(&model, output, args.external_data).with_context(|| format!("cannot write {}", output.display()))?;
+    cresnet_opt::io::save(&model, output, args.external_data).with_context(|| format!("cannot write {}", output.display()))?;
     if let Some(path) = &args.report {
         let (first, last) = (reports.first(), reports.last());
         let report = RunReport {
@@ -113,7 +114,7 @@ pub fn run(args: &OptimizeArgs) -> Result<()> {
             macs_after: last.map_or(0, |r| r.macs_after),
             seconds: started.elapsed().as_secs_f64(),
         };
-        crate::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("cannot write report {}", path.display()))?;
+        cresnet_opt::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("cannot write report {}", path.display()))?;
     }
     Ok(())
 }

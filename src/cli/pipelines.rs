@@ -2,7 +2,7 @@
 use anyhow::Result;
 
 pub fn run() -> Result<()> {
-    for (name, summary, _) in crate::config::RECIPES {
+    for (name, summary, _) in cresnet_opt::passes::PIPELINES {
         println!("{name:<10} {summary}");
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! `cresnet-opt stats MODEL [MODEL2] [--format table|json|yaml]`.
 use super::{group, input_shapes, load};
-use crate::stats::{stages, Stats};
+use cresnet_opt::stats::{stages, Stats};
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
@@ -33,13 +33,13 @@ struct Comparison<'a> {
     params_ratio: f64,
     macs_ratio: f64,
     /// Params and MACs per stage (layers grouped by output resolution).
-    stages_before: Vec<crate::stats::Stage>,
-    stages_after: Vec<crate::stats::Stage>,
+    stages_before: Vec<cresnet_opt::stats::Stage>,
+    stages_after: Vec<cresnet_opt::stats::Stage>,
 }
 
 fn stats_of(path: &PathBuf, args: &StatsArgs) -> Result<Stats> {
     let model = load(path)?;
-    Ok(crate::stats::compute(&model.graph, &input_shapes(&args.input_shape)?)?)
+    Ok(cresnet_opt::stats::compute(&model.graph, &input_shapes(&args.input_shape)?)?)
 }
 
 pub fn run(args: &StatsArgs) -> Result<()> {

@@ -2,8 +2,11 @@
 //! are the tensors flowing between them, plus the weights as ndarray arrays.
 //!
 //! Node protos keep their input/output *names* (the ONNX source of truth);
-//! the edges are derived from them by [`Graph::relink`], which every
-//! structural change calls, and which [`crate::validate`] re-checks. Every
+//! the edges and the producer map are derived from them. Every structural
+//! change goes through [`Graph`]'s edit methods (`add_node`, `remove_node`,
+//! `replace_node`, `update_node`), each of which re-links the graph and
+//! fails when a tensor would be defined twice, so no caller can leave the
+//! edges stale; [`crate::validate`] re-checks the whole after every pass. Every
 //! field we do not interpret (attributes, doc strings, metadata, functions,
 //! opsets, value_info, unknown ops and domains) is kept as the original proto.
 pub mod tensor;
@@ -108,8 +111,8 @@ impl Node {
 /// and initializers taken out (they live in `net` and `weights`).
 #[derive(Debug, Clone, Default)]
 pub struct Graph {
-    pub net: StableDiGraph<Node, Wire>,
-    pub weights: IndexMap<String, Weight>,
+    net: StableDiGraph<Node, Wire>,
+    weights: IndexMap<String, Weight>,
     pub meta: GraphProto,
     producers: HashMap<String, (NodeIndex, usize)>,
 }
@@ -134,7 +137,7 @@ impl Graph {
 
     /// Recomputes the producer map and every edge from the node protos' names.
     /// Fails when two nodes (or a node and a weight) define the same tensor.
-    pub fn relink(&mut self) -> Result<()> {
+    fn relink(&mut self) -> Result<()> {
         self.net.clear_edges();
         self.producers.clear();
         let indices: Vec<NodeIndex> = self.net.node_indices().collect();
@@ -169,8 +172,38 @@ impl Graph {
     pub fn node(&self, ix: NodeIndex) -> &Node {
         &self.net[ix]
     }
-    pub fn node_mut(&mut self, ix: NodeIndex) -> &mut Node {
-        &mut self.net[ix]
+    /// Changes node `ix` (attributes, or the tensors it reads and writes) and re-links.
+    pub fn update_node(&mut self, ix: NodeIndex, change: impl FnOnce(&mut Node)) -> Result<()> {
+        change(&mut self.net[ix]);
+        self.relink()
+    }
+    /// Every node, in index order.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.net.node_weights()
+    }
+    /// Every wire (producer, consumer, tensor).
+    pub fn wires(&self) -> impl Iterator<Item = (NodeIndex, NodeIndex, &Wire)> {
+        petgraph::visit::IntoEdgeReferences::edge_references(&self.net).map(|e| (e.source(), e.target(), e.weight()))
+    }
+
+    /// The weights (initializers) by name, in file order.
+    pub fn weights(&self) -> &IndexMap<String, Weight> {
+        &self.weights
+    }
+    pub fn weight(&self, name: &str) -> Option<&Weight> {
+        self.weights.get(name)
+    }
+    /// A weight to rewrite in place (its shape may change).
+    pub fn weight_mut(&mut self, name: &str) -> Option<&mut Weight> {
+        self.weights.get_mut(name)
+    }
+    /// Adds or replaces weight `name`; fails if a node writes that tensor.
+    pub fn insert_weight(&mut self, name: String, weight: Weight) -> Result<()> {
+        if self.producers.contains_key(&name) {
+            return Err(Error::invalid(format!("weight `{name}` would redefine a node's output")));
+        }
+        self.weights.insert(name, weight);
+        Ok(())
     }
     pub fn node_count(&self) -> usize {
         self.net.node_count()
@@ -250,6 +283,15 @@ impl Graph {
         Ok(node)
     }
 
+    /// Replaces node `old` by `new` (added in order, so they may write its
+    /// outputs), then relinks; returns the new nodes' indices.
+    pub fn replace_node(&mut self, old: NodeIndex, new: Vec<Node>) -> Result<Vec<NodeIndex>> {
+        let added = new.into_iter().map(|n| self.net.add_node(n)).collect();
+        self.net.remove_node(old).ok_or_else(|| Error::invalid("node removed twice"))?;
+        self.relink()?;
+        Ok(added)
+    }
+
     /// Removes weights no node reads any more (and that are no graph output).
     pub fn drop_unused_weights(&mut self) -> usize {
         let used: HashSet<&str> = self
@@ -273,6 +315,7 @@ impl Graph {
     /// Sets node `ix`'s bias (input 2) to `values`, adding the input when the
     /// node has none (a new Gemm bias drops `beta`, which would scale it).
     pub fn set_bias(&mut self, ix: NodeIndex, values: Vec<f32>) {
+        // Only a weight input changes: weights are not wires, so no relink.
         let node = &self.net[ix];
         let name = match node.input(2) {
             Some(b) => b.to_string(),
@@ -343,4 +386,15 @@ impl Model {
     pub fn opset(&self) -> i64 {
         self.proto.opset_import.iter().find(|o| matches!(o.domain(), "" | "ai.onnx")).and_then(|o| o.version).unwrap_or(1)
     }
+}
+
+/// A float tensor's value info; `None` dims are the symbolic batch `N`.
+pub fn value_info(name: &str, dims: &[Option<i64>]) -> crate::onnx::ValueInfoProto {
+    use crate::onnx::tensor_shape_proto::dimension::Value;
+    let dim = dims
+        .iter()
+        .map(|d| crate::onnx::tensor_shape_proto::Dimension { value: Some(d.map_or(Value::DimParam("N".into()), Value::DimValue)), ..Default::default() })
+        .collect();
+    let tensor = crate::onnx::type_proto::Tensor { elem_type: Some(1), shape: Some(crate::onnx::TensorShapeProto { dim }) };
+    crate::onnx::ValueInfoProto { name: Some(name.into()), r#type: Some(crate::onnx::TypeProto { value: Some(crate::onnx::type_proto::Value::TensorType(tensor)), ..Default::default() }), ..Default::default() }
 }

@@ -317,7 +317,7 @@ pub fn maxpool_backward(g: &PoolGeom, dy: &[f32], arg: &[u32], dx: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixture::Rng;
+    use crate::rng::Rng;
 
     fn geometry(c: usize, multiplier: usize, k: usize, stride: usize, pad: usize, dilation: usize, (h, w): (usize, usize)) -> ConvGeom {
         let out = |len: usize| (len + 2 * pad - dilation * (k - 1) - 1) / stride + 1;

@@ -12,8 +12,8 @@
 //! network with BN re-inserted trains like the original did. The batch is split
 //! over rayon's threads by image, so results are reproducible for a fixed
 //! thread count. Chosen over burn and candle by measurement (README, `distill`).
-pub mod data;
 pub mod checkpoint;
+pub mod distill;
 pub mod kernels;
 pub mod optim;
 
@@ -288,7 +288,7 @@ impl Network {
     }
 
     fn build(graph: &Graph, shapes: &Shapes, with_bn: bool) -> Result<Network> {
-        let input = graph.meta.input.iter().map(|i| i.name()).find(|n| !graph.weights.contains_key(*n)).ok_or_else(|| Error::invalid("distill: the model has no input"))?.to_string();
+        let input = graph.meta.input.iter().map(|i| i.name()).find(|n| !graph.weights().contains_key(*n)).ok_or_else(|| Error::invalid("distill: the model has no input"))?.to_string();
         let output = graph.meta.output.first().map(|o| o.name().to_string()).ok_or_else(|| Error::invalid("distill: the model has no output"))?;
         let net = Network { params: vec![], steps: vec![], value_len: vec![], values: HashMap::new(), input: 0, output: 0 };
         let mut b = Builder { graph, shapes, net, param_ix: HashMap::new(), with_bn };
@@ -361,7 +361,7 @@ impl Network {
         // Params that are not graph weights (BN statistics, adapters) stay out.
         for p in self.params.iter().filter(|p| data.contains_key(p.name.as_str())) {
             let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&p.shape), data[p.name.as_str()].clone()).expect("param length matches its shape");
-            if let Some(w) = graph.weights.get_mut(&p.name) {
+            if let Some(w) = graph.weight_mut(&p.name) {
                 w.set_data(crate::ir::Data::F32(a));
             }
         }

@@ -1,5 +1,8 @@
 #![allow(dead_code)]
-use cresnet_opt::config::{DwOptions, FoldOptions, PassSpec, PruneOptions};
+use cresnet_opt::passes::dw::DwOptions;
+use cresnet_opt::passes::fold::FoldOptions;
+use cresnet_opt::passes::PassSpec;
+use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::Rng;
 use cresnet_opt::ir::Model;
 use cresnet_opt::runner::Runner;
@@ -53,7 +56,7 @@ pub fn dw(rank: usize) -> PassSpec {
 /// `dw` at `rank` on every KxK conv, the stem included, in the grouped
 /// layout (one depthwise + one pointwise conv per factorized conv).
 pub fn dw_all(rank: usize) -> PassSpec {
-    PassSpec::Dw(DwOptions { rank: Some(rank), min_gain: -10.0, include: vec!["*".into()], layout: cresnet_opt::config::DwLayout::Grouped, ..Default::default() })
+    PassSpec::Dw(DwOptions { rank: Some(rank), min_gain: -10.0, include: vec!["*".into()], layout: cresnet_opt::passes::dw::DwLayout::Grouped, ..Default::default() })
 }
 
 pub fn prune(opts: PruneOptions) -> PassSpec {

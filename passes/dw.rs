@@ -24,7 +24,7 @@
 //! `min_resolution`/`max_resolution` keep only convs whose output height lies
 //! in that range (a budget per stage, whatever the names).
 //!
-//! With `calibration` (see `src/recover.rs`), layers are factorized one at a
+//! With `calibration` (see `src/refit/mod.rs`), layers are factorized one at a
 //! time in topological order on the compressed model's own activations: the
 //! depthwise filters come from the SVD, the pointwise weights and bias from a
 //! ridge least-squares fit of the original conv's outputs. `alternate: n`
@@ -37,14 +37,87 @@
 //! not factorized (they see drifted inputs). Measured on ResNet-50 (744
 //! evaluation images, README): rank 2 top-1 0.012 data-free, 0.809
 //! calibrated, 0.821 with `alternate: 2`; rank 1 0.001 / 0.423 / 0.519.
-use super::{PassContext, PassReport};
-use crate::config::DwOptions;
-use crate::error::Result;
-use crate::ir::{Graph, Node, Weight};
+use super::factorize::{self, Outcome, Selection};
+use super::{check_unit, Pass, PassContext, PassReport, Refit};
+use crate::error::{Error, Result};
+use crate::ir::{Graph, Model, Node, Weight};
+use crate::refit::{Calibration, Fit, Layer};
 use crate::shape::Shapes;
 use ndarray::{Array4, ArrayD};
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Options of `dw`; see the module documentation.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DwOptions {
+    pub rank: Option<usize>,
+    pub energy: Option<f64>,
+    pub min_gain: f64,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Only convs whose output is at least / at most this many pixels high.
+    pub min_resolution: Option<usize>,
+    pub max_resolution: Option<usize>,
+    /// Calibrated only: rounds of alternating least squares (depthwise
+    /// filters, then pointwise weights) after the first pointwise fit.
+    /// Default 2 (ResNet-50 rank 1: top-1 0.423 → 0.519; rank 2 0.809 → 0.821).
+    pub alternate: usize,
+    /// Calibrated only: `all` also refits every other conv (they see drifted inputs).
+    pub refit: Refit,
+    /// How a rank r > 1 factorization is written.
+    pub layout: DwLayout,
+}
+
+/// The ONNX form of a rank-r factorization.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DwLayout {
+    /// One depthwise conv with channel multiplier r (group C_in, C_in·r outputs), one pointwise conv.
+    Grouped,
+    /// r depthwise convs (group C_in, C_in outputs) each with its pointwise slice, summed by Adds.
+    /// The default: tract runs these with its depthwise kernels (ResNet-50 rank 2, batch 1,
+    /// 1 thread: 76.9 ms split vs 93.0 ms grouped; README).
+    #[default]
+    Split,
+}
+
+impl Default for DwOptions {
+    fn default() -> Self {
+        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], min_resolution: None, max_resolution: None, alternate: 2, refit: Refit::Changed, layout: DwLayout::Split }
+    }
+}
+
+/// The `dw` pass.
+pub struct Dw;
+
+impl Pass for Dw {
+    const NAME: &'static str = "dw";
+    const LOSSY: bool = true;
+    type Options = DwOptions;
+
+    fn validate(o: &DwOptions) -> Result<()> {
+        check_unit("dw", "energy", o.energy.filter(|&e| e != 1.0))?;
+        if o.rank.is_some() && o.energy.is_some() {
+            return Err(Error::Config("`dw` takes `rank` or `energy`, not both".into()));
+        }
+        factorize::check_options("dw", o.rank, o.min_gain, (o.min_resolution, o.max_resolution))
+    }
+
+    fn run(model: &mut Model, ctx: &PassContext, options: &DwOptions) -> Result<PassReport> {
+        match ctx.calibrated() {
+            Some(calibrated) => run_calibrated(model, ctx.shapes, calibrated, options),
+            None => run_data_free(&mut model.graph, ctx.shapes, options),
+        }
+    }
+}
+
+impl DwOptions {
+    fn selection(&self) -> Selection<'_> {
+        Selection { include: &self.include, exclude: &self.exclude, min_resolution: self.min_resolution, max_resolution: self.max_resolution }
+    }
+}
 
 /// One input channel's SVD: U·Σ (C_out × k) and Vᵀ rows (k × K²).
 struct ChannelSvd {
@@ -61,20 +134,17 @@ pub struct Factorization {
     pub pointwise: Array4<f32>,
 }
 
-pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<PassReport> {
-    if let (Some(calib), Some(reference)) = (ctx.calibration, ctx.reference) {
-        return run_calibrated(graph, ctx.shapes, reference, calib, opts);
-    }
+fn run_data_free(graph: &mut Graph, shapes: &Shapes, opts: &DwOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
     let convs: Vec<NodeIndex> = graph.topo_order()?.into_iter().filter(|&ix| graph.node(ix).op() == "Conv" && graph.node(ix).is_standard()).collect();
     for ix in convs {
         let name = graph.node(ix).name().to_string();
-        match eligible(graph, ctx.shapes, ix, opts) {
+        match eligible(graph, shapes, ix, opts) {
             Ok(None) => {}
             Ok(Some(weight)) => match factorize(&weight, opts) {
                 Ok(f) => {
                     let what = format!("rank {} (energy {:.4}), params {} -> {}", f.rank, f.energy, weight.len(), f.depthwise.len() + f.pointwise.len());
-                    replace(graph, ix, f, opts.layout == crate::config::DwLayout::Split)?;
+                    replace(graph, ix, f, opts.layout == DwLayout::Split)?;
                     report.change(&name, what);
                 }
                 Err(reason) => report.decline(&name, reason),
@@ -90,8 +160,9 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &DwOptions) -> Result<Pas
 /// then the pointwise weights and bias are a ridge least-squares fit of the
 /// conv's outputs. (Measured on ResNet-50 rank 2: weighting the per-channel
 /// SVD by the input patches' covariance gave lower top-1, 0.763 vs 0.804.)
-fn run_calibrated(graph: &mut Graph, shapes: &Shapes, reference: &crate::ir::Model, calib: &crate::recover::Calibration, opts: &DwOptions) -> Result<PassReport> {
+fn run_calibrated(model: &mut Model, shapes: &Shapes, calibrated: (&Calibration, &Model), opts: &DwOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
+    let graph = &model.graph;
     let mut layers = Vec::new();
     let mut factorized = std::collections::HashSet::new();
     for ix in graph.topo_order()? {
@@ -101,54 +172,45 @@ fn run_calibrated(graph: &mut Graph, shapes: &Shapes, reference: &crate::ir::Mod
         match eligible(graph, shapes, ix, opts) {
             Ok(Some(_)) => {
                 factorized.insert(ix);
-                layers.push(crate::recover::Layer { node: ix, kept: None });
+                layers.push(Layer { node: ix, kept: None });
             }
-            Ok(None) if opts.refit == crate::config::Refit::All => layers.push(crate::recover::Layer { node: ix, kept: None }),
+            Ok(None) if opts.refit == Refit::All => layers.push(Layer { node: ix, kept: None }),
             Ok(None) => {}
             Err(reason) => {
                 report.decline(graph.node(ix).name(), reason);
-                if opts.refit == crate::config::Refit::All {
-                    layers.push(crate::recover::Layer { node: ix, kept: None });
+                if opts.refit == Refit::All {
+                    layers.push(Layer { node: ix, kept: None });
                 }
             }
         }
     }
-    // Convs refit as they are (`refit: all`), by name.
-    let plain: std::collections::HashSet<String> = layers.iter().filter(|l| !factorized.contains(&l.node)).map(|l| graph.node(l.node).name().to_string()).collect();
-    let mut model = crate::ir::Model { proto: reference.proto.clone(), graph: std::mem::take(graph) };
-    let result = crate::recover::refit_with(reference, &mut model, &layers, calib, |g, layer, x, y| {
+    let calib = calibrated.0;
+    factorize::on_data(model, calibrated, &layers, &mut report, |g, layer, x, y| {
+        let fit = Fit::for_layer(calib, g, layer.node);
         if factorized.contains(&layer.node) {
-            return factorize_on_data(g, layer.node, x, y, opts, crate::recover::Fit::for_layer(calib, g, layer.node));
+            return factorize_on_data(g, layer.node, x, y, opts, fit);
         }
-        let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, crate::recover::Fit::for_layer(calib, g, layer.node))?;
-        Ok((g.node(layer.node).name().to_string(), before, after))
-    });
-    *graph = model.graph;
-    for outcome in result? {
-        match outcome {
-            (name, before, after) if plain.contains(&name) => report.change(&name, format!("refit: relative error {before:.4} -> {after:.4}")),
-            (name, before, after) if after.is_finite() => report.change(&name, format!("factorized on data: relative error {before:.4} -> {after:.4}")),
-            (name, _, _) => report.decline(&name, format!("rank saves less than min_gain {:.1} % of the layer", 100.0 * opts.min_gain)),
-        }
-    }
+        // `refit: all`: a conv refit as it is.
+        let (before, after) = crate::refit::solve_layer(g, layer.node, x, y, fit)?;
+        Ok(Outcome::Done { name: g.node(layer.node).name().to_string(), what: format!("refit: relative error {before:.4} -> {after:.4}") })
+    })?;
     Ok(report)
 }
 
 /// Factorizes conv `ix` using its sampled input patches `x` and reference outputs `y`.
-fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opts: &DwOptions, fit: crate::recover::Fit) -> Result<(String, f64, f64)> {
+fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opts: &DwOptions, fit: Fit) -> Result<Outcome> {
     let name = graph.node(ix).name().to_string();
-    let w = graph.constant_f32(graph.node(ix).input(1).unwrap_or("")).cloned().ok_or_else(|| crate::Error::invalid("weight vanished"))?;
+    let w = graph.constant_f32(graph.node(ix).input(1).unwrap_or("")).cloned().ok_or_else(|| Error::invalid("weight vanished"))?;
     let (c_out, c_in, kh, kw) = (w.shape()[0], w.shape()[1], w.shape()[2], w.shape()[3]);
     let kk = kh * kw;
     let n = x.len() / (c_in * kk);
     let parts: Vec<ChannelSvd> = (0..c_in).into_par_iter().map(|i| channel_svd(&w, i)).collect();
-    let svds: Vec<&ChannelSvd> = parts.iter().collect();
-    let (rank, _) = choose_rank_refs(&svds, c_out.min(kk), opts);
-    if gain(c_out, c_in, kk, rank) < opts.min_gain {
-        return Ok((name, f64::NAN, f64::NAN));
+    let (rank, _) = choose_rank(&parts, c_out.min(kk), opts);
+    if let Some(reason) = factorize::too_small(rank, gain(c_out, c_in, kk, rank), opts.min_gain) {
+        return Ok(Outcome::Declined { name, reason });
     }
-    if svds.iter().any(|s| s.sigma2.iter().any(|v| !v.is_finite())) {
-        return Err(crate::Error::Pass { pass: "dw".into(), reason: format!("`{name}`: weight or activations hold NaN or infinity") });
+    if parts.iter().any(|s| s.sigma2.iter().any(|v| !v.is_finite())) {
+        return Err(Error::Pass { pass: "dw".into(), reason: format!("`{name}`: weight or activations hold NaN or infinity") });
     }
     // Depthwise filters d_ij = row j of V_iᵀ, and the features z = d_ij · p_i.
     let depthwise = ndarray::Array4::from_shape_fn((c_in * rank, 1, kh, kw), |(dd, _, a, b)| parts[dd / rank].vt[dd % rank][a * kw + b] as f32);
@@ -164,7 +226,7 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
             })
         })
         .collect();
-    let za = crate::recover::with_ones(&z, n, zd);
+    let za = crate::refit::with_ones(&z, n, zd);
     let ya = faer::Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
     let bias = graph.bias_or_zeros(ix, c_out);
     let init = faer::Mat::<f64>::from_fn(zd + 1, c_out, |r, o| if r == zd { bias[o] as f64 } else { parts[r / rank].us[r % rank][o] });
@@ -175,18 +237,18 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     if opts.alternate > 0 && c_in * rank * kk <= MAX_ALTERNATE_UNKNOWNS {
         let patches = PatchStats::new(x, n, c_in * kk);
         for _ in 0..opts.alternate {
-            let target = if fit.relu { crate::recover::relu_target(&za, &sol, &ya) } else { ya.clone() };
+            let target = if fit.relu { crate::refit::relu_target(&za, &sol, &ya) } else { ya.clone() };
             let Some(round) = alternate_round(&patches, &sol, rank, (kh, kw), fit, &ya, &target).filter(|r| r.err < after_err) else { break };
             (depthwise, sol, after_err, za) = (round.depthwise, round.sol, round.err, round.z);
         }
     }
     if !after_err.is_finite() || !before_err.is_finite() {
-        return Err(crate::Error::Pass { pass: "dw".into(), reason: format!("`{name}`: non-finite values in the calibrated factorization") });
+        return Err(Error::Pass { pass: "dw".into(), reason: format!("`{name}`: non-finite values in the calibrated factorization") });
     }
     let pointwise = ndarray::Array4::from_shape_fn((c_out, zd, 1, 1), |(o, dd, _, _)| sol[(dd, o)] as f32);
-    let pw = replace(graph, ix, Factorization { rank, energy: f64::NAN, depthwise, pointwise }, opts.layout == crate::config::DwLayout::Split)?;
+    let pw = replace(graph, ix, Factorization { rank, energy: f64::NAN, depthwise, pointwise }, opts.layout == DwLayout::Split)?;
     graph.set_bias(pw, (0..c_out).map(|o| sol[(zd, o)] as f32).collect());
-    Ok((format!("{name} (rank {rank})"), before_err, after_err))
+    Ok(Outcome::Done { name: format!("{name} (rank {rank})"), what: format!("factorized on data: relative error {before_err:.4} -> {after_err:.4}") })
 }
 
 /// Largest depthwise refit (C_in·r·K² unknowns) `alternate` attempts: its
@@ -206,7 +268,7 @@ struct PatchStats {
 
 impl PatchStats {
     fn new(x: &[f32], n: usize, d: usize) -> PatchStats {
-        let xa = crate::recover::with_ones(x, n, d);
+        let xa = crate::refit::with_ones(x, n, d);
         let xs = xa.subcols(0, d);
         let gram = xs.transpose() * xs;
         PatchStats { xa, gram }
@@ -230,7 +292,7 @@ struct Round {
 /// G[(j,k),(j',k')] = (Q Qᵀ)[j,j'] · (XᵀX)[(i(j),k),(i(j'),k')]
 /// and the right side r[(j,k)] = Σ_o Q[j,o] (Xᵀ(T − b))[(i(j),k),o], with
 /// T the targets (Y, or its ReLU-aware stand-in).
-fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): (usize, usize), fit: crate::recover::Fit, ya: &faer::Mat<f64>, target: &faer::Mat<f64>) -> Option<Round> {
+fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): (usize, usize), fit: Fit, ya: &faer::Mat<f64>, target: &faer::Mat<f64>) -> Option<Round> {
     use faer::prelude::*;
     let (zd, kk) = (sol.nrows() - 1, kh * kw);
     let (n, d) = (p.xa.nrows(), p.xa.ncols() - 1);
@@ -248,7 +310,7 @@ fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): 
         let (j, k) = (a / kk, a % kk);
         (0..q.ncols()).map(|o| q[(j, o)] * xr[(ch(j) * kk + k, o)]).sum()
     });
-    crate::recover::add_ridge(&mut g, dim, fit.ridge);
+    crate::refit::add_ridge(&mut g, dim, fit.ridge);
     g.llt(faer::Side::Lower).ok()?.solve_in_place(rhs.as_mut());
     let filters: Vec<f64> = (0..dim).map(|a| rhs[(a, 0)]).collect();
     let z = faer::Mat::<f64>::from_fn(n, zd + 1, |r, j| if j == zd { 1.0 } else { (0..kk).map(|k| filters[j * kk + k] * p.xa[(r, ch(j) * kk + k)]).sum() });
@@ -265,81 +327,31 @@ fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): 
 fn svd_of(m: &faer::Mat<f64>) -> ChannelSvd {
     let (rows, cols) = (m.nrows(), m.ncols());
     let k = rows.min(cols);
-    let failed = || ChannelSvd { us: vec![vec![f64::NAN; rows]; k], vt: vec![vec![0.0; cols]; k], sigma2: vec![f64::NAN; k] };
-    let gram = m.transpose() * m;
-    let Ok(eig) = gram.self_adjoint_eigen(faer::Side::Lower) else { return failed() };
-    let (v, s) = (eig.U(), eig.S().column_vector());
-    // Eigenvalues ascend: the largest k, largest first.
-    let order: Vec<usize> = (0..cols).rev().take(k).collect();
-    let mv = m * v;
+    let Some((sigma2, v)) = factorize::eigen_desc(&(m.transpose() * m)) else {
+        return ChannelSvd { us: vec![vec![f64::NAN; rows]; k], vt: vec![vec![0.0; cols]; k], sigma2: vec![f64::NAN; k] };
+    };
+    let mv = m * &v;
     ChannelSvd {
-        us: order.iter().map(|&j| (0..rows).map(|o| mv[(o, j)]).collect()).collect(),
-        vt: order.iter().map(|&j| (0..cols).map(|p| v[(p, j)]).collect()).collect(),
-        sigma2: order.iter().map(|&j| s[j].max(0.0)).collect(),
-    }
-}
-
-/// Simple glob: `*` matches any run of characters.
-pub fn matches(pattern: &str, name: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == name,
-        Some((head, tail)) => name.strip_prefix(head).is_some_and(|rest| (0..=rest.len()).any(|i| rest.is_char_boundary(i) && matches(tail, &rest[i..]))),
-    }
-}
-
-/// Which layers a factorizing pass may touch: name patterns and a range
-/// of output heights (the options `dw` and `lowrank` share).
-pub struct Selection<'a> {
-    pub include: &'a [String],
-    pub exclude: &'a [String],
-    pub min_resolution: Option<usize>,
-    pub max_resolution: Option<usize>,
-}
-
-impl Selection<'_> {
-    /// None if node `ix` is not selected, else whether `include` names it
-    /// (which also admits a layer a pass skips by default, such as the stem).
-    pub fn pick(&self, graph: &Graph, shapes: &Shapes, ix: NodeIndex) -> Option<bool> {
-        let name = graph.node(ix).name();
-        let included = self.include.iter().any(|p| matches(p, name));
-        let skipped = (!self.include.is_empty() && !included) || self.exclude.iter().any(|p| matches(p, name));
-        (!skipped && self.in_resolution(graph, shapes, ix)).then_some(included)
-    }
-
-    /// Whether the output height (1 for a 2-d output such as a Gemm's) lies
-    /// within the range; with a bound set, an unknown shape does not.
-    fn in_resolution(&self, graph: &Graph, shapes: &Shapes, ix: NodeIndex) -> bool {
-        let (min, max) = (self.min_resolution, self.max_resolution);
-        if min.is_none() && max.is_none() {
-            return true;
-        }
-        let shape = graph.node(ix).output(0).and_then(|y| shapes.get(y)).and_then(|t| t.shape.as_ref());
-        let height = shape.map(|s| if s.len() >= 3 { s[2] } else { 1 });
-        height.is_some_and(|h| min.is_none_or(|m| h >= m) && max.is_none_or(|m| h <= m))
+        us: (0..k).map(|j| (0..rows).map(|o| mv[(o, j)]).collect()).collect(),
+        vt: (0..k).map(|j| (0..cols).map(|p| v[(p, j)]).collect()).collect(),
+        sigma2: sigma2[..k].to_vec(),
     }
 }
 
 /// The conv's weight if the pass should try it; None to skip silently
 /// (1x1 convs, excluded names); Err to decline with a reason.
 fn eligible(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &DwOptions) -> std::result::Result<Option<ArrayD<f32>>, String> {
-    let node = graph.node(ix);
-    let selection = Selection { include: &opts.include, exclude: &opts.exclude, min_resolution: opts.min_resolution, max_resolution: opts.max_resolution };
-    let Some(included) = selection.pick(graph, shapes, ix) else { return Ok(None) };
-    let wname = node.input(1).ok_or("no weight")?;
-    let w = graph.constant(wname).ok_or("weight is not a constant initializer")?;
-    let w = w.as_f32().ok_or("weight is not f32")?;
+    let Some((w, included)) = opts.selection().weight(graph, shapes, ix)? else { return Ok(None) };
     if w.ndim() != 4 || w.shape()[2] * w.shape()[3] <= 1 {
         return Ok(None);
     }
-    if node.attr_int("group").unwrap_or(1) != 1 {
+    if graph.node(ix).attr_int("group").unwrap_or(1) != 1 {
         return Err("grouped conv".into());
     }
-    if node.input(0).is_some_and(|x| graph.is_graph_input(x)) && !included {
+    if factorize::skips_stem(graph, ix, included) {
         return Ok(None);
     }
-    if graph.consumers(wname).len() != 1 {
-        return Err("weight shared with another node".into());
-    }
+    factorize::shared_weight(graph, ix)?;
     Ok(Some(w.clone()))
 }
 
@@ -350,28 +362,20 @@ fn channel_svd(w: &ArrayD<f32>, i: usize) -> ChannelSvd {
     svd_of(&faer::Mat::<f64>::from_fn(c_out, kk, |o, k| flat[(o * c_in + i) * kk + k] as f64))
 }
 
-/// The rank for `opts`, and the energy it keeps.
+/// The rank for `opts` (default `energy: 0.95`), and the energy it keeps.
 fn choose_rank(svds: &[ChannelSvd], max_rank: usize, opts: &DwOptions) -> (usize, f64) {
-    choose_rank_refs(&svds.iter().collect::<Vec<_>>(), max_rank, opts)
-}
-
-fn choose_rank_refs(svds: &[&ChannelSvd], max_rank: usize, opts: &DwOptions) -> (usize, f64) {
     let total: f64 = svds.iter().flat_map(|s| &s.sigma2).sum();
     let kept = |r: usize| svds.iter().map(|s| s.sigma2.iter().take(r).sum::<f64>()).sum::<f64>() / total.max(f64::MIN_POSITIVE);
-    let rank = match (opts.rank, opts.energy) {
-        (Some(r), _) => r.min(max_rank),
-        (None, energy) => {
-            let e = energy.unwrap_or(0.95);
-            (1..=max_rank).find(|&r| kept(r) >= e - 1e-12).unwrap_or(max_rank)
-        }
+    let rank = match opts.rank {
+        Some(r) => r.min(max_rank),
+        None => factorize::rank_for_energy(kept, max_rank, opts.energy.unwrap_or(0.95)),
     };
     (rank, if total > 0.0 { kept(rank) } else { 1.0 })
 }
 
 /// Share of a layer's weights (= of its MACs) that factorizing at `rank` saves.
 fn gain(c_out: usize, c_in: usize, kk: usize, rank: usize) -> f64 {
-    let after = c_in * rank * kk + c_out * c_in * rank;
-    1.0 - after as f64 / (c_out * c_in * kk) as f64
+    factorize::gain(c_out * c_in * kk, c_in * rank * kk + c_out * c_in * rank)
 }
 
 /// SVD factorization of a [C_out, C_in, K, K] weight.
@@ -384,8 +388,8 @@ pub fn factorize(w: &ArrayD<f32>, opts: &DwOptions) -> std::result::Result<Facto
     let max_rank = c_out.min(kh * kw);
     let (rank, energy) = choose_rank(&svds, max_rank, opts);
     let gain = gain(c_out, c_in, kh * kw, rank);
-    if gain < opts.min_gain {
-        return Err(format!("rank {rank} saves {:.1} % of the layer, less than min_gain {:.1} %", 100.0 * gain, 100.0 * opts.min_gain));
+    if let Some(reason) = factorize::too_small(rank, gain, opts.min_gain) {
+        return Err(reason);
     }
     let depthwise = Array4::from_shape_fn((c_in * rank, 1, kh, kw), |(d, _, y, x)| svds[d / rank].vt[d % rank][y * kw + x] as f32);
     let pointwise = Array4::from_shape_fn((c_out, c_in * rank, 1, 1), |(o, d, _, _)| svds[d / rank].us[d % rank][o] as f32);
@@ -404,7 +408,7 @@ fn replace(graph: &mut Graph, ix: NodeIndex, f: Factorization, split: bool) -> R
     let parts = if split && f.rank > 1 { split_parts(&f) } else { vec![(f.depthwise, f.pointwise)] };
     let last = parts.len() - 1;
     let mut branch_outputs = Vec::new();
-    let mut bias_node = None;
+    let mut nodes = Vec::new();
     for (j, (depthwise, pointwise)) in parts.into_iter().enumerate() {
         let tag = if last == 0 { String::new() } else { j.to_string() };
         let (dw_name, pw_name) = (graph.fresh_name(&format!("{name}_dw{tag}")), graph.fresh_name(&format!("{name}_pw{tag}")));
@@ -414,8 +418,8 @@ fn replace(graph: &mut Graph, ix: NodeIndex, f: Factorization, split: bool) -> R
         let (kh, kw) = (depthwise.shape()[2], depthwise.shape()[3]);
         // Grouped: C_in·r filters over C_in groups; split: C_in filters over C_in groups.
         let group = depthwise.shape()[0] / if last == 0 { f.rank.max(1) } else { 1 };
-        graph.weights.insert(dw_w.clone(), Weight::from_f32(&dw_w, depthwise.into_dyn()));
-        graph.weights.insert(pw_w.clone(), Weight::from_f32(&pw_w, pointwise.into_dyn()));
+        graph.insert_weight(dw_w.clone(), Weight::from_f32(&dw_w, depthwise.into_dyn()))?;
+        graph.insert_weight(pw_w.clone(), Weight::from_f32(&pw_w, pointwise.into_dyn()))?;
         let mut dw = conv.clone();
         dw.proto.name = Some(dw_name);
         dw.proto.input = vec![conv.inputs()[0].clone(), dw_w];
@@ -427,17 +431,13 @@ fn replace(graph: &mut Graph, ix: NodeIndex, f: Factorization, split: bool) -> R
             pw.proto.input.push(b.to_string());
         }
         pw.set_attr_ints("kernel_shape", &[1, 1]);
-        graph.net.add_node(dw);
-        let pw = graph.net.add_node(pw);
-        if j == last {
-            bias_node = Some(pw);
-        }
+        nodes.extend([dw, pw]);
         branch_outputs.push(out);
     }
-    graph.remove_node(ix)?;
-    add_branches(graph, &name, &branch_outputs, &conv.outputs()[0]);
-    graph.relink()?;
-    Ok(bias_node.expect("at least one branch"))
+    // The pointwise conv of the last branch carries the bias.
+    let bias_node = *graph.replace_node(ix, nodes)?.last().ok_or_else(|| Error::invalid("a factorization without branches"))?;
+    add_branches(graph, &name, &branch_outputs, &conv.outputs()[0])?;
+    Ok(bias_node)
 }
 
 /// The rank-r factorization as r (depthwise [C_in,1,K,K], pointwise [C_out,C_in,1,1]) pairs.
@@ -455,12 +455,13 @@ fn split_parts(f: &Factorization) -> Vec<(Array4<f32>, Array4<f32>)> {
 }
 
 /// Sums the branch outputs into `output` with a chain of Adds.
-fn add_branches(graph: &mut Graph, name: &str, branches: &[String], output: &str) {
-    let Some(first) = branches.first() else { return };
+fn add_branches(graph: &mut Graph, name: &str, branches: &[String], output: &str) -> Result<()> {
+    let Some(first) = branches.first() else { return Ok(()) };
     let mut acc = first.clone();
     for (j, b) in branches.iter().enumerate().skip(1) {
         let out = if j == branches.len() - 1 { output.to_string() } else { graph.fresh_name(&format!("{name}_sum{j}")) };
-        graph.net.add_node(Node::new("Add", &graph.fresh_name(&format!("{name}_sum{j}")), &[&acc, b], &[out.as_str()]));
+        graph.add_node(Node::new("Add", &graph.fresh_name(&format!("{name}_sum{j}")), &[&acc, b], &[out.as_str()]))?;
         acc = out;
     }
+    Ok(())
 }

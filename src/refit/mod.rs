@@ -20,13 +20,17 @@
 //! (and the last refit layer writing into it) is fitted to the original Add
 //! output minus the Add's other input *as the compressed model computes it*,
 //! so each block repairs the drift of the residual stream it receives.
+pub mod obs;
+pub mod settings;
+mod solve;
+
+pub use solve::{add_ridge, append_ones, current_solution, not_definite, regularized_gram, relu_target, residual, solve_layer, with_ones, write_solution, Fit, Problem};
+
 use crate::error::{Error, Result};
-use crate::fixture::Rng;
+use crate::rng::Rng;
 use crate::ir::{Graph, Model};
 use crate::runner::Runner;
-use faer::prelude::*;
-use faer::{Mat, Side};
-use ndarray::{Array3, ArrayD, ArrayView4, Dimension, IxDyn};
+use ndarray::{Array3, ArrayD, ArrayView4};
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 
@@ -35,71 +39,13 @@ pub struct Calibration {
     pub images: Vec<Array3<f32>>,
     pub positions: usize,
     pub ridge: f64,
-    pub target: crate::config::RefitTarget,
-    pub reference: crate::config::RefitReference,
+    pub target: settings::RefitTarget,
+    pub reference: settings::RefitReference,
     /// Fit convs read by a ReLU on their post-ReLU outputs.
     pub through_relu: bool,
     /// The image files, `extra` included (the default training data of `distill`).
     pub sources: Vec<std::path::PathBuf>,
-    pub preprocessing: crate::imagedata::Preprocessing,
-}
-
-/// How a layer is fitted: ridge strength, and whether its outputs are
-/// compared after the ReLU that follows it (`calibration.through_relu`).
-#[derive(Debug, Clone, Copy)]
-pub struct Fit {
-    pub ridge: f64,
-    pub relu: bool,
-}
-
-/// Rounds of the ReLU-aware refit (each a re-solve with the same factor).
-const RELU_ROUNDS: usize = 4;
-
-impl Fit {
-    /// The fit for conv `ix`: through the ReLU only if one alone reads its output.
-    pub fn for_layer(calib: &Calibration, graph: &Graph, ix: NodeIndex) -> Fit {
-        let relu = calib.through_relu && graph.node(ix).output(0).is_some_and(|y| matches!(graph.consumers(y)[..], [(c, 0)] if graph.node(c).op() == "Relu"));
-        Fit { ridge: calib.ridge, relu }
-    }
-
-    /// Ridge solution of [X 1]·S ≈ Y. Through a ReLU, only relu(X·S) must
-    /// match relu(Y): entries with Y ≤ 0 need X·S ≤ 0, not X·S = Y. Solved
-    /// by majorize-minimize — targets Y' = Y where Y > 0, min(X·S, 0)
-    /// elsewhere, re-solved a few times with the same normal matrix.
-    pub fn solve(&self, xa: &Mat<f64>, ya: &Mat<f64>) -> Option<Mat<f64>> {
-        let llt = regularized_gram(xa, self.ridge).llt(Side::Lower).ok()?;
-        let mut sol = xa.transpose() * ya;
-        llt.solve_in_place(sol.as_mut());
-        for _ in 0..if self.relu { RELU_ROUNDS } else { 0 } {
-            let target = relu_target(xa, &sol, ya);
-            sol = xa.transpose() * &target;
-            llt.solve_in_place(sol.as_mut());
-        }
-        sol.norm_l2().is_finite().then_some(sol)
-    }
-
-    /// Relative error, after the ReLU when there is one.
-    pub fn error(&self, xa: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>) -> f64 {
-        if !self.relu {
-            return residual(xa, sol, ya);
-        }
-        let pred = xa * sol;
-        let (mut num, mut den) = (0.0, 0.0);
-        for c in 0..ya.ncols() {
-            for r in 0..ya.nrows() {
-                let (p, y) = (pred[(r, c)].max(0.0), ya[(r, c)].max(0.0));
-                num += (p - y) * (p - y);
-                den += y * y;
-            }
-        }
-        num / den.max(f64::MIN_POSITIVE)
-    }
-}
-
-/// The majorize-minimize targets of [`Fit::solve`] at solution `sol`.
-pub fn relu_target(xa: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f64> {
-    let pred = xa * sol;
-    Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| if ya[(r, c)] > 0.0 { ya[(r, c)] } else { pred[(r, c)].min(0.0) })
+    pub preprocessing: crate::data::Preprocessing,
 }
 
 /// A conv to refit: its output should match the reference tensor of the
@@ -135,8 +81,7 @@ fn geometry(graph: &Graph, ix: NodeIndex) -> Option<Geometry> {
     ok.then_some(Geometry { kh: w.shape()[2], kw: w.shape()[3], stride: ints("strides", [1, 1])?, pad: ints("pads", [0, 0])?, dilation: ints("dilations", [1, 1])? })
 }
 
-/// The layers of `layers` that the generic refit ([`refit`],
-/// [`solve_layer`]) handles: dense 2-d convs with f32 weights. A solver
+/// The layers of `layers` that the generic refit ([`solve_layer`]) handles: dense 2-d convs with f32 weights. A solver
 /// given to [`refit_with`] may also get plain Gemms ([C_out, C_in] weight,
 /// transB = 1), whose every image gives one sample.
 pub fn refittable(graph: &Graph, layers: Vec<Layer>) -> Vec<Layer> {
@@ -246,21 +191,11 @@ fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usiz
     out
 }
 
-/// Refits `layers` of `model.graph` against `reference` (the model before
-/// the pass, or as loaded: `calibration.reference`), one layer at a time in
-/// topological order. Returns, per layer,
-/// the relative reconstruction error before and after.
-pub fn refit(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration) -> Result<Vec<(String, f64, f64)>> {
-    let layers = refittable(&model.graph, layers.to_vec());
-    refit_with(reference, model, &layers, calib, |graph, layer, x, y| {
-        let (before, after) = solve_layer(graph, layer.node, x, y, Fit::for_layer(calib, graph, layer.node))?;
-        Ok((graph.node(layer.node).name().to_string(), before, after))
-    })
-}
-
 /// A per-layer solver gets the layer's input patches X (N × C_in·kh·kw,
 /// row-major) and reference outputs Y (N × C_out).
-/// The sequential loop of [`refit`] with a custom per-layer solver, which
+/// Refits `layers` of `model` against `reference` (the model before the
+/// pass, or as loaded: `calibration.reference`), one layer at a time in
+/// topological order, each by `solver`, which
 /// may also rewrite the graph around the layer (the `dw` pass replaces the
 /// conv by its factorized pair there).
 pub fn refit_with<T>(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration, mut solver: impl FnMut(&mut Graph, &Layer, &[f32], &[f32]) -> Result<T>) -> Result<Vec<T>> {
@@ -268,7 +203,7 @@ pub fn refit_with<T>(reference: &Model, model: &mut Model, layers: &[Layer], cal
     if layers.is_empty() || calib.images.is_empty() {
         return Ok(vec![]);
     }
-    let blocks: Vec<Option<Block>> = (0..layers.len()).map(|li| (calib.target == crate::config::RefitTarget::Block).then(|| block_of(&model.graph, &layers, li)).flatten()).collect();
+    let blocks: Vec<Option<Block>> = (0..layers.len()).map(|li| (calib.target == settings::RefitTarget::Block).then(|| block_of(&model.graph, &layers, li)).flatten()).collect();
     let mut ys = targets(reference, &model.graph, &layers, &blocks, calib)?;
     let shapes = crate::shape::infer(&model.graph, &Default::default())?;
     let plans: Vec<(String, Geometry, (usize, usize))> = layers
@@ -314,7 +249,7 @@ fn block_of(graph: &Graph, layers: &[Layer], li: usize) -> Option<Block> {
     let [(add, _)] = graph.consumers(y)[..] else { return None };
     let node = graph.node(add);
     let inputs: Vec<&String> = node.inputs().iter().filter(|n| !n.is_empty()).collect();
-    if node.op() != "Add" || inputs.len() != 2 || inputs.iter().any(|n| graph.weights.contains_key(n.as_str())) {
+    if node.op() != "Add" || inputs.len() != 2 || inputs.iter().any(|n| graph.weights().contains_key(n.as_str())) {
         return None;
     }
     let other = inputs.into_iter().find(|n| n.as_str() != y)?.clone();
@@ -350,10 +285,10 @@ fn cut_points(graph: &Graph) -> Vec<(usize, String)> {
     let earliest: Vec<Option<usize>> = order
         .iter()
         .map(|&ix| {
-            graph.node(ix).inputs().iter().filter(|n| !n.is_empty() && !graph.weights.contains_key(n.as_str())).map(|n| graph.producer(n).map(|(p, _)| pos[&p])).min().flatten()
+            graph.node(ix).inputs().iter().filter(|n| !n.is_empty() && !graph.weights().contains_key(n.as_str())).map(|n| graph.producer(n).map(|(p, _)| pos[&p])).min().flatten()
         })
         .collect();
-    let reads_input: Vec<bool> = order.iter().map(|&ix| graph.node(ix).inputs().iter().any(|n| graph.is_graph_input(n) && !graph.weights.contains_key(n.as_str()))).collect();
+    let reads_input: Vec<bool> = order.iter().map(|&ix| graph.node(ix).inputs().iter().any(|n| graph.is_graph_input(n) && !graph.weights().contains_key(n.as_str()))).collect();
     let mut cuts = Vec::new();
     for p in 0..order.len() {
         let node = graph.node(order[p]);
@@ -421,14 +356,14 @@ fn sub_model(model: &Model, shapes: &crate::shape::Shapes, from: Option<&str>, o
     let cut = order.iter().position(|&n| n == producer).expect("in order");
     // Copy only the nodes after the cut and the weights they read.
     let nodes: Vec<crate::onnx::NodeProto> = order[cut + 1..].iter().map(|&ix| g.node(ix).proto.clone()).collect();
-    let weights = nodes.iter().flat_map(|n| n.input.iter()).filter_map(|n| g.weights.get(n).map(|w| (n.clone(), w.clone()))).collect();
+    let weights = nodes.iter().flat_map(|n| n.input.iter()).filter_map(|n| g.weight(n).map(|w| (n.clone(), w.clone()))).collect();
     let mut sub = Model { proto: model.proto.clone(), graph: Graph::new(nodes, weights, g.meta.clone())? };
     let dims: Vec<Option<i64>> = shapes.get(from).and_then(|t| t.shape.clone()).unwrap_or_default().iter().map(|&d| Some(d as i64)).collect();
-    sub.graph.meta.input = vec![crate::fixture::tensor_info(from, &dims)];
+    sub.graph.meta.input = vec![crate::ir::value_info(from, &dims)];
     sub.graph.meta.output = outputs
         .iter()
         .map(|o| {
-            let mut vi = crate::fixture::tensor_info(o, &[]);
+            let mut vi = crate::ir::value_info(o, &[]);
             if let Some(crate::onnx::type_proto::Value::TensorType(t)) = vi.r#type.as_mut().and_then(|t| t.value.as_mut()) {
                 t.shape = None;
             }
@@ -439,110 +374,11 @@ fn sub_model(model: &Model, shapes: &crate::shape::Shapes, from: Option<&str>, o
     Ok(sub)
 }
 
-/// One layer's least-squares problem: [X 1] (N×(D+1)) and Y (N×C_out).
-pub(crate) struct Problem {
-    pub xa: Mat<f64>,
-    pub ya: Mat<f64>,
-    pub d: usize,
-    pub c_out: usize,
-}
-
-impl Problem {
-    pub(crate) fn new(graph: &Graph, ix: NodeIndex, x: &[f32], y: &[f32]) -> Result<Problem> {
-        let node = graph.node(ix);
-        let wshape = node.input(1).and_then(|w| graph.constant(w)).map(|w| w.shape()).ok_or_else(|| Error::Pass { pass: "recover".into(), reason: format!("layer `{}` has no constant weight", node.name()) })?;
-        let (c_out, d) = (wshape[0], wshape[1..].iter().product::<usize>());
-        let n = x.len() / d.max(1);
-        if n == 0 || y.len() != n * c_out {
-            return Err(Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: {} samples of {d} inputs but {} targets for {c_out} channels", node.name(), n, y.len()) });
-        }
-        Ok(Problem { xa: with_ones(x, n, d), ya: Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64), d, c_out })
-    }
-}
-
-/// Solves one layer's ridge problem and writes W and b back.
-pub fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], fit: Fit) -> Result<(f64, f64)> {
-    let p = Problem::new(graph, ix, x, y)?;
-    let before = fit.error(&p.xa, &current_solution(graph, ix, p.d, p.c_out), &p.ya);
-    let sol = fit.solve(&p.xa, &p.ya).ok_or_else(|| not_definite(graph, ix))?;
-    let after = fit.error(&p.xa, &sol, &p.ya);
-    if !(after < before) {
-        return Ok((before, before));
-    }
-    write_solution(graph, ix, &sol, p.d, p.c_out);
-    Ok((before, after))
-}
-
-pub(crate) fn not_definite(graph: &Graph, ix: NodeIndex) -> Error {
-    Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: the normal equations are not positive definite", graph.node(ix).name()) }
-}
-
-/// [X 1] as an N×(D+1) f64 matrix.
-pub fn with_ones(x: &[f32], n: usize, d: usize) -> Mat<f64> {
-    Mat::<f64>::from_fn(n, d + 1, |r, c| if c == d { 1.0 } else { x[r * d + c] as f64 })
-}
-
-/// argmin_S ‖X·S − Y‖² + λ‖S without its last row‖², X's last column being
-/// the ones of the bias; λ = `ridge`·tr(XᵀX)/D. None if not solvable.
-pub fn ridge_solve(xa: &Mat<f64>, ya: &Mat<f64>, ridge: f64) -> Option<Mat<f64>> {
-    let mut sol = xa.transpose() * ya;
-    regularized_gram(xa, ridge).llt(Side::Lower).ok()?.solve_in_place(sol.as_mut());
-    Some(sol)
-}
-
-/// [X 1]ᵀ[X 1] + λ·I on the weight rows (λ = `ridge`·tr(XᵀX)/D), with a
-/// tiny jitter on the bias row: the normal matrix of [`ridge_solve`].
-pub fn regularized_gram(xa: &Mat<f64>, ridge: f64) -> Mat<f64> {
-    let d = xa.ncols() - 1;
-    let mut g = xa.transpose() * xa;
-    let mean_diagonal = add_ridge(&mut g, d, ridge);
-    g[(d, d)] += 1e-9 * (1.0 + mean_diagonal);
-    g
-}
-
-/// Adds λ = `ridge`·tr/d to the first d diagonal entries of `g`; returns tr/d.
-pub(crate) fn add_ridge(g: &mut Mat<f64>, d: usize, ridge: f64) -> f64 {
-    let mean_diagonal = (0..d).map(|i| g[(i, i)]).sum::<f64>() / d.max(1) as f64;
-    let lambda = ridge * mean_diagonal + 1e-12;
-    (0..d).for_each(|i| g[(i, i)] += lambda);
-    mean_diagonal
-}
-
-/// The layer's present weights as a (D+1)×C_out matrix.
-pub(crate) fn current_solution(graph: &Graph, ix: NodeIndex, d: usize, c_out: usize) -> Mat<f64> {
-    let node = graph.node(ix);
-    let w = graph.constant_f32(node.input(1).unwrap_or("")).expect("refittable").as_standard_layout().into_owned();
-    let flat = w.as_slice().expect("standard layout");
-    let b = graph.bias_or_zeros(ix, c_out);
-    Mat::<f64>::from_fn(d + 1, c_out, |r, c| if r == d { b[c] as f64 } else { flat[c * d + r] as f64 })
-}
-
-/// ‖X·S − Y‖² / ‖Y‖².
-pub fn residual(x: &Mat<f64>, s: &Mat<f64>, y: &Mat<f64>) -> f64 {
-    let e = x * s - y;
-    e.squared_norm_l2() / y.squared_norm_l2().max(f64::MIN_POSITIVE)
-}
-
-pub(crate) fn write_solution(graph: &mut Graph, ix: NodeIndex, sol: &Mat<f64>, d: usize, c_out: usize) {
-    let node = graph.node(ix).clone();
-    let wname = node.input(1).expect("refittable").to_string();
-    let shape = graph.weights[&wname].shape();
-    let w = ArrayD::from_shape_fn(IxDyn(&shape), |i| {
-        let idx = i.slice();
-        let r = idx[1..].iter().zip(&shape[1..]).fold(0, |acc, (&v, &s)| acc * s + v);
-        sol[(r, idx[0])] as f32
-    });
-    if let Some(old) = graph.weights.get_mut(&wname) {
-        old.set_data(crate::ir::Data::F32(w));
-    }
-    graph.set_bias(ix, (0..c_out).map(|c| sol[(d, c)] as f32).collect());
-}
-
 impl Calibration {
     /// The first `images` images (sorted by path) of the configured folder, preprocessed.
-    pub fn load(cfg: &crate::config::Calibration) -> Result<Calibration> {
-        let pre = crate::imagedata::Preprocessing::from_choice(&cfg.preprocess)?;
-        let mut paths = crate::imagedata::list_images(&cfg.data)?;
+    pub fn load(cfg: &settings::Calibration) -> Result<Calibration> {
+        let pre = crate::data::Preprocessing::from_choice(&cfg.preprocess)?;
+        let mut paths = crate::data::list_images(&cfg.data)?;
         paths.truncate(cfg.images);
         let mut extras = Vec::new();
         for extra in &cfg.extra {
@@ -557,32 +393,8 @@ impl Calibration {
 
     /// Calibration on in-memory images (caffe preprocessing, no source files).
     pub fn from_images(images: Vec<Array3<f32>>, positions: usize, ridge: f64) -> Calibration {
-        Calibration { images, positions, ridge, target: Default::default(), reference: Default::default(), through_relu: true, sources: vec![], preprocessing: crate::imagedata::Preprocessing::caffe() }
+        Calibration { images, positions, ridge, target: Default::default(), reference: Default::default(), through_relu: true, sources: vec![], preprocessing: crate::data::Preprocessing::caffe() }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
 
-    /// Targets relu-shaped in X: Y = max(X·w, 0) - 0.5·max(-X·w, 0)... the
-    /// negative side is what a ReLU hides.
-    #[test]
-    fn the_relu_aware_fit_matches_post_relu_outputs_better() {
-        let mut rng = Rng::new(11);
-        let (n, d) = (400, 6);
-        let x = Mat::<f64>::from_fn(n, d + 1, |_, c| if c == d { 1.0 } else { rng.normal() as f64 });
-        let w: Vec<f64> = (0..d).map(|i| 1.0 - 0.3 * i as f64).collect();
-        let y = Mat::<f64>::from_fn(n, 1, |r, _| {
-            let v: f64 = (0..d).map(|c| x[(r, c)] * w[c]).sum();
-            if v > 0.0 { v } else { -3.0 * v * v }
-        });
-        let (plain, relu) = (Fit { ridge: 1e-6, relu: false }, Fit { ridge: 1e-6, relu: true });
-        let s_plain = plain.solve(&x, &y).unwrap();
-        let s_relu = relu.solve(&x, &y).unwrap();
-        let (e_plain, e_relu) = (relu.error(&x, &s_plain, &y), relu.error(&x, &s_relu, &y));
-        assert!(e_relu < 0.5 * e_plain, "post-ReLU error: relu-aware {e_relu}, plain {e_plain}");
-        // Without a ReLU, the plain fit is the least-squares optimum.
-        assert!(plain.error(&x, &s_plain, &y) <= plain.error(&x, &s_relu, &y));
-    }
-}

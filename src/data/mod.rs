@@ -4,11 +4,13 @@
 //! model output through a class list (line k = output k, first word = id),
 //! never through the folder's position: a validation subset often holds only
 //! some of the classes.
-use crate::config::Preprocess;
+pub mod augment;
+
 use crate::error::{Error, Result};
 use image::imageops::FilterType;
 use ndarray::{Array3, Array4, Axis};
-use serde::Deserialize;
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -270,4 +272,48 @@ fn parse_range(v: &yaml_serde::Value) -> Option<Vec<usize>> {
     let (a, b) = v.as_str()?.split_once('-')?;
     let (a, b): (usize, usize) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
     (a <= b).then(|| (a..=b).collect())
+}
+
+/// Preprocessing presets (a YAML file may define its own).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Preprocess {
+    Caffe,
+    Torch,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Preprocess {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "caffe" => Preprocess::Caffe,
+            "torch" => Preprocess::Torch,
+            f if f.ends_with(".yaml") || f.ends_with(".yml") => Preprocess::File(PathBuf::from(f)),
+            other => return Err(format!("unknown preprocessing `{other}` (use caffe, torch or a .yaml file)")),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Preprocess {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// An image folder for training: every image below `dir` (sorted by path),
+/// or the first `images` of them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSource {
+    pub dir: PathBuf,
+    pub images: Option<usize>,
+}
+
+impl DataSource {
+    /// The images of `dir` sorted by path, the first `images` of them.
+    pub fn paths(&self) -> Result<Vec<PathBuf>> {
+        let mut found = list_images(&self.dir)?;
+        found.truncate(self.images.unwrap_or(usize::MAX));
+        Ok(found)
+    }
 }

@@ -25,7 +25,7 @@
 //!
 //! With `calibration`, each 1x1 conv is factorized on data, one at a time
 //! in topological order on the compressed model's own activations
-//! (`src/recover.rs`): reduced-rank regression — the ridge least-squares
+//! (`src/refit/mod.rs`): reduced-rank regression — the ridge least-squares
 //! map M from the sampled inputs X to the original outputs Y, projected on
 //! the top-r principal directions V_r of its centred predictions
 //! (A = (M V_r)ᵀ), then B and the bias refit on the features Z = X Aᵀ
@@ -39,17 +39,73 @@
 //! takes its principal directions from its present weights' predictions
 //! on the data instead of the least-squares map, and only B and the bias
 //! are refit.
-use super::factorize_depthwise::Selection;
-use super::{PassContext, PassReport};
-use crate::config::LowrankOptions;
+use super::factorize::{self, eigen_desc, Outcome, Selection};
+use super::{check_unit, Pass, PassContext, PassReport};
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Node, Weight};
-use crate::recover::Fit;
+use crate::ir::{Graph, Model, Node, Weight};
+use crate::refit::{append_ones as with_ones, Fit};
+use serde::{Deserialize, Serialize};
 use crate::shape::Shapes;
 use faer::prelude::*;
 use faer::{Mat, Side};
 use ndarray::{Array2, ArrayD, IxDyn};
 use petgraph::stable_graph::NodeIndex;
+
+/// Options of `lowrank`; see the module documentation.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LowrankOptions {
+    pub rank: Option<usize>,
+    /// Kept share of each layer's weights (default 0.5 when no other size option is set).
+    pub ratio: Option<f64>,
+    pub energy: Option<f64>,
+    /// Share of the graph's weights kept after the pass: one energy level for all layers, found by bisection.
+    pub target_params: Option<f64>,
+    pub min_gain: f64,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Only layers whose output is at least / at most this many pixels high
+    /// (a Gemm's output counts as 1): budgets per stage, whatever the names.
+    pub min_resolution: Option<usize>,
+    pub max_resolution: Option<usize>,
+    /// Calibrated only: rounds of alternating refits (A with B fixed, then B).
+    pub alternate: usize,
+    /// Calibrated only: factorize Gemm layers on data too. Off by default:
+    /// a classifier's data-aware factorization needs images of all its
+    /// classes; on ResNet-50 with the 1,256 calibration images here (1,000
+    /// of them photos of few subjects) it scored top-1 0.333 against 0.367
+    /// data-free (README "Where to spend the budget").
+    pub fit_gemm: bool,
+}
+
+impl Default for LowrankOptions {
+    fn default() -> Self {
+        LowrankOptions { rank: None, ratio: None, energy: None, target_params: None, min_gain: 0.1, include: vec![], exclude: vec![], min_resolution: None, max_resolution: None, alternate: 2, fit_gemm: false }
+    }
+}
+
+/// The `lowrank` pass.
+pub struct Lowrank;
+
+impl Pass for Lowrank {
+    const NAME: &'static str = "lowrank";
+    const LOSSY: bool = true;
+    type Options = LowrankOptions;
+
+    fn validate(o: &LowrankOptions) -> Result<()> {
+        check_unit("lowrank", "energy", o.energy.filter(|&e| e != 1.0))?;
+        check_unit("lowrank", "ratio", o.ratio)?;
+        check_unit("lowrank", "target_params", o.target_params)?;
+        if [o.rank.is_some(), o.ratio.is_some(), o.energy.is_some(), o.target_params.is_some()].iter().filter(|&&b| b).count() > 1 {
+            return Err(Error::Config("`lowrank` takes only one of `rank`, `ratio`, `energy`, `target_params`".into()));
+        }
+        factorize::check_options("lowrank", o.rank, o.min_gain, (o.min_resolution, o.max_resolution))
+    }
+
+    fn run(model: &mut Model, ctx: &PassContext, options: &LowrankOptions) -> Result<PassReport> {
+        lowrank(model, ctx, options)
+    }
+}
 
 /// A layer to factorize: its weight as [C_out, C_in] and what kind it is.
 struct Candidate {
@@ -68,8 +124,9 @@ pub struct LowRank {
     pub energy: f64,
 }
 
-pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Result<PassReport> {
+fn lowrank(model: &mut Model, ctx: &PassContext, opts: &LowrankOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
+    let graph = &mut model.graph;
     let mut candidates = Vec::new();
     for ix in graph.topo_order()? {
         match candidate(graph, ctx.shapes, ix, opts) {
@@ -87,16 +144,16 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Resul
         Some(&rank) => LowrankOptions { rank: Some(rank), ratio: None, energy: None, target_params: None, ..opts.clone() },
         None => opts.clone(),
     };
-    let calibrated = ctx.calibration.is_some() && ctx.reference.is_some();
+    let calibrated = ctx.calibrated().is_some();
     let mut on_data = Vec::new();
     // The weights of the convs factorized on data, as `candidate` read them.
     let mut weights = std::collections::HashMap::new();
     for (ix, c) in candidates {
         if calibrated && (!c.gemm || opts.fit_gemm) {
             if c.gemm {
-                as_trans_b(graph, ix, &c.w);
+                as_trans_b(graph, ix, &c.w)?;
             }
-            on_data.push(crate::recover::Layer { node: ix, kept: None });
+            on_data.push(crate::refit::Layer { node: ix, kept: None });
             weights.insert(ix, c.w);
             continue;
         }
@@ -110,16 +167,9 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &LowrankOptions) -> Resul
             Err(reason) => report.decline(&name, reason),
         }
     }
-    if let (Some(calib), Some(reference), false) = (ctx.calibration, ctx.reference, on_data.is_empty()) {
-        let mut model = crate::ir::Model { proto: reference.proto.clone(), graph: std::mem::take(graph) };
-        let result = crate::recover::refit_with(reference, &mut model, &on_data, calib, |g, layer, x, y| factorize_on_data(g, layer.node, &weights[&layer.node], x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node)));
-        *graph = model.graph;
-        for outcome in result? {
-            match outcome {
-                Outcome::Done { name, what } => report.change(&name, what),
-                Outcome::Declined { name, reason } => report.decline(&name, reason),
-            }
-        }
+    if let (Some(calibrated), false) = (ctx.calibrated(), on_data.is_empty()) {
+        let calib = calibrated.0;
+        factorize::on_data(model, calibrated, &on_data, &mut report, |g, layer, x, y| factorize_on_data(g, layer.node, &weights[&layer.node], x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node)))?;
     }
     Ok(report)
 }
@@ -186,12 +236,6 @@ fn gram_eigen(w: &Array2<f32>) -> Option<GramEigen> {
     Some(GramEigen { m, wide, sigma2, vecs })
 }
 
-/// What the calibrated factorization did to one conv.
-enum Outcome {
-    Done { name: String, what: String },
-    Declined { name: String, reason: String },
-}
-
 /// The layer's weight as [C_out, C_in] if the pass should try it; None to
 /// skip silently (other ops and kernels, excluded names); Err to decline.
 fn candidate(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &LowrankOptions) -> std::result::Result<Option<Candidate>, String> {
@@ -201,16 +245,13 @@ fn candidate(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &LowrankOption
         return Ok(None);
     }
     let selection = Selection { include: &opts.include, exclude: &opts.exclude, min_resolution: opts.min_resolution, max_resolution: opts.max_resolution };
-    let Some(included) = selection.pick(graph, shapes, ix) else { return Ok(None) };
-    let wname = node.input(1).ok_or("no weight")?;
-    let Some(w) = graph.constant(wname) else { return Err("weight is not a constant initializer".into()) };
-    let w = w.as_f32().ok_or("weight is not f32")?;
+    let Some((w, included)) = selection.weight(graph, shapes, ix)? else { return Ok(None) };
     let gemm = op == "Gemm";
     let shape = w.shape().to_vec();
     if !gemm && (shape.len() != 4 || shape[2] * shape[3] != 1) {
         return Ok(None);
     }
-    if node.input(0).is_some_and(|x| graph.is_graph_input(x)) && !included {
+    if factorize::skips_stem(graph, ix, included) {
         return Ok(None);
     }
     if gemm {
@@ -221,9 +262,7 @@ fn candidate(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &LowrankOption
     } else if node.attr_int("group").unwrap_or(1) != 1 {
         return Err("grouped conv".into());
     }
-    if graph.consumers(wname).len() != 1 {
-        return Err("weight shared with another node".into());
-    }
+    factorize::shared_weight(graph, ix)?;
     let (rows, cols) = (shape[0], shape[1]);
     if rows == 0 || cols == 0 {
         return Err("empty weight".into());
@@ -241,7 +280,7 @@ fn choose_rank(sigma2: &[f64], c_out: usize, c_in: usize, opts: &LowrankOptions)
     let kept = |r: usize| if total > 0.0 { sigma2.iter().take(r).sum::<f64>() / total } else { 1.0 };
     let rank = match (opts.rank, opts.energy) {
         (Some(r), _) => r,
-        (None, Some(e)) => (1..=max_rank).find(|&r| kept(r) >= e - 1e-12).unwrap_or(max_rank),
+        (None, Some(e)) => factorize::rank_for_energy(kept, max_rank, e),
         (None, None) => ((opts.ratio.unwrap_or(0.5) * (c_out * c_in) as f64 / (c_out + c_in) as f64).floor() as usize).max(1),
     };
     let rank = rank.clamp(1, max_rank);
@@ -250,21 +289,11 @@ fn choose_rank(sigma2: &[f64], c_out: usize, c_in: usize, opts: &LowrankOptions)
 
 /// Share of the layer's weights a rank-r factorization saves.
 fn gain(c_out: usize, c_in: usize, rank: usize) -> f64 {
-    1.0 - (rank * (c_out + c_in)) as f64 / (c_out * c_in) as f64
+    factorize::gain(c_out * c_in, rank * (c_out + c_in))
 }
 
 fn too_small(c_out: usize, c_in: usize, rank: usize, opts: &LowrankOptions) -> Option<String> {
-    let g = gain(c_out, c_in, rank);
-    (g < opts.min_gain).then(|| format!("rank {rank} saves {:.1} % of the layer, less than min_gain {:.1} %", 100.0 * g, 100.0 * opts.min_gain))
-}
-
-/// Eigenvalues (largest first) and eigenvectors (as columns, same order) of a symmetric matrix.
-fn eigen_desc(g: &Mat<f64>) -> Option<(Vec<f64>, Mat<f64>)> {
-    let eig = g.self_adjoint_eigen(Side::Lower).ok()?;
-    let n = g.nrows();
-    let (u, s) = (eig.U(), eig.S().column_vector());
-    let values = (0..n).rev().map(|j| s[j].max(0.0)).collect();
-    Some((values, Mat::<f64>::from_fn(n, n, |i, j| u[(i, n - 1 - j)])))
+    factorize::too_small(rank, gain(c_out, c_in, rank), opts.min_gain)
 }
 
 /// Data-free truncated SVD of W [C_out, C_in].
@@ -298,7 +327,7 @@ fn to_array(m: &Mat<f64>) -> Array2<f32> {
 /// alternating refits of B (with the bias) and A.
 fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32], y: &[f32], opts: &LowrankOptions, fit: Fit) -> Result<Outcome> {
     let name = graph.node(ix).name().to_string();
-    let p = crate::recover::Problem::new(graph, ix, x, y)?;
+    let p = crate::refit::Problem::new(graph, ix, x, y)?;
     let (c_in, c_out) = (p.d, p.c_out);
     let fail = |what: &str| Error::Pass { pass: "lowrank".into(), reason: format!("`{name}`: {what}") };
     // A Gemm gets one sample per image: with fewer images than inputs
@@ -306,7 +335,7 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32
     // interpolate the calibration outputs, so its principal directions are
     // those of the present weights' predictions, and A is not refit.
     let gemm = graph.node(ix).op() == "Gemm";
-    let full = if gemm { crate::recover::current_solution(graph, ix, c_in, c_out) } else { crate::recover::ridge_solve(&p.xa, &p.ya, fit.ridge).ok_or_else(|| fail("the normal equations are not positive definite"))? };
+    let full = if gemm { crate::refit::current_solution(graph, ix, c_in, c_out) } else { Fit { ridge: fit.ridge, relu: false }.solve(&p.xa, &p.ya).ok_or_else(|| fail("the normal equations are not positive definite"))? };
     let (rank, energy, a) = principal_map(&p.xa, &full, c_in, c_out, opts).ok_or_else(|| fail("eigendecomposition failed"))?;
     if let Some(reason) = too_small(c_out, c_in, rank, opts) {
         return Ok(Outcome::Declined { name, reason });
@@ -316,7 +345,7 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32
     let (mut a, mut sol, mut err) = fit_outer(&xs, a, &p.ya, fit).ok_or_else(|| fail("the pointwise refit is not solvable"))?;
     if opts.alternate > 0 && !gemm {
         let mut gram = xs.transpose() * &xs;
-        crate::recover::add_ridge(&mut gram, c_in, fit.ridge);
+        crate::refit::add_ridge(&mut gram, c_in, fit.ridge);
         let llt = gram.llt(Side::Lower).map_err(|_| fail("the input Gram matrix is not positive definite"))?;
         for _ in 0..opts.alternate {
             let Some(round) = refit_inner(&xs, &llt, &a, &sol, &p.ya, fit).and_then(|a2| fit_outer(&xs, a2, &p.ya, fit)).filter(|r| r.2 < err) else { break };
@@ -370,7 +399,7 @@ fn fit_outer(xs: &Mat<f64>, a: Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<(Mat
 fn refit_inner(xs: &Mat<f64>, llt: &faer::linalg::solvers::Llt<f64>, a: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<Mat<f64>> {
     let rank = sol.nrows() - 1;
     let bt = sol.subrows(0, rank); // Bᵀ: r × C_out
-    let target = if fit.relu { crate::recover::relu_target(&with_ones(&(xs * a.transpose())), sol, ya) } else { ya.clone() };
+    let target = if fit.relu { crate::refit::relu_target(&with_ones(&(xs * a.transpose())), sol, ya) } else { ya.clone() };
     let centred = Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| target[(r, c)] - sol[(rank, c)]);
     let mut lhs = xs.transpose() * (&centred * bt.transpose()); // C_in × r
     llt.solve_in_place(lhs.as_mut());
@@ -382,20 +411,16 @@ fn refit_inner(xs: &Mat<f64>, llt: &faer::linalg::solvers::Llt<f64>, a: &Mat<f64
 
 /// Rewrites Gemm `ix` to read its weight as `w` = [C_out, C_in] with
 /// transB = 1 (the same function), the layout the calibrated refit reads.
-fn as_trans_b(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>) {
+fn as_trans_b(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>) -> Result<()> {
     if graph.node(ix).attr_int("transB").unwrap_or(0) == 1 {
-        return;
+        return Ok(());
     }
-    let Some(wname) = graph.node(ix).input(1).map(str::to_string) else { return };
-    if let Some(weight) = graph.weights.get_mut(&wname) {
+    let Some(wname) = graph.node(ix).input(1).map(str::to_string) else { return Ok(()) };
+    if let Some(weight) = graph.weight_mut(&wname) {
         weight.set_data(crate::ir::Data::F32(w.clone().into_dyn()));
-        graph.node_mut(ix).set_attr_int("transB", 1);
+        graph.update_node(ix, |n| n.set_attr_int("transB", 1))?;
     }
-}
-
-/// [Z 1].
-fn with_ones(z: &Mat<f64>) -> Mat<f64> {
-    Mat::<f64>::from_fn(z.nrows(), z.ncols() + 1, |r, c| if c == z.ncols() { 1.0 } else { z[(r, c)] })
+    Ok(())
 }
 
 /// Replaces layer `ix` by the pair A then B. `bias`, when given, replaces
@@ -410,8 +435,8 @@ fn replace(graph: &mut Graph, ix: NodeIndex, f: &LowRank, bias: Option<Vec<f32>>
     let shape = |m: &Array2<f32>| if gemm { vec![m.nrows(), m.ncols()] } else { vec![m.nrows(), m.ncols(), 1, 1] };
     let as_weight = |n: &str, m: &Array2<f32>| ArrayD::from_shape_vec(IxDyn(&shape(m)), m.iter().copied().collect()).map(|a| Weight::from_f32(n, a));
     let to_err = |e: ndarray::ShapeError| Error::invalid(format!("lowrank `{name}`: {e}"));
-    graph.weights.insert(a_w.clone(), as_weight(&a_w, &f.a).map_err(to_err)?);
-    graph.weights.insert(b_w.clone(), as_weight(&b_w, &f.b).map_err(to_err)?);
+    graph.insert_weight(a_w.clone(), as_weight(&a_w, &f.a).map_err(to_err)?)?;
+    graph.insert_weight(b_w.clone(), as_weight(&b_w, &f.b).map_err(to_err)?)?;
     let mut first = layer.clone();
     first.proto.name = Some(a_name);
     first.proto.input = vec![layer.inputs()[0].clone(), a_w];
@@ -423,7 +448,7 @@ fn replace(graph: &mut Graph, ix: NodeIndex, f: &LowRank, bias: Option<Vec<f32>>
     if gemm {
         // The first Gemm's C (zeros): optional only from opset 11.
         let c = graph.fresh_name(&format!("{name}_lr1.bias"));
-        graph.weights.insert(c.clone(), Weight::from_f32(&c, ArrayD::zeros(IxDyn(&[rank]))));
+        graph.insert_weight(c.clone(), Weight::from_f32(&c, ArrayD::zeros(IxDyn(&[rank]))))?;
         first.proto.input.push(c);
         first.set_attr_int("transB", 1);
         second.set_attr_int("transB", 1);
@@ -433,12 +458,9 @@ fn replace(graph: &mut Graph, ix: NodeIndex, f: &LowRank, bias: Option<Vec<f32>>
     if let Some(b) = layer.input(2) {
         second.proto.input.push(b.to_string());
     }
-    graph.net.add_node(first);
-    let second = graph.net.add_node(second);
-    graph.remove_node(ix)?;
-    graph.relink()?;
+    let added = graph.replace_node(ix, vec![first, second])?;
     if let Some(values) = bias {
-        graph.set_bias(second, values);
+        graph.set_bias(added[1], values);
     }
     Ok(())
 }

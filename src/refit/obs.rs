@@ -24,7 +24,7 @@
 //! solution on the kept columns.
 use crate::error::Result;
 use crate::ir::Graph;
-use crate::recover::{current_solution, not_definite, regularized_gram, write_solution, Fit, Problem};
+use crate::refit::{current_solution, not_definite, regularized_gram, write_solution, Fit, Problem};
 use faer::linalg::matmul::matmul;
 use petgraph::stable_graph::NodeIndex;
 use faer::prelude::*;
@@ -32,7 +32,7 @@ use faer::{Accum, Mat, Par, Side};
 use rayon::prelude::*;
 
 /// Refits conv `ix` on patches `x` / targets `y` (as in
-/// [`crate::recover::solve_layer`]) while dropping `count` of its input
+/// [`crate::refit::solve_layer`]) while dropping `count` of its input
 /// channels, whose weights become zero. Returns the relative error before
 /// and after, and the dropped channels (ascending).
 pub fn refit_dropping(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], count: usize, fit: Fit) -> Result<(f64, f64, Vec<usize>)> {
@@ -124,10 +124,10 @@ fn eliminate(h: &mut Mat<f64>, w: &mut Mat<f64>, at: usize, block: usize) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recover::{residual, ridge_solve};
+    use crate::refit::{residual, Fit};
 
     fn data(n: usize, d: usize, c_out: usize) -> (Mat<f64>, Mat<f64>) {
-        let mut rng = crate::fixture::Rng::new(7);
+        let mut rng = crate::rng::Rng::new(7);
         let x = Mat::<f64>::from_fn(n, d + 1, |_, c| if c == d { 1.0 } else { rng.normal() as f64 });
         // Outputs depend on blocks 0 and 2 only (block = 2 columns): blocks 1 and 3 are free to drop.
         let w = Mat::<f64>::from_fn(d + 1, c_out, |r, _| if r / 2 == 0 || r / 2 == 2 { 1.0 + r as f64 * 0.1 } else { 0.0 });
@@ -146,14 +146,14 @@ mod tests {
     #[test]
     fn solution_equals_the_ridge_fit_on_the_kept_columns() {
         let (x, mut y) = data(300, 8, 3);
-        let mut rng = crate::fixture::Rng::new(3);
+        let mut rng = crate::rng::Rng::new(3);
         y.as_mut().col_iter_mut().for_each(|c| c.iter_mut().for_each(|v| *v += rng.normal() as f64 * 0.3));
         let sel = drop_channels(&x, &y, 2, 1, 1e-3).unwrap();
         let kept: Vec<usize> = (0..9).filter(|&c| c == 8 || !sel.dropped.contains(&(c / 2))).collect();
         let xk = Mat::<f64>::from_fn(300, kept.len(), |r, c| x[(r, kept[c])]);
-        // ridge_solve scales λ by the trace of the columns it is given, so compare with λ → 0.
+        // Fit::solve scales λ by the trace of the columns it is given, so compare with λ → 0.
         let sel0 = drop_channels(&x, &y, 2, 1, 0.0).unwrap();
-        let direct = ridge_solve(&xk, &y, 0.0).unwrap();
+        let direct = Fit { ridge: 0.0, relu: false }.solve(&xk, &y).unwrap();
         for (i, &k) in kept.iter().enumerate() {
             for o in 0..3 {
                 assert!((sel0.solution[(k, o)] - direct[(i, o)]).abs() < 1e-6, "row {k} output {o}");

@@ -84,7 +84,7 @@ impl ChannelGraph {
         let mut cg = ChannelGraph { tensors: vec![], index: HashMap::new(), base: vec![], channels: vec![], roles: HashMap::new(), parent: vec![], size: vec![], blocked: vec![], block_reasons: HashMap::new(), residual: vec![] };
         let names = graph.meta.input.iter().map(|i| i.name().to_string()).chain(graph.topo_order().unwrap_or_default().into_iter().flat_map(|ix| graph.node(ix).outputs().to_vec()));
         for name in names {
-            if graph.weights.contains_key(&name) || cg.index.contains_key(&name) {
+            if graph.weights().contains_key(&name) || cg.index.contains_key(&name) {
                 continue;
             }
             if let Some(c) = channel_count(shapes, &name) {

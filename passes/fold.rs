@@ -14,11 +14,28 @@
 //! are not constant initializers, the producer's output has another reader or
 //! is a graph output, the producer's weight is shared, the dtype is not
 //! f32/f64, the BN is in training mode or has extra outputs in use.
-use super::{PassContext, PassReport};
-use crate::config::FoldOptions;
+use super::{Pass, PassContext, PassReport};
 use crate::error::Result;
-use crate::ir::{Data, Graph, Weight};
+use crate::ir::{Data, Graph, Model, Weight};
+use serde::{Deserialize, Serialize};
 use petgraph::stable_graph::NodeIndex;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FoldOptions {}
+
+
+/// The `fold` pass.
+pub struct Fold;
+
+impl Pass for Fold {
+    const NAME: &'static str = "fold";
+    type Options = FoldOptions;
+
+    fn run(model: &mut Model, _ctx: &PassContext, _options: &FoldOptions) -> Result<PassReport> {
+        fold_all(&mut model.graph)
+    }
+}
 
 /// A BN's per-channel affine form y = s·x + t.
 struct Affine {
@@ -26,7 +43,7 @@ struct Affine {
     shift: Vec<f64>,
 }
 
-pub fn run(graph: &mut Graph, _ctx: &PassContext, _opts: &FoldOptions) -> Result<PassReport> {
+fn fold_all(graph: &mut Graph) -> Result<PassReport> {
     let mut report = PassReport::default();
     let bns: Vec<NodeIndex> = graph.topo_order()?.into_iter().filter(|&ix| graph.node(ix).op() == "BatchNormalization" && graph.node(ix).is_standard()).collect();
     for bn in bns {
@@ -114,7 +131,7 @@ fn apply(graph: &mut Graph, producer: NodeIndex, bn: NodeIndex, a: &Affine) -> R
     };
     let new_bias: Vec<f64> = old_bias.iter().zip(&a.scale).zip(&a.shift).map(|((b, s), t)| b * s + t).collect();
     let trans_b = is_gemm && p.attr_int("transB").unwrap_or(0) == 1;
-    let w = graph.weights.get_mut(&weight_name).expect("planned");
+    let w = graph.weight_mut(&weight_name).expect("planned");
     // Conv weights and transposed Gemm weights scale along axis 0, plain Gemm along axis 1.
     scale_axis(w, if is_gemm && !trans_b { 1 } else { 0 }, &a.scale);
     let dtype_is_f64 = matches!(w.data(), Data::F64(_));
@@ -122,20 +139,20 @@ fn apply(graph: &mut Graph, producer: NodeIndex, bn: NodeIndex, a: &Affine) -> R
         Some(b) => b.to_string(),
         None => graph.fresh_name(&format!("{}.bias", p.name())),
     };
-    let bias_weight = bias_tensor(&bias_name, &new_bias, dtype_is_f64, graph.weights.get(&bias_name));
-    graph.weights.insert(bias_name.clone(), bias_weight);
+    let bias_weight = bias_tensor(&bias_name, &new_bias, dtype_is_f64, graph.weight(&bias_name));
+    graph.insert_weight(bias_name.clone(), bias_weight)?;
     let bn_out = graph.node(bn).outputs()[0].clone();
     graph.remove_node(bn)?;
-    let node = graph.node_mut(producer);
-    node.proto.output[0] = bn_out;
-    if node.proto.input.len() < 3 {
-        node.proto.input.resize(3, String::new());
-    }
-    node.proto.input[2] = bias_name;
-    if is_gemm {
-        node.proto.attribute.retain(|at| at.name() != "beta");
-    }
-    graph.relink()?;
+    graph.update_node(producer, |node| {
+        node.proto.output[0] = bn_out;
+        if node.proto.input.len() < 3 {
+            node.proto.input.resize(3, String::new());
+        }
+        node.proto.input[2] = bias_name;
+        if is_gemm {
+            node.proto.attribute.retain(|at| at.name() != "beta");
+        }
+    })?;
     Ok(format!("folded into {} `{}`", p.op(), p.name()))
 }
 

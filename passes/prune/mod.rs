@@ -36,10 +36,10 @@
 //!    used and the report says so): the allocation
 //!    above runs on `l1` scores, then every group whose channels all reach
 //!    one dense conv as its inputs (a bottleneck's insides) is chosen on
-//!    data instead: during the layer-by-layer refit (`src/recover.rs`) that
+//!    data instead: during the layer-by-layer refit (`src/refit/mod.rs`) that
 //!    conv drops its share of input channels by least reconstruction cost
 //!    with the refit included (group Optimal Brain Surgeon,
-//!    `src/reconstruct.rs`); the dropped inputs' weights are zero, so their
+//!    `src/refit/obs.rs`); the dropped inputs' weights are zero, so their
 //!    producers' filters are then removed exactly. Other groups keep `l1`.
 //!    `refit: all` refits every conv, not only the changed ones (later
 //!    layers see drifted inputs).
@@ -47,16 +47,99 @@
 //! Declines (the group stays whole): channels touching graph inputs/outputs,
 //! unknown ops, Reshape/Transpose, grouped non-depthwise convs, shared,
 //! dynamic or non-f32 weights.
-use super::dependency::{per_channel_axis, ChannelGraph, Role};
-use super::importance::{criterion, normalized};
-use super::{PassContext, PassReport};
-use crate::config::{Allocation, Importance, PruneOptions, Refit, Scope};
-use crate::error::Result;
-use crate::ir::{Graph, Weight};
+pub mod dependency;
+pub mod importance;
+
+use super::{check_unit, Pass, PassContext, PassReport, Refit};
+use crate::error::{Error, Result};
+use crate::ir::{Graph, Model, Weight};
+use dependency::{per_channel_axis, ChannelGraph, Role};
+use importance::{criterion, normalized};
+use serde::{Deserialize, Serialize};
 use crate::shape::Shapes;
 use ndarray::{ArrayD, Axis};
 use petgraph::stable_graph::NodeIndex;
 use std::collections::{HashMap, HashSet};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Importance {
+    #[default]
+    L1,
+    L2,
+    /// Data-driven: per layer, drop the input channels whose loss the
+    /// refit compensates best (needs calibration; see `src/refit/obs.rs`).
+    Reconstruction,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    All,
+    Inner,
+}
+
+/// How `target_macs`/`target_params` spread the removals over the groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocation {
+    /// Remove the globally least important channels (normalized scores).
+    #[default]
+    Global,
+    /// Remove the same share of every group's channels.
+    Uniform,
+}
+
+/// Options of `prune`; see the module documentation for their meaning.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PruneOptions {
+    pub ratio: Option<f64>,
+    pub target_macs: Option<f64>,
+    pub target_params: Option<f64>,
+    pub importance: Importance,
+    pub allocation: Allocation,
+    pub refit: Refit,
+    pub scope: Scope,
+    pub round_to: usize,
+    pub min_channels: usize,
+    pub ignore: Vec<String>,
+    pub compensate: bool,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions { ratio: None, target_macs: None, target_params: None, importance: Importance::L1, allocation: Allocation::Global, refit: Refit::Changed, scope: Scope::All, round_to: 1, min_channels: 1, ignore: vec![], compensate: true }
+    }
+}
+
+/// The `prune` pass.
+pub struct Prune;
+
+impl Pass for Prune {
+    const NAME: &'static str = "prune";
+    const LOSSY: bool = true;
+    type Options = PruneOptions;
+
+    fn validate(o: &PruneOptions) -> Result<()> {
+        check_unit("prune", "ratio", o.ratio)?;
+        check_unit("prune", "target_macs", o.target_macs)?;
+        check_unit("prune", "target_params", o.target_params)?;
+        let set = [o.ratio, o.target_macs, o.target_params].iter().filter(|v| v.is_some()).count();
+        if set > 1 {
+            return Err(Error::Config("`prune` takes only one of `ratio`, `target_macs`, `target_params`".into()));
+        }
+        if o.round_to == 0 || o.min_channels == 0 {
+            return Err(Error::Config("`prune.round_to` and `prune.min_channels` must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    fn run(model: &mut Model, ctx: &PassContext, options: &PruneOptions) -> Result<PassReport> {
+        prune(model, ctx, options)
+    }
+}
 
 /// A set of tied channels: pruned all together or not at all.
 #[derive(Debug, Clone)]
@@ -68,8 +151,9 @@ struct Class {
     spans: Vec<(usize, usize)>,
 }
 
-pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &PruneOptions) -> Result<PassReport> {
+fn prune(model: &mut Model, ctx: &PassContext, opts: &PruneOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
+    let graph = &mut model.graph;
     let cg = ChannelGraph::build(graph, ctx.shapes);
     let (classes, groups) = classes(graph, &cg, opts);
     let removed = select(graph, ctx.shapes, &cg, &classes, groups, opts);
@@ -89,25 +173,23 @@ pub fn run(graph: &mut Graph, ctx: &PassContext, opts: &PruneOptions) -> Result<
     }
     let mut refit = refit_layers(graph, &cg, &per_tensor);
     apply(graph, ctx.shapes, &cg, &per_tensor, &mut report)?;
-    graph.relink()?;
     let extra: Vec<NodeIndex> = match opts.refit {
         Refit::Changed => deferred.iter().map(|d| d.consumer).collect(),
         Refit::All => graph.node_indices().into_iter().filter(|&ix| graph.node(ix).op() == "Conv").collect(),
     };
-    let missing: Vec<crate::recover::Layer> = extra.into_iter().filter(|&ix| !refit.iter().any(|l| l.node == ix)).map(|node| crate::recover::Layer { node, kept: None }).collect();
+    let missing: Vec<crate::refit::Layer> = extra.into_iter().filter(|&ix| !refit.iter().any(|l| l.node == ix)).map(|node| crate::refit::Layer { node, kept: None }).collect();
     refit.extend(missing);
     sort_topologically(graph, &mut refit);
     if deferred.is_empty() {
-        ctx.recover(graph, refit, &mut report)?;
+        ctx.refit(model, refit, &mut report)?;
     } else {
-        let chosen = select_on_data(graph, ctx, refit, &deferred, &mut report)?;
-        remove_dead_inputs(graph, &chosen, &mut report)?;
+        let chosen = select_on_data(model, ctx, refit, &deferred, &mut report)?;
+        remove_dead_inputs(&mut model.graph, &chosen, &mut report)?;
     }
     for (tensor, reason) in cg.block_reasons.iter().filter(|(t, _)| !t.is_empty()) {
         report.decline(tensor, reason.clone());
     }
     report.declined.sort_by(|a, b| a.node.cmp(&b.node));
-    graph.relink()?;
     Ok(report)
 }
 
@@ -152,7 +234,7 @@ fn following_bn_scale(graph: &Graph, tensor: &str) -> Option<Vec<f64>> {
     if node.op() != "BatchNormalization" {
         return None;
     }
-    let p = |slot: usize| node.input(slot).and_then(|n| graph.constant(n)).and_then(super::fold_batchnorm::to_f64);
+    let p = |slot: usize| node.input(slot).and_then(|n| graph.constant(n)).and_then(crate::passes::fold::to_f64);
     let (g, v) = (p(1)?, p(4)?);
     let eps = node.attr_float("epsilon").unwrap_or(1e-5) as f64;
     Some(g.iter().zip(&v).map(|(g, v)| g / (v + eps).sqrt()).collect())
@@ -321,8 +403,8 @@ fn removed_channels(cg: &ChannelGraph, roots: &HashSet<usize>) -> Vec<Vec<usize>
 
 /// The convs whose inputs or outputs lose channels, with the output
 /// channels they keep: the calibrated recovery refits exactly these.
-fn refit_layers(graph: &Graph, cg: &ChannelGraph, removed: &[Vec<usize>]) -> Vec<crate::recover::Layer> {
-    let mut out: Vec<crate::recover::Layer> = cg
+fn refit_layers(graph: &Graph, cg: &ChannelGraph, removed: &[Vec<usize>]) -> Vec<crate::refit::Layer> {
+    let mut out: Vec<crate::refit::Layer> = cg
         .roles
         .iter()
         .filter(|(&ix, &role)| role == Role::Dense && graph.node(ix).op() == "Conv")
@@ -333,14 +415,14 @@ fn refit_layers(graph: &Graph, cg: &ChannelGraph, removed: &[Vec<usize>]) -> Vec
             let lost_in = t_in.is_some_and(|t| !removed[t].is_empty());
             let gone: HashSet<usize> = removed[t_out].iter().copied().collect();
             let kept: Vec<usize> = (0..cg.channels[t_out]).filter(|c| !gone.contains(c)).collect();
-            (lost_in || !gone.is_empty()).then_some(crate::recover::Layer { node: ix, kept: (!gone.is_empty()).then_some(kept) })
+            (lost_in || !gone.is_empty()).then_some(crate::refit::Layer { node: ix, kept: (!gone.is_empty()).then_some(kept) })
         })
         .collect();
     sort_topologically(graph, &mut out);
     out
 }
 
-fn sort_topologically(graph: &Graph, layers: &mut [crate::recover::Layer]) {
+fn sort_topologically(graph: &Graph, layers: &mut [crate::refit::Layer]) {
     let order: HashMap<NodeIndex, usize> = graph.topo_order().unwrap_or_default().into_iter().enumerate().map(|(i, n)| (n, i)).collect();
     layers.sort_by_key(|l| order.get(&l.node).copied().unwrap_or(usize::MAX));
 }
@@ -375,23 +457,23 @@ fn sole_consumer(graph: &Graph, cg: &ChannelGraph, classes: &[Class], group: usi
     let [consumer] = dense.into_iter().collect::<Vec<_>>()[..] else { return None };
     let t_in = *cg.index.get(graph.node(consumer).input(0)?)?;
     let one_each = members.len() == cg.channels[t_in] && members.iter().all(|c| c.spans.contains(&(t_in, 1)));
-    let refittable = !crate::recover::refittable(graph, vec![crate::recover::Layer { node: consumer, kept: None }]).is_empty();
+    let refittable = !crate::refit::refittable(graph, vec![crate::refit::Layer { node: consumer, kept: None }]).is_empty();
     (one_each && refittable).then_some(consumer)
 }
 
 /// The calibrated refit, in which each deferred consumer drops its share of
 /// input channels by reconstruction cost. Returns consumer → dropped inputs.
-fn select_on_data(graph: &mut Graph, ctx: &PassContext, layers: Vec<crate::recover::Layer>, deferred: &[Deferred], report: &mut PassReport) -> Result<HashMap<NodeIndex, Vec<usize>>> {
+fn select_on_data(model: &mut Model, ctx: &PassContext, layers: Vec<crate::refit::Layer>, deferred: &[Deferred], report: &mut PassReport) -> Result<HashMap<NodeIndex, Vec<usize>>> {
     let Some(calib) = ctx.calibration else { return Ok(HashMap::new()) };
     let mut chosen = HashMap::new();
-    ctx.recover_with(graph, layers, report, |g, layer, x, y| {
+    ctx.refit_with(model, layers, report, |g, layer, x, y| {
         let name = g.node(layer.node).name().to_string();
-        let fit = crate::recover::Fit::for_layer(calib, g, layer.node);
+        let fit = crate::refit::Fit::for_layer(calib, g, layer.node);
         let Some(d) = deferred.iter().find(|d| d.consumer == layer.node) else {
-            let (before, after) = crate::recover::solve_layer(g, layer.node, x, y, fit)?;
+            let (before, after) = crate::refit::solve_layer(g, layer.node, x, y, fit)?;
             return Ok((name, before, after));
         };
-        let (before, after, dropped) = crate::reconstruct::refit_dropping(g, layer.node, x, y, d.count, fit)?;
+        let (before, after, dropped) = crate::refit::obs::refit_dropping(g, layer.node, x, y, d.count, fit)?;
         chosen.insert(layer.node, dropped);
         Ok((name, before, after))
     })?;
@@ -409,8 +491,7 @@ fn remove_dead_inputs(graph: &mut Graph, chosen: &HashMap<NodeIndex, Vec<usize>>
         roots.extend(dropped.iter().filter_map(|&c| cg.slot(x, c)).map(|s| cg.find(s)));
     }
     let per_tensor = removed_channels(&cg, &roots);
-    apply(graph, &shapes, &cg, &per_tensor, report)?;
-    graph.relink()
+    apply(graph, &shapes, &cg, &per_tensor, report)
 }
 
 /// Exact params/MACs of the prunable layers as a function of kept channels.
@@ -545,7 +626,7 @@ fn constant_parts(graph: &Graph, cg: &ChannelGraph) -> Vec<f64> {
         let Some(&yt) = cg.index.get(y) else { continue };
         let n = cg.channels[yt];
         let at = |name: &str, c: usize, v: &[f64]| cg.slot(name, c).map_or(f64::NAN, |s| v[s]);
-        let param = |slot: usize| node.input(slot).and_then(|p| graph.constant(p)).and_then(super::fold_batchnorm::to_f64);
+        let param = |slot: usize| node.input(slot).and_then(|p| graph.constant(p)).and_then(crate::passes::fold::to_f64);
         let out: Vec<f64> = match (node.op(), role) {
             (_, Role::Dense) => param(2).filter(|b| b.len() == n).unwrap_or_else(|| vec![0.0; n]),
             ("Conv", Role::Depthwise) => {
@@ -612,7 +693,7 @@ fn apply(graph: &mut Graph, shapes: &Shapes, cg: &ChannelGraph, removed: &[Vec<u
                 cuts.add(w(1), 0, &rout);
                 cuts.add(w(2), 0, &rout);
                 let channels = node.input(1).and_then(|n| graph.constant(n)).map_or(1, |w| w.shape()[0]);
-                graph.node_mut(ix).set_attr_int("group", (channels - rout.len()) as i64);
+                graph.update_node(ix, |n| n.set_attr_int("group", (channels - rout.len()) as i64))?;
             }
             ("Gemm" | "MatMul", Role::Dense) => {
                 let oa = output_axis(&node);
@@ -655,7 +736,7 @@ impl Cuts {
             .collect::<Vec<_>>()
             .into_par_iter()
             .filter_map(|(name, axes)| {
-                let w = graph.weights.get(&name)?.as_f32()?;
+                let w = graph.weight(&name)?.as_f32()?;
                 let mut out: Option<ArrayD<f32>> = None;
                 for (axis, removed) in axes.iter().filter(|(axis, _)| *axis < w.ndim()) {
                     let current = out.as_ref().unwrap_or(w);
@@ -667,7 +748,7 @@ impl Cuts {
             })
             .collect();
         for (name, a) in cut {
-            if let Some(w) = graph.weights.get_mut(&name).and_then(Weight::as_f32_mut) {
+            if let Some(w) = graph.weight_mut(&name).and_then(Weight::as_f32_mut) {
                 *w = a;
             }
         }

@@ -1,51 +1,94 @@
-//! Pass `distill`: trains the student (the graph as the earlier passes left
-//! it) to reproduce the teacher (the model as it was loaded), by knowledge
-//! distillation (Hinton et al. 2015). No labels needed.
-//!
-//! Before: a compressed graph of Conv (any group) / Relu / Add / MaxPool /
-//!         GlobalAveragePool / Flatten / Gemm, BN folded.
-//! After:  the same graph and shapes with trained weights and biases.
-//!
-//! Applies to the whole graph or not at all: an op outside the engine's set
-//! (`crate::train`) is an error naming the node, and the graph is untouched.
-//!
-//! Loss per batch of student logits s and teacher logits t, temperature T:
-//!   L = T²·mean_batch KL(softmax(t/T) ‖ softmax(s/T))
-//!     + feature_weight · Σ_k mean((s_k − t_k)²)
-//! where k runs over the stage outputs (the last residual block output at
-//! each resolution) whose shapes agree in student and teacher. ∂L/∂s =
-//! T·(softmax(s/T) − softmax(t/T)) / batch.
-//!
-//! Conditioning: a BN-folded, heavily compressed student is very sharp
-//! (gradient norm ~1e4 at loss ~13). Measured on the 1/5 ResNet-50 student
-//! (README): Adam diverges even at lr 1e-5, SGD at 1e-3; LAMB (per-tensor
-//! trust ratio) is stable up to lr 1e-3, hence the default optimizer. The
-//! default lr 1e-4 is the one that improved a rank-1 dw student (1e-3 made it
-//! worse first); the 1/5 recipe uses 1e-3. `batchnorm: train`
-//! re-inserts a training-mode BN after every conv (folded back at the end);
-//! `frozen` a BN on fixed statistics.
-//!
-//! Data: random resized crops + flips of the training images (`data`, else
-//! the calibration images), and with `mixup: p` a share p of them blended
-//! with another image of the batch; the teacher (tract) sees the same
-//! augmented batch. Schedule: cosine from `lr` to 0 over all steps; LAMB, Adam with
-//! decoupled weight decay, or SGD with momentum 0.9. A seeded share
-//! (`holdout`) of the images is never trained on: after every epoch the
-//! student's top-1 agreement with the teacher and KL (T = 1) on their centre
-//! crops are measured and the epoch with the highest agreement (then lowest
-//! KL) is kept (epoch 0 = the student before training).
-use super::{PassContext, PassReport};
-use crate::config::{BatchNormMode, DistillOptions};
+//! The distillation engine behind the `distill` pass (`passes/distill.rs`
+//! holds its specification): trains a student [`Network`] to reproduce a
+//! teacher model on augmented images, keeping the best epoch on a hold-out.
+//! Progress goes to a [`Progress`] the caller renders.
+use super::checkpoint::{self, State};
+use super::optim::{cosine, Optimizer};
+use super::{Mode, Network};
+use crate::data::{DataSource, Preprocess};
+use crate::data::augment::ImagePool;
+use crate::data::Preprocessing;
 use crate::error::{Error, Result};
-use crate::fixture::Rng;
-use crate::imagedata::Preprocessing;
 use crate::ir::{Graph, Model};
+use crate::progress::Progress;
+use crate::rng::Rng;
 use crate::runner::Runner;
 use crate::shape::Shapes;
-use crate::train::checkpoint::{self, State};
-use crate::train::data::ImagePool;
-use crate::train::optim::{cosine, Optimizer};
-use crate::train::{Mode, Network};
+use serde::{Deserialize, Serialize};
+
+/// Options of `distill`; see `passes/distill.rs`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillOptions {
+    /// Training images; empty = the pipeline's calibration images.
+    pub data: Vec<DataSource>,
+    /// Preprocessing; default: the calibration's, else caffe.
+    pub preprocess: Option<Preprocess>,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub optimizer: super::optim::Kind,
+    pub weight_decay: f64,
+    pub temperature: f64,
+    /// Weight of the MSE on stage outputs (0 = logits only).
+    pub feature_weight: f64,
+    /// Share of the training images held back to pick the best epoch.
+    pub holdout: f64,
+    /// Smallest area share of a random resized crop.
+    pub min_scale: f64,
+    /// Share of the training images blended with another image of their
+    /// batch (mixup, weight drawn uniformly; student and teacher see the
+    /// same blend): new inputs for the teacher to label.
+    pub mixup: f64,
+    pub seed: u64,
+    /// Threads (default: all cores).
+    pub threads: Option<usize>,
+    /// Resume from / write to this file after every epoch.
+    pub checkpoint: Option<PathBuf>,
+    /// The teacher model; default: the model as loaded, before any pass.
+    pub teacher: Option<PathBuf>,
+    /// BatchNorm after every conv during training, folded back at the end.
+    pub batchnorm: BatchNormMode,
+}
+
+/// How `distill` trains: see `passes/distill.rs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchNormMode {
+    /// No BN: the folded convs are trained as they are.
+    #[default]
+    Off,
+    /// BN with frozen (running) statistics: a learnable per-channel affine map.
+    Frozen,
+    /// BN with batch statistics (running statistics for evaluation).
+    Train,
+}
+
+impl Default for DistillOptions {
+    fn default() -> Self {
+        DistillOptions {
+            data: vec![],
+            preprocess: None,
+            epochs: 1,
+            batch: 16,
+            // Measured (README): LAMB 1e-4 improves a rank-1 dw student
+            // (agreement 0.511 -> 0.533, KL 2.41 -> 1.65 in 25 steps); 1e-3 harms it.
+            lr: 1e-4,
+            optimizer: super::optim::Kind::Lamb,
+            weight_decay: 0.0,
+            temperature: 2.0,
+            feature_weight: 0.0,
+            holdout: 0.1,
+            min_scale: 0.35,
+            mixup: 0.0,
+            seed: 0,
+            threads: None,
+            checkpoint: None,
+            teacher: None,
+            batchnorm: BatchNormMode::default(),
+        }
+    }
+}
 
 /// Weight of a training batch in the BN running statistics.
 const BN_MOMENTUM: f32 = 0.1;
@@ -53,46 +96,45 @@ use rayon::prelude::*;
 use std::path::PathBuf;
 use std::time::Instant;
 
-pub fn run(graph: &mut Graph, ctx: &PassContext, o: &DistillOptions) -> Result<PassReport> {
-    let mut report = PassReport::default();
-    // A shipped recipe must also run data-free (`--pipeline cresnet` with
-    // no `calibration:`): with no images at all the student stays as it is.
-    if o.data.is_empty() && ctx.calibration.is_none() {
-        report.decline("(graph)", NO_IMAGES);
-        return Ok(report);
-    }
-    let loaded = o.teacher.as_ref().map(|p| crate::io::load(p)).transpose()?;
-    let teacher = loaded.as_ref().or(ctx.original).ok_or_else(|| fail("the pipeline kept no teacher model"))?;
+/// Where the training images come from when `distill.data` is empty: the
+/// pipeline's calibration images and their preprocessing.
+pub struct DefaultImages<'a> {
+    pub sources: &'a [PathBuf],
+    pub preprocessing: &'a Preprocessing,
+}
+
+/// Trains `graph` (the student, with `shapes`) to reproduce `teacher`;
+/// returns the log of what it did (epochs, the epoch kept).
+pub fn distill(graph: &mut Graph, shapes: &Shapes, teacher: &Model, defaults: Option<DefaultImages>, o: &DistillOptions, progress: &dyn Progress) -> Result<Vec<String>> {
+    let mut log = Vec::new();
     let mut net = match o.batchnorm {
-        BatchNormMode::Off => Network::from_graph(graph, ctx.shapes)?,
-        _ => Network::with_batchnorm(graph, ctx.shapes)?,
+        BatchNormMode::Off => Network::from_graph(graph, shapes)?,
+        _ => Network::with_batchnorm(graph, shapes)?,
     };
-    let (paths, pre) = training_images(ctx, o)?;
+    let (paths, pre) = training_images(defaults, o)?;
     let threads = o.threads.unwrap_or_else(rayon::current_num_threads);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| fail(format!("cannot start {threads} threads: {e}")))?;
     pool.install(|| -> Result<()> {
         let images = ImagePool::load(&paths, pre)?;
         let (train, hold) = split(images.len(), o.holdout, o.seed);
-        let features = stage_outputs(graph, ctx.shapes, &crate::validate::validate(&teacher.graph, &Default::default())?, o.feature_weight);
+        let features = stage_outputs(graph, shapes, &crate::validate::validate(&teacher.graph, &Default::default())?, o.feature_weight);
         let names = features.iter().map(|f| f.name.clone()).collect();
         let teacher = Teacher::new(teacher, o.batch.min(train.len()), names)?;
-        Trainer { net: &mut net, teacher: &teacher, images: &images, o, report: &mut report, features, adapters: vec![] }.run(&train, &hold)
+        Trainer { net: &mut net, teacher: &teacher, images: &images, o, log: &mut log, progress, features, adapters: vec![] }.run(&train, &hold)
     })?;
     net.write_back(graph);
-    Ok(report)
+    Ok(log)
 }
-
-const NO_IMAGES: &str = "no training images, the student is left untrained: give a `calibration:` folder or `distill: {data: [{dir: DIR}]}`";
 
 fn fail(reason: impl Into<String>) -> Error {
     Error::Pass { pass: "distill".into(), reason: reason.into() }
 }
 
 /// The image files and preprocessing to train on.
-fn training_images(ctx: &PassContext, o: &DistillOptions) -> Result<(Vec<PathBuf>, Preprocessing)> {
-    let pre = match (&o.preprocess, ctx.calibration) {
+fn training_images(defaults: Option<DefaultImages>, o: &DistillOptions) -> Result<(Vec<PathBuf>, Preprocessing)> {
+    let pre = match (&o.preprocess, &defaults) {
         (Some(p), _) => Preprocessing::from_choice(p)?,
-        (None, Some(c)) => c.preprocessing.clone(),
+        (None, Some(d)) => d.preprocessing.clone(),
         (None, None) => Preprocessing::caffe(),
     };
     let mut paths = Vec::new();
@@ -100,7 +142,7 @@ fn training_images(ctx: &PassContext, o: &DistillOptions) -> Result<(Vec<PathBuf
         paths.extend(source.paths()?);
     }
     if o.data.is_empty() {
-        paths = ctx.calibration.map(|c| c.sources.clone()).unwrap_or_default();
+        paths = defaults.map(|d| d.sources.to_vec()).unwrap_or_default();
     }
     if paths.len() < 2 {
         return Err(fail("needs at least 2 training images: give `distill: {data: [{dir: DIR}]}` or a `calibration:` folder"));
@@ -245,7 +287,8 @@ struct Trainer<'a> {
     teacher: &'a Teacher,
     images: &'a ImagePool,
     o: &'a DistillOptions,
-    report: &'a mut PassReport,
+    log: &'a mut Vec<String>,
+    progress: &'a dyn Progress,
     features: Vec<Feature>,
     /// Per feature, the adapter's output value.
     adapters: Vec<usize>,
@@ -269,12 +312,12 @@ impl Trainer<'_> {
         };
         let mut state = match resumed {
             Some(s) => {
-                self.report.change("student", format!("resumed from checkpoint after epoch {}", s.epoch));
+                self.log.push(format!("resumed from checkpoint after epoch {}", s.epoch));
                 s
             }
             None => {
                 let (agreement, kl) = self.holdout(hold, &hold_teacher)?;
-                self.log(format!("epoch 0 (before training): hold-out agreement {agreement:.3}, KL {kl:.4}"));
+                self.note(format!("epoch 0 (before training): hold-out agreement {agreement:.3}, KL {kl:.4}"));
                 let best_params = self.net.params.iter().map(|p| p.data.clone()).collect();
                 State { epoch: 0, best_epoch: 0, best_agreement: agreement, best_kl: kl, best_params, optimizer: Optimizer::new(self.o.optimizer, self.o.weight_decay as f32, &sizes) }
             }
@@ -284,7 +327,7 @@ impl Trainer<'_> {
             let (loss, [data, teach, student]) = self.epoch(epoch, train, &mut state.optimizer, total)?;
             let secs = started.elapsed().as_secs_f64();
             let (agreement, kl) = self.holdout(hold, &hold_teacher)?;
-            self.log(format!(
+            self.note(format!(
                 "epoch {epoch}/{}: loss {loss:.4}, hold-out agreement {agreement:.3}, KL {kl:.4}; {secs:.0} s, {:.1} img/s (data {data:.0} s, teacher {teach:.0} s, student {student:.0} s)",
                 self.o.epochs,
                 (steps_per_epoch * batch) as f64 / secs
@@ -304,7 +347,7 @@ impl Trainer<'_> {
         for (p, best) in self.net.params.iter_mut().zip(state.best_params) {
             p.data = best;
         }
-        self.report.change("student", format!("kept epoch {} (hold-out agreement {:.3}, KL {:.4}; {} training / {} hold-out images)", state.best_epoch, state.best_agreement, state.best_kl, train.len(), hold.len()));
+        self.log.push(format!("kept epoch {} (hold-out agreement {:.3}, KL {:.4}; {} training / {} hold-out images)", state.best_epoch, state.best_agreement, state.best_kl, train.len(), hold.len()));
         Ok(())
     }
 
@@ -341,23 +384,23 @@ impl Trainer<'_> {
         for (k, f) in self.features.iter().enumerate() {
             let (xs, ys) = &samples[k];
             let n = xs.len() / f.student_c;
-            let xa = crate::recover::with_ones(xs, n, f.student_c);
+            let xa = crate::refit::with_ones(xs, n, f.student_c);
             let ya = faer::Mat::<f64>::from_fn(n, f.teacher_c, |r, c| ys[r * f.teacher_c + c] as f64);
-            let sol = crate::recover::ridge_solve(&xa, &ya, 1e-2).ok_or_else(|| fail(format!("cannot fit the adapter of `{}`", f.name)))?;
+            let sol = crate::refit::Fit { ridge: 1e-2, relu: false }.solve(&xa, &ya).ok_or_else(|| fail(format!("cannot fit the adapter of `{}`", f.name)))?;
             let weight = (0..f.teacher_c).flat_map(|o| (0..f.student_c).map(move |i| (o, i))).map(|(o, i)| sol[(i, o)] as f32).collect();
             let bias = (0..f.teacher_c).map(|o| sol[(f.student_c, o)] as f32).collect();
-            let fit = crate::recover::residual(&xa, &sol, &ya);
+            let fit = crate::refit::residual(&xa, &sol, &ya);
             let v = self.net.value_of(&f.name).map(|v| v.0).unwrap_or_default();
             self.adapters.push(self.net.add_adapter(&f.name, v, f.student_c, f.hw, weight, bias));
-            self.report.change("student", format!("feature `{}`: adapter {} -> {} channels, initial relative error {fit:.3}", f.name, f.student_c, f.teacher_c));
+            self.log.push(format!("feature `{}`: adapter {} -> {} channels, initial relative error {fit:.3}", f.name, f.student_c, f.teacher_c));
         }
         Ok(())
     }
 
     /// A report line, also printed: a training run is long enough to want a log.
-    fn log(&mut self, line: String) {
-        eprintln!("distill: {line}");
-        self.report.change("student", line);
+    fn note(&mut self, line: String) {
+        self.progress.log("distill", &line);
+        self.log.push(line);
     }
 
     /// One pass over the training images; returns the mean loss and the
@@ -367,7 +410,7 @@ impl Trainer<'_> {
         let mut order = train.to_vec();
         shuffle(&mut order, self.o.seed ^ (epoch as u64) << 32);
         let steps = order.len() / batch;
-        let bar = progress(steps as u64, epoch);
+        self.progress.start(&format!("distill epoch {epoch}"), steps as u64);
         let (mut sum, mut times) = (0.0, [0.0f64; 3]);
         for (k, chunk) in order.chunks_exact(batch).enumerate() {
             let seed = |slot: usize| self.o.seed ^ ((epoch as u64) << 40) ^ ((k * batch + slot) as u64) << 8;
@@ -381,10 +424,9 @@ impl Trainer<'_> {
             let t = Instant::now();
             sum += self.step(x, &targets, opt, cosine(self.o.lr, (epoch - 1) * steps + k, total))?;
             times[2] += t.elapsed().as_secs_f64();
-            bar.inc(1);
-            bar.set_message(format!("loss {:.4}", sum / (k + 1) as f64));
+            self.progress.advance(k as u64 + 1, &format!("loss {:.4}", sum / (k + 1) as f64));
         }
-        bar.finish_and_clear();
+        self.progress.finish();
         Ok((sum / steps.max(1) as f64, times))
     }
 
@@ -470,14 +512,6 @@ fn shuffle(v: &mut [usize], seed: u64) {
     for i in (1..v.len()).rev() {
         v.swap(i, rng.below(i + 1));
     }
-}
-
-fn progress(steps: u64, epoch: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(steps);
-    let style = indicatif::ProgressStyle::with_template("distill epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar.set_prefix(epoch.to_string());
-    bar
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! (area share in [min_scale, 1], aspect ratio in [3/4, 4/3]) with a random
 //! horizontal flip, so a few thousand images give many distinct inputs.
 use crate::error::Result;
-use crate::fixture::Rng;
-use crate::imagedata::Preprocessing;
+use crate::rng::Rng;
+use crate::data::Preprocessing;
 use image::imageops::{self, FilterType};
 use image::RgbImage;
 use rayon::prelude::*;
@@ -20,7 +20,7 @@ impl ImagePool {
     pub fn load(paths: &[PathBuf], preprocessing: Preprocessing) -> Result<ImagePool> {
         let images = paths
             .par_iter()
-            .map(|p| Ok(preprocessing.resize_short(&crate::imagedata::decode_rgb(p)?)))
+            .map(|p| Ok(preprocessing.resize_short(&crate::data::decode_rgb(p)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(ImagePool { images, preprocessing })
     }

@@ -4,9 +4,9 @@
 //! scores by their mean, so layers of different scale compare, and sums the
 //! normalized scores over the layers that write a coupled channel.
 //! `reconstruction` is data-driven and chooses channels inside the pass's
-//! calibrated refit (`src/reconstruct.rs`); its allocation across groups,
+//! calibrated refit (`src/refit/obs.rs`); its allocation across groups,
 //! and the groups it cannot handle, use `l1` scores.
-use crate::config::Importance;
+use super::Importance;
 use ndarray::{ArrayD, Axis};
 
 /// A way to score filters.
