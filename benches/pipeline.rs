@@ -4,8 +4,8 @@
 use cresnet_opt::passes::dw::DwOptions;
 use cresnet_opt::passes::fold::FoldOptions;
 use cresnet_opt::passes::lowrank::LowrankOptions;
-use cresnet_opt::passes::PassSpec;
 use cresnet_opt::passes::prune::PruneOptions;
+use cresnet_opt::passes::PassSpec;
 use std::path::Path;
 use std::time::Instant;
 
@@ -15,11 +15,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
-    median((0..runs).map(|_| {
-        let t = Instant::now();
-        std::hint::black_box(f());
-        t.elapsed().as_secs_f64()
-    }).collect())
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
 }
 
 fn main() {
@@ -32,13 +36,22 @@ fn main() {
     let out = std::env::temp_dir().join("cresnet-bench-out.onnx");
     let model = cresnet_opt::io::load(&path).expect("load");
     println!("load (read + decode + validate)   {:>8.1} ms", 1e3 * time(runs, || cresnet_opt::io::load(&path).expect("load")));
-    println!("validate                          {:>8.1} ms", 1e3 * time(runs, || cresnet_opt::validate::validate(&model.graph, &Default::default()).expect("valid")));
+    println!(
+        "validate                          {:>8.1} ms",
+        1e3 * time(runs, || cresnet_opt::validate::validate(&model.graph, &Default::default()).expect("valid"))
+    );
     println!("encode to bytes                   {:>8.1} ms", 1e3 * time(runs, || cresnet_opt::io::to_bytes(&model).expect("encode")));
-    println!("save (encode + write + rename)    {:>8.1} ms", 1e3 * time(runs, || cresnet_opt::io::save(&model, &out, false).expect("save")));
+    println!(
+        "save (encode + write + rename)    {:>8.1} ms",
+        1e3 * time(runs, || cresnet_opt::io::save(&model, &out, false).expect("save"))
+    );
     let passes = [
         ("fold", vec![PassSpec::Fold(FoldOptions::default())]),
         ("fold,prune", vec![PassSpec::Fold(FoldOptions::default()), PassSpec::Prune(PruneOptions::default())]),
-        ("fold,prune,dw", vec![PassSpec::Fold(FoldOptions::default()), PassSpec::Prune(PruneOptions::default()), PassSpec::Dw(DwOptions::default())]),
+        (
+            "fold,prune,dw",
+            vec![PassSpec::Fold(FoldOptions::default()), PassSpec::Prune(PruneOptions::default()), PassSpec::Dw(DwOptions::default())],
+        ),
     ];
     for (name, specs) in passes {
         let t = time(runs, || {
@@ -75,7 +88,12 @@ fn train_engine_vs_frameworks() {
     let model = net.model(&[&x]).expect("model");
     let shapes = cresnet_opt::validate::validate(&model.graph, &Default::default()).expect("valid");
     for bn in [false, true] {
-        let mut engine = if bn { cresnet_opt::train::Network::with_batchnorm(&model.graph, &shapes) } else { cresnet_opt::train::Network::from_graph(&model.graph, &shapes) }.expect("engine");
+        let mut engine = if bn {
+            cresnet_opt::train::Network::with_batchnorm(&model.graph, &shapes)
+        } else {
+            cresnet_opt::train::Network::from_graph(&model.graph, &shapes)
+        }
+        .expect("engine");
         let sizes: Vec<usize> = engine.params.iter().map(|p| p.data.len()).collect();
         let mut opt = cresnet_opt::train::optim::Optimizer::new(cresnet_opt::train::optim::Kind::Adam, 0.0, &sizes);
         let input = vec![0.5f32; 8 * engine.input_len()];
@@ -95,17 +113,31 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
     let fold = PassSpec::Fold(FoldOptions::default());
     let dw1 = PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() });
     let prune = PassSpec::Prune(PruneOptions { target_params: Some(0.3), ..Default::default() });
-    let lowrank = |ratio: f64, min_resolution: Option<usize>, max_resolution: Option<usize>| PassSpec::Lowrank(LowrankOptions { ratio: Some(ratio), min_resolution, max_resolution, ..Default::default() });
-    let dw = |rank: usize, min_resolution: Option<usize>, max_resolution: Option<usize>| PassSpec::Dw(DwOptions { rank: Some(rank), min_resolution, max_resolution, ..Default::default() });
-    let recipe = vec![fold.clone(), lowrank(0.6, Some(28), None), lowrank(0.2445, None, Some(14)), dw(2, Some(28), None), dw(1, None, Some(14))];
-    let students = [("fold", vec![fold.clone()]), ("fold,dw r1", vec![fold.clone(), dw1.clone(), fold.clone()]), ("fold,prune p0.3,dw r1", vec![fold.clone(), prune, dw1, fold]), ("cresnet (data-free)", recipe)];
+    let lowrank = |ratio: f64, min_resolution: Option<usize>, max_resolution: Option<usize>| {
+        PassSpec::Lowrank(LowrankOptions { ratio: Some(ratio), min_resolution, max_resolution, ..Default::default() })
+    };
+    let dw = |rank: usize, min_resolution: Option<usize>, max_resolution: Option<usize>| {
+        PassSpec::Dw(DwOptions { rank: Some(rank), min_resolution, max_resolution, ..Default::default() })
+    };
+    let recipe =
+        vec![fold.clone(), lowrank(0.6, Some(28), None), lowrank(0.2445, None, Some(14)), dw(2, Some(28), None), dw(1, None, Some(14))];
+    let students = [
+        ("fold", vec![fold.clone()]),
+        ("fold,dw r1", vec![fold.clone(), dw1.clone(), fold.clone()]),
+        ("fold,prune p0.3,dw r1", vec![fold.clone(), prune, dw1, fold]),
+        ("cresnet (data-free)", recipe),
+    ];
     let batch = 16;
     for b in if with_teacher { vec![1, 4, 16] } else { vec![] } {
         let runner = cresnet_opt::runner::Runner::new(model, b, &[]).expect("tract");
         let x = ndarray::ArrayD::<f32>::from_elem(vec![b, 3, 224, 224], 0.5);
         let t1 = time(3, || runner.run(x.clone()).expect("run"));
         let t2 = time(3, || runner.run_threads(x.clone(), 2).expect("run"));
-        println!("teacher (tract) batch {b:>2}: {:>6.1} ms/image (1 thread) {:>6.1} ms/image (2 threads)", 1e3 * t1 / b as f64, 1e3 * t2 / b as f64);
+        println!(
+            "teacher (tract) batch {b:>2}: {:>6.1} ms/image (1 thread) {:>6.1} ms/image (2 threads)",
+            1e3 * t1 / b as f64,
+            1e3 * t2 / b as f64
+        );
     }
     for (name, specs) in students {
         let mut m = model.clone();
@@ -120,7 +152,11 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
             net.backward(&acts, vec![(net.output(), seed.clone())])
         });
         let params: usize = net.params.iter().map(|p| p.data.len()).sum();
-        println!("train {name:<22} params {params:>10}  forward {:>6.0} ms  forward+backward {:>6.0} ms per batch of {batch}", 1e3 * fwd, 1e3 * step);
+        println!(
+            "train {name:<22} params {params:>10}  forward {:>6.0} ms  forward+backward {:>6.0} ms per batch of {batch}",
+            1e3 * fwd,
+            1e3 * step
+        );
     }
 }
 
@@ -146,7 +182,8 @@ fn tract_benches(path: &Path, model: &cresnet_opt::ir::Model) {
         println!("tract batch 1 {name:<16} {:>7.1} ms (1 thread) {:>7.1} ms (2 threads)", 1e3 * t1, 1e3 * t2);
     }
     let data = path.parent().and_then(Path::parent).expect("shared").join("data");
-    let samples = cresnet_opt::data::labelled(&data.join("imagenet-1k-sample"), Some(&data.join("imagenet-1k-classes.txt")), 1000).expect("data");
+    let samples =
+        cresnet_opt::data::labelled(&data.join("imagenet-1k-sample"), Some(&data.join("imagenet-1k-classes.txt")), 1000).expect("data");
     let samples = &samples[..64];
     let pre = cresnet_opt::data::Preprocessing::caffe();
     let inputs = cresnet_opt::evaluate::Inputs::Images { samples, preprocessing: &pre, label_map: None };

@@ -15,7 +15,9 @@ use petgraph::stable_graph::NodeIndex;
 pub fn matches(pattern: &str, name: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == name,
-        Some((head, tail)) => name.strip_prefix(head).is_some_and(|rest| (0..=rest.len()).any(|i| rest.is_char_boundary(i) && matches(tail, &rest[i..]))),
+        Some((head, tail)) => {
+            name.strip_prefix(head).is_some_and(|rest| (0..=rest.len()).any(|i| rest.is_char_boundary(i) && matches(tail, &rest[i..])))
+        }
     }
 }
 
@@ -52,7 +54,12 @@ impl Selection<'_> {
 
     /// The selected layer's f32 weight and whether `include` names it;
     /// None to skip silently, Err to decline with the reason.
-    pub fn weight<'g>(&self, graph: &'g Graph, shapes: &Shapes, ix: NodeIndex) -> std::result::Result<Option<(&'g ArrayD<f32>, bool)>, String> {
+    pub fn weight<'g>(
+        &self,
+        graph: &'g Graph,
+        shapes: &Shapes,
+        ix: NodeIndex,
+    ) -> std::result::Result<Option<(&'g ArrayD<f32>, bool)>, String> {
         let Some(included) = self.pick(graph, shapes, ix) else { return Ok(None) };
         let wname = graph.node(ix).input(1).ok_or("no weight")?;
         let w = graph.constant(wname).ok_or("weight is not a constant initializer")?;
@@ -79,13 +86,15 @@ pub fn shared_weight(graph: &Graph, ix: NodeIndex) -> std::result::Result<(), St
 pub fn check_options(pass: &str, rank: Option<usize>, min_gain: f64, resolution: (Option<usize>, Option<usize>)) -> Result<()> {
     if let (Some(min), Some(max)) = resolution {
         if min > max {
-            return Err(Error::Config(format!("`{pass}.min_resolution` is {min}, above `{pass}.max_resolution` ({max}): no layer can match")));
+            return Err(Error::Config(format!(
+                "`{pass}.min_resolution` is {min}, above `{pass}.max_resolution` ({max}): no layer can match"
+            )));
         }
     }
     if rank == Some(0) {
         return Err(Error::Config(format!("`{pass}.rank` must be at least 1")));
     }
-    if !(min_gain < 1.0) {
+    if min_gain.is_nan() || min_gain >= 1.0 {
         return Err(Error::Config(format!("`{pass}.min_gain` is {min_gain}, but must be below 1 (negative allows growth)")));
     }
     Ok(())

@@ -14,9 +14,9 @@
 //! `passes/pipelines/`, listed in [`PIPELINES`].
 pub mod factorize;
 
-use crate::refit::settings::RefitReference;
 use crate::error::{Error, Result};
 use crate::ir::Model;
+use crate::refit::settings::RefitReference;
 use crate::shape::{InputShapes, Shapes};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -152,7 +152,9 @@ impl<'de> serde::Deserialize<'de> for PassSpec {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<PassSpec, A::Error> {
                 let (name, value): (String, yaml_serde::Value) = map.next_entry()?.ok_or_else(|| de::Error::custom("empty pass entry"))?;
                 if map.next_key::<String>()?.is_some() {
-                    return Err(de::Error::custom(format!("pass entry `{name}` has more than one key; write each pass as its own list item")));
+                    return Err(de::Error::custom(format!(
+                        "pass entry `{name}` has more than one key; write each pass as its own list item"
+                    )));
                 }
                 let value = if value.is_null() { empty_options() } else { value };
                 PassSpec::parse(&name, value).map_err(de::Error::custom)
@@ -277,13 +279,20 @@ impl PassContext<'_> {
 /// shape, else a copy of the model as it is now.
 fn refit_reference<'a>(model: &Model, shapes: &Shapes, original: Option<(&'a Model, &Shapes)>) -> std::borrow::Cow<'a, Model> {
     match original {
-        Some((o, o_shapes)) if o_shapes.iter().all(|(name, t)| shapes.get(name).is_none_or(|now| now.shape == t.shape)) => std::borrow::Cow::Borrowed(o),
+        Some((o, o_shapes)) if o_shapes.iter().all(|(name, t)| shapes.get(name).is_none_or(|now| now.shape == t.shape)) => {
+            std::borrow::Cow::Borrowed(o)
+        }
         _ => std::borrow::Cow::Owned(model.clone()),
     }
 }
 
 /// Runs the passes in order, validating after each one.
-pub fn run_pipeline(model: &mut Model, passes: &[PassSpec], overrides: &InputShapes, on_done: impl FnMut(&PassReport)) -> Result<Vec<PassReport>> {
+pub fn run_pipeline(
+    model: &mut Model,
+    passes: &[PassSpec],
+    overrides: &InputShapes,
+    on_done: impl FnMut(&PassReport),
+) -> Result<Vec<PassReport>> {
     run_pipeline_calibrated(model, passes, overrides, None, on_done)
 }
 

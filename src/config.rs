@@ -11,8 +11,8 @@
 //! calibration:                 # optional: images for data-aware passes
 //!   { data: DIR, classes: FILE, images: 256, preprocess: caffe }
 //! ```
-use crate::error::{Error, Result};
 pub use crate::data::{DataSource, Preprocess};
+use crate::error::{Error, Result};
 use crate::passes::PassSpec;
 pub use crate::refit::settings::{Calibration, RefitReference, RefitTarget};
 use serde::{Deserialize, Serialize};
@@ -31,12 +31,13 @@ impl PipelineFile {
     pub fn from_yaml(text: &str, what: &str) -> Result<PipelineFile> {
         let file: PipelineFile = yaml_serde::from_str(text).map_err(|e| Error::Config(format!("{what}: {e}")))?;
         if let Some(c) = &file.calibration {
-            if c.images == 0 || c.positions == 0 || !(c.ridge >= 0.0) {
+            if c.images == 0 || c.positions == 0 || c.ridge.is_nan() || c.ridge < 0.0 {
                 return Err(Error::Config(format!("{what}: calibration needs images and positions of at least 1 and a ridge >= 0")));
             }
         }
         for spec in file.passes.iter().flatten() {
-            spec.check().map_err(|e| Error::Config(format!("{what}: {}", e.to_string().trim_start_matches("bad pipeline configuration: "))))?;
+            spec.check()
+                .map_err(|e| Error::Config(format!("{what}: {}", e.to_string().trim_start_matches("bad pipeline configuration: "))))?;
         }
         Ok(file)
     }

@@ -5,13 +5,25 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot write {path}")]
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is empty (0 bytes): not an ONNX model")]
     EmptyFile { path: PathBuf },
     #[error("{what} is not a valid ONNX protobuf (truncated, corrupt or another format)")]
-    Decode { what: String, #[source] source: prost::DecodeError },
+    Decode {
+        what: String,
+        #[source]
+        source: prost::DecodeError,
+    },
     #[error("{what} decodes as protobuf but is not an ONNX model: {reason}")]
     NotOnnx { what: String, reason: String },
     #[error("tensor `{name}`: {reason}")]
@@ -19,7 +31,11 @@ pub enum Error {
     #[error("invalid model: {0}")]
     Invalid(String),
     #[error("after pass `{pass}`")]
-    AfterPass { pass: String, #[source] source: Box<Error> },
+    AfterPass {
+        pass: String,
+        #[source]
+        source: Box<Error>,
+    },
     #[error("shape inference failed at node `{node}` ({op}): {reason}")]
     Shape { node: String, op: String, reason: String },
     #[error("bad pipeline configuration: {0}")]

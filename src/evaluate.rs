@@ -1,8 +1,8 @@
 //! Accuracy and fidelity of a model (and optionally a reference) on labelled
 //! images or on random inputs, run with tract on all cores (rayon over
 //! batches, each batch run single-threaded).
-use crate::error::{Error, Result};
 use crate::data::{stack, LabelMap, Preprocessing, Sample};
+use crate::error::{Error, Result};
 use crate::runner::Runner;
 use ndarray::{ArrayD, Axis};
 use rayon::prelude::*;
@@ -82,7 +82,13 @@ pub fn rel_diff(reference: &[f32], other: &[f32]) -> f64 {
 
 /// Evaluates `model` (and `reference`) on `inputs`, batch by batch;
 /// `progress` is called with the number of images done in each batch.
-pub fn evaluate(model: &Runner, reference: Option<&Runner>, inputs: &Inputs, batch: usize, progress: &(dyn Fn(usize) + Sync)) -> Result<Evaluation> {
+pub fn evaluate(
+    model: &Runner,
+    reference: Option<&Runner>,
+    inputs: &Inputs,
+    batch: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Evaluation> {
     let started = std::time::Instant::now();
     let n = match inputs {
         Inputs::Images { samples, .. } => samples.len(),

@@ -106,16 +106,31 @@ fn block_names(layout: Layout, stage: usize, block: usize) -> [String; 10] {
         Layout::Keras => {
             let id = format!("{}{}", stage + 2, (b'a' + block as u8) as char);
             [
-                format!("res{id}_branch2a"), format!("bn{id}_branch2a"), format!("res{id}_branch2b"), format!("bn{id}_branch2b"),
-                format!("res{id}_branch2c"), format!("bn{id}_branch2c"), format!("res{id}_branch1"), format!("bn{id}_branch1"),
-                format!("add{id}"), format!("relu{id}"),
+                format!("res{id}_branch2a"),
+                format!("bn{id}_branch2a"),
+                format!("res{id}_branch2b"),
+                format!("bn{id}_branch2b"),
+                format!("res{id}_branch2c"),
+                format!("bn{id}_branch2c"),
+                format!("res{id}_branch1"),
+                format!("bn{id}_branch1"),
+                format!("add{id}"),
+                format!("relu{id}"),
             ]
         }
         Layout::Torchvision => {
             let p = format!("layer{}.{block}", stage + 1);
             [
-                format!("{p}.conv1"), format!("{p}.bn1"), format!("{p}.conv2"), format!("{p}.bn2"), format!("{p}.conv3"), format!("{p}.bn3"),
-                format!("{p}.downsample.0"), format!("{p}.downsample.1"), format!("{p}.add"), n(&format!("{p}.relu")),
+                format!("{p}.conv1"),
+                format!("{p}.bn1"),
+                format!("{p}.conv2"),
+                format!("{p}.bn2"),
+                format!("{p}.conv3"),
+                format!("{p}.bn3"),
+                format!("{p}.downsample.0"),
+                format!("{p}.downsample.1"),
+                format!("{p}.add"),
+                n(&format!("{p}.relu")),
             ]
         }
     }
@@ -273,7 +288,12 @@ impl Net {
     pub fn bn(&mut self, name: &str, x: &str, c: usize) -> String {
         let rng = &mut self.rng;
         let mut vec = |f: &mut dyn FnMut(&mut Rng) -> f32| Array1::from_shape_fn(c, |_| f(rng)).into_dyn();
-        let (g, b, m, v) = (vec(&mut |r| 0.5 + r.uniform()), vec(&mut |r| 0.2 * r.normal()), vec(&mut |r| 0.2 * r.normal()), vec(&mut |r| 0.5 + r.uniform()));
+        let (g, b, m, v) = (
+            vec(&mut |r| 0.5 + r.uniform()),
+            vec(&mut |r| 0.2 * r.normal()),
+            vec(&mut |r| 0.2 * r.normal()),
+            vec(&mut |r| 0.5 + r.uniform()),
+        );
         for (suffix, a) in [("g", g), ("b", b), ("m", m), ("v", v)] {
             self.set_weight(&format!("{name}.{suffix}"), a);
         }
@@ -303,7 +323,8 @@ fn set_output_types(model: &mut Model) -> Result<()> {
     let shapes = crate::shape::infer(&model.graph, &Default::default())?;
     for out in &mut model.graph.meta.output {
         if out.r#type.is_none() {
-            let dims: Vec<Option<i64>> = shapes.get(out.name()).and_then(|t| t.shape.clone()).unwrap_or_default().iter().map(|&d| Some(d as i64)).collect();
+            let dims: Vec<Option<i64>> =
+                shapes.get(out.name()).and_then(|t| t.shape.clone()).unwrap_or_default().iter().map(|&d| Some(d as i64)).collect();
             out.r#type = crate::ir::value_info(out.name(), &dims).r#type;
         }
     }

@@ -51,7 +51,8 @@ pub fn from_bytes(bytes: Bytes, what: &str, dir: Option<&Path>) -> Result<Model>
     }
     let mut files = ExternalFiles { dir: dir.map(Path::to_path_buf), cache: HashMap::new() };
     let mut weights = IndexMap::with_capacity(graph.initializer.len());
-    let tensors: Vec<(TensorProto, Option<Bytes>)> = std::mem::take(&mut graph.initializer).into_iter().map(|t| files.data_of(&t).map(|e| (t, e))).collect::<Result<_>>()?;
+    let tensors: Vec<(TensorProto, Option<Bytes>)> =
+        std::mem::take(&mut graph.initializer).into_iter().map(|t| files.data_of(&t).map(|e| (t, e))).collect::<Result<_>>()?;
     // Decoding copies ~100 MB of numbers for ResNet-50: in parallel.
     use rayon::prelude::*;
     let decoded: Vec<Result<Weight>> = tensors.into_par_iter().map(|(t, external)| Weight::decode(t, external)).collect();
@@ -83,7 +84,9 @@ impl ExternalFiles {
         let name = t.name();
         let location = entry("location").ok_or_else(|| Error::tensor(name, "external data without a location"))?;
         let number = |key: &str| -> Result<Option<usize>> {
-            entry(key).map(|v| v.parse::<usize>().map_err(|_| Error::tensor(name, format!("external data {key} `{v}` is not a number")))).transpose()
+            entry(key)
+                .map(|v| v.parse::<usize>().map_err(|_| Error::tensor(name, format!("external data {key} `{v}` is not a number"))))
+                .transpose()
         };
         let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
         let dir = self.dir.clone().ok_or_else(|| Error::tensor(name, "external data needs the model's folder"))?;
@@ -99,7 +102,10 @@ impl ExternalFiles {
         let end = length.map_or(Some(file.len()), |l| offset.checked_add(l));
         match end {
             Some(end) if end <= file.len() && offset <= end => Ok(Some(file.slice(offset..end))),
-            _ => Err(Error::tensor(name, format!("external data range offset {offset} length {length:?} exceeds {} ({} bytes)", path.display(), file.len()))),
+            _ => Err(Error::tensor(
+                name,
+                format!("external data range offset {offset} length {length:?} exceeds {} ({} bytes)", path.display(), file.len()),
+            )),
         }
     }
 }

@@ -85,7 +85,11 @@ impl Runner {
                     let start = std::time::Instant::now();
                     let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
                     let ms = 1e3 * start.elapsed().as_secs_f64() / runs.max(1) as f64;
-                    let slot = times[node.id].get_or_insert_with(|| NodeTime { name: node.name.clone(), op: node.op().name().to_string(), ms: 0.0 });
+                    let slot = times[node.id].get_or_insert_with(|| NodeTime {
+                        name: node.name.clone(),
+                        op: node.op().name().to_string(),
+                        ms: 0.0,
+                    });
                     // Run 0 warms the caches up and is not counted.
                     slot.ms += if run == 0 { 0.0 } else { ms };
                     out
@@ -123,7 +127,8 @@ fn outlet(model: &InferenceModel, name: &str) -> TractResult<OutletId> {
 /// The first graph input that is not an initializer, with symbolic dims as 1.
 pub fn model_input_shape(model: &Model) -> Result<Vec<usize>> {
     let g = &model.graph;
-    let input = g.meta.input.iter().find(|i| !g.weights().contains_key(i.name())).ok_or_else(|| Error::invalid("the model has no input"))?;
+    let input =
+        g.meta.input.iter().find(|i| !g.weights().contains_key(i.name())).ok_or_else(|| Error::invalid("the model has no input"))?;
     let info = crate::shape::value_info_tensor(input);
     match info.shape {
         Some(s) if !s.is_empty() => Ok(s),

@@ -42,7 +42,11 @@ pub fn infer(graph: &Graph, overrides: &InputShapes) -> Result<Shapes> {
     let declared: HashMap<&str, &ValueInfoProto> = graph.meta.value_info.iter().chain(&graph.meta.output).map(|v| (v.name(), v)).collect();
     for ix in graph.topo_order()? {
         let node = graph.node(ix);
-        let outs = infer_node(graph, node, &shapes).map_err(|reason| Error::Shape { node: node.name().to_string(), op: node.op().to_string(), reason })?;
+        let outs = infer_node(graph, node, &shapes).map_err(|reason| Error::Shape {
+            node: node.name().to_string(),
+            op: node.op().to_string(),
+            reason,
+        })?;
         for (slot, name) in node.outputs().iter().enumerate() {
             if name.is_empty() {
                 continue;
@@ -108,9 +112,9 @@ fn infer_node(graph: &Graph, node: &Node, shapes: &Shapes) -> Outs {
             batchnorm(&xs, node, &input)?;
             same(xs)
         }
-        "Relu" | "Clip" | "Sigmoid" | "Tanh" | "LeakyRelu" | "Elu" | "Selu" | "HardSigmoid" | "HardSwish" | "Exp" | "Log" | "Abs" | "Neg"
-        | "Sqrt" | "Reciprocal" | "Identity" | "Dropout" | "Softmax" | "LogSoftmax" | "Erf" | "Gelu" | "Softplus" | "Mish" | "Floor"
-        | "Ceil" | "Round" | "Sign" | "LRN" => same(xs),
+        "Relu" | "Clip" | "Sigmoid" | "Tanh" | "LeakyRelu" | "Elu" | "Selu" | "HardSigmoid" | "HardSwish" | "Exp" | "Log" | "Abs"
+        | "Neg" | "Sqrt" | "Reciprocal" | "Identity" | "Dropout" | "Softmax" | "LogSoftmax" | "Erf" | "Gelu" | "Softplus" | "Mish"
+        | "Floor" | "Ceil" | "Round" | "Sign" | "LRN" => same(xs),
         "Cast" => Ok(vec![Some(TensorInfo { dtype: node.attr_int("to").unwrap_or(0) as i32, shape: Some(xs) })]),
         "Add" | "Mul" | "Sub" | "Div" | "Pow" | "Max" | "Min" | "Sum" | "Mean" | "PRelu" => same(broadcast_all(node, shapes)?),
         "MaxPool" | "AveragePool" | "LpPool" => same(pool(node, &xs)?),
@@ -174,7 +178,10 @@ fn spatial(node: &Node, input: &[usize], w: &Window) -> std::result::Result<Vec<
             let size = input[i];
             match auto_pad.as_str() {
                 "SAME_UPPER" | "SAME_LOWER" => Ok(size.div_ceil(w.strides[i])),
-                "VALID" => size.checked_sub(reach).map(|r| r / w.strides[i] + 1).ok_or_else(|| format!("kernel reach {reach} exceeds input size {size}")),
+                "VALID" => size
+                    .checked_sub(reach)
+                    .map(|r| r / w.strides[i] + 1)
+                    .ok_or_else(|| format!("kernel reach {reach} exceeds input size {size}")),
                 "NOTSET" | "" => {
                     let padded = size + w.pads[i] + w.pads[i + n];
                     let r = padded.checked_sub(reach).ok_or_else(|| format!("kernel reach {reach} exceeds padded input size {padded}"))?;
@@ -297,7 +304,7 @@ fn reshape(graph: &Graph, node: &Node, x: &[usize]) -> std::result::Result<Optio
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer_at {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {x:?} to {:?}", t.as_slice()));
         }
         out[i] = total / known;

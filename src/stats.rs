@@ -56,7 +56,13 @@ pub fn from_shapes(graph: &Graph, shapes: &Shapes) -> Stats {
     for l in &layers {
         *ops.entry(l.op.clone()).or_insert(0) += 1;
     }
-    Stats { params: graph.weights().values().map(|w| w.len() as u64).sum::<u64>() + constants, macs, nodes: graph.node_count(), ops, layers }
+    Stats {
+        params: graph.weights().values().map(|w| w.len() as u64).sum::<u64>() + constants,
+        macs,
+        nodes: graph.node_count(),
+        ops,
+        layers,
+    }
 }
 
 fn layer(graph: &Graph, node: &Node, shapes: &Shapes) -> Layer {
@@ -67,7 +73,14 @@ fn layer(graph: &Graph, node: &Node, shapes: &Shapes) -> Layer {
         node.inputs().iter().filter_map(|n| graph.weight(n)).map(|w| w.len() as u64).sum()
     };
     let input_shape = |slot: usize| node.input(slot).and_then(|n| shapes.get(n)).and_then(|t| t.shape.clone());
-    Layer { name: node.name().to_string(), op: node.op().to_string(), macs: macs(node, out.as_deref(), &input_shape), output_shape: out, params, share: 0.0 }
+    Layer {
+        name: node.name().to_string(),
+        op: node.op().to_string(),
+        macs: macs(node, out.as_deref(), &input_shape),
+        output_shape: out,
+        params,
+        share: 0.0,
+    }
 }
 
 fn macs(node: &Node, out: Option<&[usize]>, input: &dyn Fn(usize) -> Option<Vec<usize>>) -> u64 {

@@ -26,7 +26,11 @@ fn check_defined(graph: &Graph) -> Result<()> {
         // Nodes with subgraphs may read outer-scope names we do not track here.
         for name in node.inputs().iter().filter(|n| !n.is_empty()) {
             if !defined.contains(name.as_str()) {
-                return Err(Error::invalid(format!("node `{}` ({}) reads `{name}`, which no node, input or initializer defines", node.name(), node.op())));
+                return Err(Error::invalid(format!(
+                    "node `{}` ({}) reads `{name}`, which no node, input or initializer defines",
+                    node.name(),
+                    node.op()
+                )));
             }
         }
     }

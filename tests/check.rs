@@ -1,8 +1,8 @@
 //! `check` on labelled image folders: class mapping, label maps, presets, errors.
 mod common;
 use common::*;
-use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
 use cresnet_opt::data::{LabelMap, Preprocessing};
+use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
 use std::path::{Path, PathBuf};
 
 /// A 10-class fixture and an image folder holding 3 of its classes.
@@ -25,7 +25,9 @@ fn setup() -> Setup {
     for class in ["n002", "n005", "n007"] {
         std::fs::create_dir_all(data.join(class)).unwrap();
         for i in 0..3 {
-            let img = image::RgbImage::from_fn(48 + 8 * i, 40, |_, _| image::Rgb([rng.below(256) as u8, rng.below(256) as u8, rng.below(256) as u8]));
+            let img = image::RgbImage::from_fn(48 + 8 * i, 40, |_, _| {
+                image::Rgb([rng.below(256) as u8, rng.below(256) as u8, rng.below(256) as u8])
+            });
             img.save(data.join(class).join(format!("img{i}.png"))).unwrap();
         }
     }
@@ -122,10 +124,12 @@ fn presets_produce_the_documented_values() {
 fn preprocess_yaml_file() {
     let s = setup();
     let pp = s.dir.path().join("pre.yaml");
-    std::fs::write(&pp, "resize: 256\ncrop: 224\nmean: [0.5, 0.5, 0.5]\nstd: [0.5, 0.5, 0.5]\nscale: 0.00392156862\nchannel_order: rgb\n").unwrap();
+    std::fs::write(&pp, "resize: 256\ncrop: 224\nmean: [0.5, 0.5, 0.5]\nstd: [0.5, 0.5, 0.5]\nscale: 0.00392156862\nchannel_order: rgb\n")
+        .unwrap();
     let v = json(&check(&s, &["--data", p(&s.data), "--classes", p(&s.classes), "--preprocess", p(&pp)]));
     assert_eq!(v["images"], 9);
-    std::fs::write(&pp, "resize: 256\ncrop: 224\nmean: [0.5, 0.5, 0.5]\nstd: [0.5, 0.5, 0.5]\nscale: 1\nchannel_order: rgb\nflip: true\n").unwrap();
+    std::fs::write(&pp, "resize: 256\ncrop: 224\nmean: [0.5, 0.5, 0.5]\nstd: [0.5, 0.5, 0.5]\nscale: 1\nchannel_order: rgb\nflip: true\n")
+        .unwrap();
     let o = check(&s, &["--data", p(&s.data), "--classes", p(&s.classes), "--preprocess", p(&pp)]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown field `flip`"));
 }

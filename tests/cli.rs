@@ -23,7 +23,8 @@ fn assert_fails(o: &Output, needle: &str, output: &Path) {
     assert!(err.contains(needle), "expected `{needle}` in: {err}");
     assert!(!output.exists(), "no output file may be left");
     let dir = output.parent().unwrap();
-    let leftovers: Vec<_> = std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 
@@ -121,7 +122,10 @@ fn bad_yaml_is_named() {
         ("passes:\n  - prune: { ratio: lots }\n", "invalid type"),
         ("passes:\n  - squash\n", "unknown pass `squash` (valid passes: fold, prune, dw, lowrank, distill)"),
         ("pipeline: nosuch\n", "unknown pipeline `nosuch` (shipped pipelines: fold, cresnet)"),
-        ("passes:\n  - dw: { min_resolution: 28, max_resolution: 14 }\n", "`dw.min_resolution` is 28, above `dw.max_resolution` (14): no layer can match"),
+        (
+            "passes:\n  - dw: { min_resolution: 28, max_resolution: 14 }\n",
+            "`dw.min_resolution` is 28, above `dw.max_resolution` (14): no layer can match",
+        ),
         ("passes: [fold\n", "p.yaml"),
         ("calibration: { data: x, images: -3 }\npasses: [fold]\n", "calibration"),
     ];
@@ -227,7 +231,17 @@ fn check_random_thresholds_set_the_exit_code() {
     let pruned = d.path().join("p.onnx");
     assert!(optimize(&fixture_path(), &folded, "fold").status.success());
     assert!(optimize(&fixture_path(), &pruned, "fold,prune").status.success());
-    let check = |model: &Path, extra: &[&str]| bin().arg("check").arg(model).arg("--reference").arg(fixture_path()).args(["--random", "4", "--format", "json"]).args(extra).output().unwrap();
+    let check = |model: &Path, extra: &[&str]| {
+        bin()
+            .arg("check")
+            .arg(model)
+            .arg("--reference")
+            .arg(fixture_path())
+            .args(["--random", "4", "--format", "json"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
     let ok = check(&folded, &["--max-rel-diff", "1e-5", "--min-agreement", "1.0"]);
     assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
     let v: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
@@ -258,8 +272,13 @@ fn init<'a>(m: &'a mut ModelProto, name: &str) -> &'a mut TensorProto {
 fn broken_models_are_named() {
     let d = out_dir();
     let out = d.path().join("out.onnx");
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut ModelProto)>, &str)> = vec![
-        ("dangling", Box::new(|m| graph(m).node[4].input[0] = "ghost".into()), "reads `ghost`, which no node, input or initializer defines"),
+    type Corrupt = Box<dyn FnOnce(&mut ModelProto)>;
+    let cases: Vec<(&str, Corrupt, &str)> = vec![
+        (
+            "dangling",
+            Box::new(|m| graph(m).node[4].input[0] = "ghost".into()),
+            "reads `ghost`, which no node, input or initializer defines",
+        ),
         ("missing-init", Box::new(|m| graph(m).initializer.retain(|t| t.name() != "conv1.weight")), "reads `conv1.weight`"),
         ("cycle", Box::new(|m| graph(m).node[0].input[0] = "conv1_relu".into()), "cycle"),
         ("negative-dim", Box::new(|m| init(m, "conv1.bias").dims = vec![-8]), "negative dimension"),

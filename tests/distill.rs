@@ -2,11 +2,11 @@
 mod common;
 use common::*;
 use cresnet_opt::config::{DataSource, Preprocess};
-use cresnet_opt::passes::distill::DistillOptions;
-use cresnet_opt::passes::PassSpec;
-use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
 use cresnet_opt::ir::Model;
+use cresnet_opt::passes::distill::DistillOptions;
+use cresnet_opt::passes::prune::PruneOptions;
+use cresnet_opt::passes::PassSpec;
 use cresnet_opt::train::distill::kd_loss;
 use std::path::Path;
 
@@ -114,7 +114,8 @@ fn distillation_brings_the_student_close_to_its_teacher() {
 
 #[test]
 fn feature_distillation_fits_adapters_onto_pruned_stage_outputs() {
-    let (before, after, log, (student_weights, distilled_weights)) = distill_fixture(|dir| DistillOptions { feature_weight: 1.0, ..options(dir, 6) });
+    let (before, after, log, (student_weights, distilled_weights)) =
+        distill_fixture(|dir| DistillOptions { feature_weight: 1.0, ..options(dir, 6) });
     // One adapter per resolution of the fixture's 4 stages (pruned residual streams: fewer channels).
     let adapters: Vec<&String> = log.iter().filter(|l| l.starts_with("feature `") && l.contains("adapter")).collect();
     assert_eq!(adapters.len(), 4, "{log:?}");
@@ -173,7 +174,8 @@ fn an_unfolded_student_is_refused_naming_the_node() {
     let dir = tempfile::tempdir().unwrap();
     write_images(&dir.path().join("train"), 4, 6);
     let mut m = teacher();
-    let err = cresnet_opt::passes::run_pipeline(&mut m, &[PassSpec::Distill(options(dir.path(), 1))], &Default::default(), |_| {}).unwrap_err();
+    let err =
+        cresnet_opt::passes::run_pipeline(&mut m, &[PassSpec::Distill(options(dir.path(), 1))], &Default::default(), |_| {}).unwrap_err();
     let msg = format!("{:#}", anyhow::Error::from(err));
     assert!(msg.contains("after pass `distill`") && msg.contains("(BatchNormalization): fold it first"), "{msg}");
 }

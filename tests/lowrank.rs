@@ -1,10 +1,10 @@
 //! Pass `lowrank`: 1x1 convs and Gemm as two low-rank layers.
 mod common;
 use common::*;
-use cresnet_opt::passes::lowrank::LowrankOptions;
-use cresnet_opt::passes::PassSpec;
 use cresnet_opt::fixture::{resnet50, FixtureSpec};
 use cresnet_opt::ir::Model;
+use cresnet_opt::passes::lowrank::LowrankOptions;
+use cresnet_opt::passes::PassSpec;
 use cresnet_opt::refit::Calibration;
 use ndarray::Array3;
 
@@ -57,7 +57,8 @@ fn ratio_sets_each_layers_rank_and_the_params_follow_exactly() {
     let rank = |o: usize, i: usize| ((0.5 * (o * i) as f64 / (o + i) as f64).floor() as usize).max(1);
     // Gemm of the fixture: 2048/8 = 256 inputs, 10 classes; plus its zero first bias.
     let (gi, go) = (256usize, 10usize);
-    let saved: i64 = convs.iter().map(|&(o, i)| (o * i) as i64 - (rank(o, i) * (o + i)) as i64).sum::<i64>() + (go * gi) as i64 - (rank(go, gi) * (go + gi) + rank(go, gi)) as i64;
+    let saved: i64 = convs.iter().map(|&(o, i)| (o * i) as i64 - (rank(o, i) * (o + i)) as i64).sum::<i64>() + (go * gi) as i64
+        - (rank(go, gi) * (go + gi) + rank(go, gi)) as i64;
     assert_eq!(r[0].changed.len(), convs.len() + 1);
     assert_eq!(cresnet_opt::stats::compute(&m.graph, &Default::default()).unwrap().params as i64, folded as i64 - saved);
     assert!(r[0].changed.iter().all(|c| c.what.starts_with("rank ")), "{:?}", r[0].changed);
@@ -95,7 +96,8 @@ fn gemm_without_transb_is_factorized_exactly() {
     // A layer reading the graph input is skipped unless included by name.
     let r = run_passes(&mut m.clone(), &[lowrank(LowrankOptions { rank: Some(6), min_gain: -10.0, ..Default::default() })]);
     assert!(r[0].changed.is_empty());
-    let r = run_passes(&mut m, &[lowrank(LowrankOptions { rank: Some(6), min_gain: -10.0, include: vec!["fc".into()], ..Default::default() })]);
+    let r =
+        run_passes(&mut m, &[lowrank(LowrankOptions { rank: Some(6), min_gain: -10.0, include: vec!["fc".into()], ..Default::default() })]);
     assert_eq!(r[0].changed.len(), 1, "{:?}", r[0]);
     let x = random_input(&original, 3, 1.0, 2);
     let d = rel_diff(&run(&original, &x), &run(&m, &x));
@@ -124,7 +126,8 @@ fn calibrated_lowrank_is_closer_to_the_original_than_data_free_and_reports_error
     let on_data: Vec<_> = rc[1].changed.iter().filter(|c| c.what.contains("on data")).collect();
     assert_eq!(on_data.len(), pointwise_convs(&original).len());
     for c in &on_data {
-        let errs: Vec<f64> = c.what.split("relative error ").nth(1).unwrap().split(", ").next().unwrap().split(" -> ").map(|v| v.parse().unwrap()).collect();
+        let errs: Vec<f64> =
+            c.what.split("relative error ").nth(1).unwrap().split(", ").next().unwrap().split(" -> ").map(|v| v.parse().unwrap()).collect();
         assert!(errs[1] <= errs[0], "{}: {}", c.node, c.what);
     }
     let held = cresnet_opt::data::stack(&images(6, 999), 6).into_dyn();
@@ -136,7 +139,8 @@ fn calibrated_lowrank_is_closer_to_the_original_than_data_free_and_reports_error
 
 #[test]
 fn conflicting_lowrank_options_are_a_config_error() {
-    let err = cresnet_opt::config::PipelineFile::from_yaml("passes:\n  - lowrank: { rank: 4, ratio: 0.5 }\n", "p.yaml").unwrap_err().to_string();
+    let err =
+        cresnet_opt::config::PipelineFile::from_yaml("passes:\n  - lowrank: { rank: 4, ratio: 0.5 }\n", "p.yaml").unwrap_err().to_string();
     assert!(err.contains("`lowrank` takes only one of `rank`, `ratio`, `energy`, `target_params`"), "{err}");
     let err = cresnet_opt::config::PipelineFile::from_yaml("passes:\n  - lowrank: { ratio: 1.5 }\n", "p.yaml").unwrap_err().to_string();
     assert!(err.contains("`lowrank.ratio` is 1.5, but must lie strictly between 0 and 1"), "{err}");
@@ -151,8 +155,15 @@ fn target_params_meets_the_budget_with_one_energy_level() {
     let plan = &r[1].changed[0];
     assert_eq!(plan.node, "(plan)");
     assert!(plan.what.contains("(target 0.6)"), "{}", plan.what);
-    let err = cresnet_opt::passes::run_pipeline(&mut fixture(), &[fold(), lowrank(LowrankOptions { target_params: Some(0.01), ..Default::default() })], &Default::default(), |_| {}).unwrap_err();
-    let chain = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>().join(": ");
+    let err = cresnet_opt::passes::run_pipeline(
+        &mut fixture(),
+        &[fold(), lowrank(LowrankOptions { target_params: Some(0.01), ..Default::default() })],
+        &Default::default(),
+        |_| {},
+    )
+    .unwrap_err();
+    let chain =
+        std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>().join(": ");
     assert!(chain.contains("after pass `lowrank`") && chain.contains("`target_params` 0.01 is out of reach"), "{chain}");
 }
 
@@ -184,7 +195,13 @@ fn resolution_bounds_select_stages_whatever_the_names() {
     // res4*: 6 x 2 + 1, res5*: 3 x 2 + 1, and the classifier (a Gemm's output counts as 1 pixel).
     assert_eq!(late.len(), 21, "{late:?}");
     assert!(late.iter().all(|n| n.starts_with("res4") || n.starts_with("res5") || n.starts_with("fc")), "{late:?}");
-    let dw = PassSpec::Dw(cresnet_opt::passes::dw::DwOptions { rank: Some(1), min_gain: -10.0, min_resolution: Some(8), max_resolution: Some(8), ..Default::default() });
+    let dw = PassSpec::Dw(cresnet_opt::passes::dw::DwOptions {
+        rank: Some(1),
+        min_gain: -10.0,
+        min_resolution: Some(8),
+        max_resolution: Some(8),
+        ..Default::default()
+    });
     let r = run_passes(&mut m.clone(), &[fold(), dw]);
     let mid: Vec<&str> = r[1].changed.iter().map(|c| c.node.as_str()).collect();
     assert_eq!(mid.len(), 4, "res3*'s four 3x3 convs: {mid:?}");
@@ -231,7 +248,8 @@ fn calibrated_gemm_is_factorized_on_data_when_asked_whatever_its_weight_layout()
     let d = rel_diff(&run(&cal, &held), &run(&cal_t, &held));
     assert!(d < 1e-5, "{d}");
     // Without `fit_gemm` the Gemm is factorized data-free, calibration or not.
-    let (mut default_cal, plain) = (original.clone(), [lowrank(LowrankOptions { ratio: Some(0.3), max_resolution: Some(1), ..Default::default() })]);
+    let (mut default_cal, plain) =
+        (original.clone(), [lowrank(LowrankOptions { ratio: Some(0.3), max_resolution: Some(1), ..Default::default() })]);
     let report = cresnet_opt::passes::run_pipeline_calibrated(&mut default_cal, &plain, &Default::default(), Some(&calib), |_| {}).unwrap();
     assert!(!report[0].changed[0].what.contains("on data"), "{}", report[0].changed[0].what);
     assert!(rel_diff(&run(&free, &held), &run(&default_cal, &held)) < 1e-6);

@@ -1,11 +1,11 @@
 //! The passes: numeric equivalence, declines with reasons, exact counts.
 mod common;
 use common::*;
-use cresnet_opt::passes::prune::PruneOptions;
-use cresnet_opt::passes::prune::Scope;
 use cresnet_opt::fixture::{resnet50, ConvSpec, FixtureSpec, Layout, Net};
 use cresnet_opt::ir::{Model, Node};
 use cresnet_opt::passes::prune::dependency::ChannelGraph;
+use cresnet_opt::passes::prune::PruneOptions;
+use cresnet_opt::passes::prune::Scope;
 use ndarray::s;
 
 fn small_fixture(layout: Layout) -> Model {
@@ -37,7 +37,12 @@ fn fold_removes_four_params_per_channel_and_adds_missing_biases() {
     let mut folded = original.clone();
     let r = run_passes(&mut folded, &[fold()]).remove(0);
     // Torchvision convs have no bias: each BN's 4·C params become C bias values.
-    let bn_channels: u64 = original.graph.nodes().filter(|n| n.op() == "BatchNormalization").map(|n| original.graph.weights()[n.input(1).unwrap()].len() as u64).sum();
+    let bn_channels: u64 = original
+        .graph
+        .nodes()
+        .filter(|n| n.op() == "BatchNormalization")
+        .map(|n| original.graph.weights()[n.input(1).unwrap()].len() as u64)
+        .sum();
     assert_eq!(r.params_before - r.params_after, 3 * bn_channels);
 }
 
@@ -110,7 +115,13 @@ fn dw_at_full_rank_is_exact_for_varied_geometry() {
         let full = spec.c_out.min(spec.k * spec.k);
         for layout in [cresnet_opt::passes::dw::DwLayout::Grouped, cresnet_opt::passes::dw::DwLayout::Split] {
             let mut factored = factored.clone();
-            let opts = cresnet_opt::passes::dw::DwOptions { rank: Some(full), min_gain: -10.0, include: vec!["conv".into()], layout, ..Default::default() };
+            let opts = cresnet_opt::passes::dw::DwOptions {
+                rank: Some(full),
+                min_gain: -10.0,
+                include: vec!["conv".into()],
+                layout,
+                ..Default::default()
+            };
             let r = run_passes(&mut factored, &[cresnet_opt::passes::PassSpec::Dw(opts)]).remove(0);
             assert_eq!(r.changed.len(), 1, "case {i}: {:?}", r.declined);
             let convs = if layout == cresnet_opt::passes::dw::DwLayout::Grouped { 2 } else { 2 * full };
@@ -134,7 +145,11 @@ fn dw_rank_one_counts_and_min_gain() {
     let mut model2 = Net::new(3).input("x", &[1, 16, 8, 8]);
     let y = model2.conv("conv", "x", ConvSpec::new(16, 32, 3));
     let mut model2 = model2.model(&[&y]).unwrap();
-    let spec = cresnet_opt::passes::PassSpec::Dw(cresnet_opt::passes::dw::DwOptions { rank: Some(9), include: vec!["*".into()], ..Default::default() });
+    let spec = cresnet_opt::passes::PassSpec::Dw(cresnet_opt::passes::dw::DwOptions {
+        rank: Some(9),
+        include: vec!["*".into()],
+        ..Default::default()
+    });
     let r = run_passes(&mut model2, &[spec]).remove(0);
     assert!(r.changed.is_empty());
     assert!(r.declined[0].reason.contains("less than min_gain 10.0 %"), "{}", r.declined[0].reason);
@@ -272,7 +287,10 @@ fn concat_ties_channels_with_offsets() {
     assert_eq!(root("b", 1), root("cat", 5));
     let mut pruned = m.clone();
     run_passes(&mut pruned, &[prune(PruneOptions { ratio: Some(0.5), ..Default::default() })]);
-    assert_eq!(pruned.graph.weights()["c.w"].shape()[1], pruned.graph.weights()["a.w"].shape()[0] + pruned.graph.weights()["b.w"].shape()[0]);
+    assert_eq!(
+        pruned.graph.weights()["c.w"].shape()[1],
+        pruned.graph.weights()["a.w"].shape()[0] + pruned.graph.weights()["b.w"].shape()[0]
+    );
     let x = random_input(&m, 1, 1.0, 5);
     assert_eq!(run(&pruned, &x).shape(), &[1, 5, 6, 6]);
 }
@@ -324,7 +342,12 @@ fn target_macs_is_met_on_the_fixture_and_the_result_runs() {
 fn uniform_allocation_removes_the_same_share_of_every_inner_group() {
     let original = resnet50(&FixtureSpec { input_size: 64, classes: 10, ..Default::default() }).unwrap();
     let mut m = original.clone();
-    let opts = PruneOptions { target_macs: Some(0.8), scope: cresnet_opt::passes::prune::Scope::Inner, allocation: cresnet_opt::passes::prune::Allocation::Uniform, ..Default::default() };
+    let opts = PruneOptions {
+        target_macs: Some(0.8),
+        scope: cresnet_opt::passes::prune::Scope::Inner,
+        allocation: cresnet_opt::passes::prune::Allocation::Uniform,
+        ..Default::default()
+    };
     let r = run_passes(&mut m, &[fold(), prune(opts)]);
     let share = r[1].macs_after as f64 / r[1].macs_before as f64;
     assert!(share <= 0.8 + 1e-9 && share > 0.74, "got {share}");
@@ -333,7 +356,10 @@ fn uniform_allocation_removes_the_same_share_of_every_inner_group() {
         .graph
         .weights()
         .iter()
-        .filter(|(name, _)| ["branch2a.weight", "branch2b.weight"].iter().any(|s| name.ends_with(s)) || (name.starts_with("layer") && (name.ends_with("conv1.weight") || name.ends_with("conv2.weight"))))
+        .filter(|(name, _)| {
+            ["branch2a.weight", "branch2b.weight"].iter().any(|s| name.ends_with(s))
+                || (name.starts_with("layer") && (name.ends_with("conv1.weight") || name.ends_with("conv2.weight")))
+        })
         .map(|(name, w)| (w.shape()[0], m.graph.weights()[name].shape()[0]))
         .collect();
     assert!(kept.len() >= 32, "{} inner convs", kept.len());
@@ -378,14 +404,18 @@ fn split_layout_computes_what_the_grouped_layout_computes() {
         let (grouped, split) = (with(cresnet_opt::passes::dw::DwLayout::Grouped), with(cresnet_opt::passes::dw::DwLayout::Split));
         let d = rel_diff(&run(&grouped, &x), &run(&split, &x));
         assert!(d < 1e-5, "rank {rank}: {d}");
-        let count = |m: &cresnet_opt::ir::Model, op: &str| m.graph.node_indices().into_iter().filter(|&ix| m.graph.node(ix).op() == op).count();
+        let count =
+            |m: &cresnet_opt::ir::Model, op: &str| m.graph.node_indices().into_iter().filter(|&ix| m.graph.node(ix).op() == op).count();
         // 16 factorized 3x3 convs: each becomes `rank` depthwise + `rank` pointwise convs and rank-1 Adds.
         assert_eq!(count(&split, "Conv") - count(&grouped, "Conv"), 16 * 2 * (rank - 1));
         assert_eq!(count(&split, "Add") - count(&grouped, "Add"), 16 * (rank - 1));
-        let depthwise_groups_match = split.graph.node_indices().into_iter().map(|ix| split.graph.node(ix)).filter(|n| n.attr_int("group").unwrap_or(1) > 1).all(|n| {
-            let w = split.graph.constant(n.input(1).unwrap()).unwrap().shape();
-            w[0] as i64 == n.attr_int("group").unwrap()
-        });
+        let depthwise_groups_match =
+            split.graph.node_indices().into_iter().map(|ix| split.graph.node(ix)).filter(|n| n.attr_int("group").unwrap_or(1) > 1).all(
+                |n| {
+                    let w = split.graph.constant(n.input(1).unwrap()).unwrap().shape();
+                    w[0] as i64 == n.attr_int("group").unwrap()
+                },
+            );
         assert!(depthwise_groups_match, "every split depthwise conv has group == channels");
     }
 }

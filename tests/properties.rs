@@ -4,9 +4,9 @@
 //! and every result validates and runs in tract.
 mod common;
 use common::*;
-use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::{ConvSpec, Net};
 use cresnet_opt::ir::{Model, Node};
+use cresnet_opt::passes::prune::PruneOptions;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -24,8 +24,30 @@ struct Block {
 }
 
 fn block() -> impl Strategy<Value = Block> {
-    (prop_oneof![Just(1usize), Just(3), Just(5)], 1..=2usize, 0..=2usize, 1..=2usize, any::<bool>(), prop_oneof![Just(6usize), Just(9)], any::<bool>(), any::<bool>(), any::<bool>(), prop_oneof![Just(None), Just(Some("MaxPool")), Just(Some("AveragePool"))])
-        .prop_map(|(k, stride, pad, dilation, depthwise, c_out, bn, relu, residual, pool)| Block { k, stride, pad: pad.min(k / 2 * dilation), dilation, depthwise, c_out, bn, relu, residual, pool })
+    (
+        prop_oneof![Just(1usize), Just(3), Just(5)],
+        1..=2usize,
+        0..=2usize,
+        1..=2usize,
+        any::<bool>(),
+        prop_oneof![Just(6usize), Just(9)],
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![Just(None), Just(Some("MaxPool")), Just(Some("AveragePool"))],
+    )
+        .prop_map(|(k, stride, pad, dilation, depthwise, c_out, bn, relu, residual, pool)| Block {
+            k,
+            stride,
+            pad: pad.min(k / 2 * dilation),
+            dilation,
+            depthwise,
+            c_out,
+            bn,
+            relu,
+            residual,
+            pool,
+        })
 }
 
 /// Builds the graph; blocks that do not fit the current map are narrowed to
@@ -73,7 +95,8 @@ fn graph() -> impl Strategy<Value = (usize, usize, Vec<Block>, u64)> {
 }
 
 fn check_equivalent(original: &Model, changed: &Model, tolerance: f64) -> Result<(), TestCaseError> {
-    cresnet_opt::validate::validate(&changed.graph, &Default::default()).map_err(|e| TestCaseError::fail(format!("invalid result: {e}")))?;
+    cresnet_opt::validate::validate(&changed.graph, &Default::default())
+        .map_err(|e| TestCaseError::fail(format!("invalid result: {e}")))?;
     let x = random_input(original, 2, 1.0, 17);
     let d = rel_diff(&run(original, &x), &run(changed, &x));
     prop_assert!(d < tolerance, "relative difference {d}");

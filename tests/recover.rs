@@ -1,11 +1,11 @@
 //! Calibrated recovery: refits reduce the error the data-free passes leave.
 mod common;
 use common::*;
-use cresnet_opt::passes::dw::DwOptions;
-use cresnet_opt::passes::PassSpec;
-use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::{resnet50, FixtureSpec};
 use cresnet_opt::ir::Model;
+use cresnet_opt::passes::dw::DwOptions;
+use cresnet_opt::passes::prune::PruneOptions;
+use cresnet_opt::passes::PassSpec;
 use cresnet_opt::refit::Calibration;
 use ndarray::Array3;
 
@@ -54,11 +54,19 @@ fn refit_reports_every_factorized_layer_with_a_smaller_error() {
     let original = fixture();
     let calib = Calibration::from_images(images(8, 3), 16, 1e-3);
     let mut m = original.clone();
-    let r = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &[fold(), PassSpec::Dw(DwOptions { rank: Some(2), ..Default::default() })], &Default::default(), Some(&calib), |_| {}).unwrap();
+    let r = cresnet_opt::passes::run_pipeline_calibrated(
+        &mut m,
+        &[fold(), PassSpec::Dw(DwOptions { rank: Some(2), ..Default::default() })],
+        &Default::default(),
+        Some(&calib),
+        |_| {},
+    )
+    .unwrap();
     let refits: Vec<_> = r[1].changed.iter().filter(|c| c.what.starts_with("factorized on data")).collect();
     assert_eq!(refits.len(), 16);
     for c in refits {
-        let nums: Vec<f64> = c.what.trim_start_matches("factorized on data: relative error ").split(" -> ").map(|v| v.parse().unwrap()).collect();
+        let nums: Vec<f64> =
+            c.what.trim_start_matches("factorized on data: relative error ").split(" -> ").map(|v| v.parse().unwrap()).collect();
         assert!(nums[1] <= nums[0], "{}: {}", c.node, c.what);
     }
 }
@@ -70,7 +78,13 @@ fn dead_but_heavy() -> Model {
     let mut net = Net::new(3).input("x", &[1, 3, 64, 64]);
     let a = net.conv("a", "x", ConvSpec::new(3, 8, 3));
     let mut w = net.weight("a.w", &[8, 3, 3, 3], 0.2);
-    let mut wv = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[8, 3, 3, 3]), |i| if i[0] < 4 { 10.0 } else { 2.0 * ((i[0] * 27 + i[1] * 9 + i[2] * 3 + i[3]) as f32).sin() });
+    let mut wv = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[8, 3, 3, 3]), |i| {
+        if i[0] < 4 {
+            10.0
+        } else {
+            2.0 * ((i[0] * 27 + i[1] * 9 + i[2] * 3 + i[3]) as f32).sin()
+        }
+    });
     net.set_weight(&w, std::mem::take(&mut wv));
     w.clear();
     net.set_weight("a.b", ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[8]), |i| if i[0] < 4 { -1e7 } else { 0.1 }));
@@ -106,7 +120,11 @@ fn reconstruction_importance_without_calibration_falls_back_to_l1_and_says_so() 
     };
     let (rec, report) = run_with(cresnet_opt::passes::prune::Importance::Reconstruction);
     let (l1, _) = run_with(cresnet_opt::passes::prune::Importance::L1);
-    assert!(report[1].declined.iter().any(|d| d.reason.contains("needs calibration images") && d.reason.ends_with("used l1")), "{:?}", report[1].declined);
+    assert!(
+        report[1].declined.iter().any(|d| d.reason.contains("needs calibration images") && d.reason.ends_with("used l1")),
+        "{:?}",
+        report[1].declined
+    );
     let x = random_input(&original, 1, 1.0, 3);
     assert_eq!(run(&rec, &x), run(&l1, &x));
 }
@@ -117,7 +135,14 @@ fn alternating_depthwise_refit_lowers_the_layer_errors() {
     let calib = Calibration::from_images(images(16, 5), 24, 1e-3);
     let errors = |alternate| {
         let mut m = original.clone();
-        let r = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &[fold(), PassSpec::Dw(DwOptions { rank: Some(1), alternate, ..Default::default() })], &Default::default(), Some(&calib), |_| {}).unwrap();
+        let r = cresnet_opt::passes::run_pipeline_calibrated(
+            &mut m,
+            &[fold(), PassSpec::Dw(DwOptions { rank: Some(1), alternate, ..Default::default() })],
+            &Default::default(),
+            Some(&calib),
+            |_| {},
+        )
+        .unwrap();
         let last: Vec<f64> = r[1].changed.iter().filter_map(|c| c.what.rsplit(" -> ").next()?.parse().ok()).collect();
         (last, m)
     };
@@ -161,7 +186,8 @@ fn random_images(count: usize, seed: u64) -> Vec<Array3<f32>> {
 /// The relative errors "before -> after" that a calibrated pass reports for `node`.
 fn reported_errors(report: &cresnet_opt::passes::PassReport, node: &str) -> (f64, f64) {
     let c = report.changed.iter().find(|c| c.node == node).unwrap_or_else(|| panic!("{node} not in {report:?}"));
-    let errs: Vec<f64> = c.what.split("relative error ").nth(1).unwrap().split(", ").next().unwrap().split(" -> ").map(|v| v.parse().unwrap()).collect();
+    let errs: Vec<f64> =
+        c.what.split("relative error ").nth(1).unwrap().split(", ").next().unwrap().split(" -> ").map(|v| v.parse().unwrap()).collect();
     (errs[0], errs[1])
 }
 
@@ -197,7 +223,11 @@ fn refits_fall_back_to_the_previous_pass_once_pruning_changed_shapes() {
     let original = fixture();
     let mut calib = Calibration::from_images(images(24, 1), 24, 1e-3);
     calib.reference = cresnet_opt::config::RefitReference::Original;
-    let passes = [fold(), prune(PruneOptions { ratio: Some(0.5), ..Default::default() }), PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() })];
+    let passes = [
+        fold(),
+        prune(PruneOptions { ratio: Some(0.5), ..Default::default() }),
+        PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() }),
+    ];
     let mut m = original.clone();
     let reports = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &passes, &Default::default(), Some(&calib), |_| {}).unwrap();
     let refits = reports[2].changed.iter().filter(|c| c.what.contains("refit") || c.what.contains("on data")).count();

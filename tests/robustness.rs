@@ -2,10 +2,10 @@
 //! load → validate → fold, prune, dw → save; none may panic.
 mod common;
 use common::*;
-use cresnet_opt::passes::dw::DwOptions;
-use cresnet_opt::passes::PassSpec;
-use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
+use cresnet_opt::passes::dw::DwOptions;
+use cresnet_opt::passes::prune::PruneOptions;
+use cresnet_opt::passes::PassSpec;
 
 fn mutate(bytes: &[u8], rng: &mut Rng) -> Vec<u8> {
     let mut b = bytes.to_vec();
@@ -36,7 +36,12 @@ fn mutate(bytes: &[u8], rng: &mut Rng) -> Vec<u8> {
 fn corrupted_models_never_panic() {
     let model = resnet50(&FixtureSpec { width_div: 32, input_size: 32, classes: 10, blocks: [1, 1, 1, 1], ..Default::default() }).unwrap();
     let bytes = cresnet_opt::io::to_bytes(&model).unwrap();
-    let passes = [fold(), PassSpec::Prune(PruneOptions::default()), PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() }), PassSpec::Lowrank(Default::default())];
+    let passes = [
+        fold(),
+        PassSpec::Prune(PruneOptions::default()),
+        PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() }),
+        PassSpec::Lowrank(Default::default()),
+    ];
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.onnx");
     let mut rng = Rng::new(2024);

@@ -24,7 +24,11 @@ fn shipped_fixture_file_round_trips_byte_for_byte() {
 fn shipped_fixture_matches_its_generator() {
     let model = resnet50(&FixtureSpec::default()).unwrap();
     let original = std::fs::read(fixture_path()).unwrap();
-    assert_eq!(cresnet_opt::io::to_bytes(&model).unwrap(), original, "regenerate with: cargo run --release --bin make-fixture -- fixtures/resnet50-w8.onnx");
+    assert_eq!(
+        cresnet_opt::io::to_bytes(&model).unwrap(),
+        original,
+        "regenerate with: cargo run --release --bin make-fixture -- fixtures/resnet50-w8.onnx"
+    );
 }
 
 #[test]

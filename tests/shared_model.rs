@@ -94,7 +94,13 @@ fn check_json(args: &[&str]) -> serde_json::Value {
 #[ignore = "needs ../shared (run by .ci/run)"]
 fn check_scores_the_shared_model_on_all_1000_images() {
     let data = shared().join("data");
-    let v = check_json(&[shared_model().to_str().unwrap(), "--data", data.join("imagenet-1k-sample").to_str().unwrap(), "--classes", data.join("imagenet-1k-classes.txt").to_str().unwrap()]);
+    let v = check_json(&[
+        shared_model().to_str().unwrap(),
+        "--data",
+        data.join("imagenet-1k-sample").to_str().unwrap(),
+        "--classes",
+        data.join("imagenet-1k-classes.txt").to_str().unwrap(),
+    ]);
     assert_eq!(v["images"], 1000);
     let top1 = v["model"]["top1"].as_f64().unwrap();
     assert!((top1 - 0.908).abs() <= 0.015, "top-1 {top1}");
@@ -131,7 +137,13 @@ fn folded_model_agrees_with_the_original_on_real_images() {
 #[ignore = "needs ../shared (run by .ci/run)"]
 fn animals10_zero_shot_with_the_label_map() {
     let data = shared().join("data");
-    let v = check_json(&[shared_model().to_str().unwrap(), "--data", data.join("animals10-sample").to_str().unwrap(), "--label-map", data.join("animals10-imagenet-map.yaml").to_str().unwrap()]);
+    let v = check_json(&[
+        shared_model().to_str().unwrap(),
+        "--data",
+        data.join("animals10-sample").to_str().unwrap(),
+        "--label-map",
+        data.join("animals10-imagenet-map.yaml").to_str().unwrap(),
+    ]);
     assert_eq!(v["images"], 320);
     let top1 = v["model"]["top1"].as_f64().unwrap();
     assert!((top1 - 0.82).abs() < 0.03, "top-1 {top1}");
@@ -175,6 +187,10 @@ fn training_engine_is_exact_on_the_real_student() {
         net.params[i].data = original;
         let numeric = (up - down) / (2.0 * eps as f64);
         eprintln!("{} {analytic:.6e} {numeric:.6e}", net.params[i].name);
-        assert!((numeric - analytic).abs() < 0.05 * analytic.abs().max(1e-4), "param `{}`: analytic {analytic:.6e} vs numeric {numeric:.6e}", net.params[i].name);
+        assert!(
+            (numeric - analytic).abs() < 0.05 * analytic.abs().max(1e-4),
+            "param `{}`: analytic {analytic:.6e} vs numeric {numeric:.6e}",
+            net.params[i].name
+        );
     }
 }

@@ -27,7 +27,15 @@ struct Args {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let spec = FixtureSpec { width_div: a.width_div.max(1), input_size: a.input_size, layout: a.layout, folded: a.folded, classes: a.classes.max(1), seed: a.seed, ..Default::default() };
+    let spec = FixtureSpec {
+        width_div: a.width_div.max(1),
+        input_size: a.input_size,
+        layout: a.layout,
+        folded: a.folded,
+        classes: a.classes.max(1),
+        seed: a.seed,
+        ..Default::default()
+    };
     let model = resnet50(&spec)?;
     cresnet_opt::io::save(&model, &a.output, false).with_context(|| format!("cannot write {}", a.output.display()))?;
     Ok(())

@@ -1,9 +1,9 @@
 //! `cresnet-opt bench MODEL…`: tract latency at a fixed batch, median of
 //! several runs after a warm-up, for 1 and 2 (or the given) thread counts.
 use super::load;
-use cresnet_opt::runner::Runner;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use cresnet_opt::runner::Runner;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -82,7 +82,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             ms.sort_by(f64::total_cmp);
             let timing = Timing { model: path.clone(), batch: args.batch, threads, median_ms: ms[ms.len() / 2], min_ms: ms[0] };
             if !args.json {
-                println!("{:<40} batch {} threads {}: median {:.1} ms, min {:.1} ms", path.display(), timing.batch, threads, timing.median_ms, timing.min_ms);
+                println!(
+                    "{:<40} batch {} threads {}: median {:.1} ms, min {:.1} ms",
+                    path.display(),
+                    timing.batch,
+                    threads,
+                    timing.median_ms,
+                    timing.min_ms
+                );
             }
             timings.push(timing);
         }

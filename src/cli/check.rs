@@ -1,12 +1,12 @@
 //! `cresnet-opt check MODEL [--reference REF] [--data DIR --classes FILE | --random N] …`
 //! Exit codes: 0 all thresholds met, 1 a threshold violated, 2 an error.
 use super::load;
-use cresnet_opt::config::Preprocess;
-use cresnet_opt::evaluate::{evaluate, Evaluation, Inputs};
-use cresnet_opt::data::{labelled, LabelMap, Preprocessing};
-use cresnet_opt::runner::Runner;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use cresnet_opt::config::Preprocess;
+use cresnet_opt::data::{labelled, LabelMap, Preprocessing};
+use cresnet_opt::evaluate::{evaluate, Evaluation, Inputs};
+use cresnet_opt::runner::Runner;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -158,7 +158,12 @@ fn violations(args: &CheckArgs, e: &Evaluation) -> Vec<String> {
     if let (Some(limit), Some(m), Some(r)) = (args.max_top1_drop, e.model, e.reference) {
         let drop = 100.0 * (r.top1 - m.top1);
         if drop > limit {
-            out.push(format!("top-1 dropped {drop:.2} points ({:.4} -> {:.4}), limit {limit} (over by {:.2})", r.top1, m.top1, drop - limit));
+            out.push(format!(
+                "top-1 dropped {drop:.2} points ({:.4} -> {:.4}), limit {limit} (over by {:.2})",
+                r.top1,
+                m.top1,
+                drop - limit
+            ));
         }
     }
     if let (Some(limit), Some(a)) = (args.min_agreement, e.agreement) {

@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "cresnet-opt", version, about = "Compress ResNet-style ONNX models: BN folding, coupled channel pruning, depthwise factorization")]
+#[command(
+    name = "cresnet-opt",
+    version,
+    about = "Compress ResNet-style ONNX models: BN folding, coupled channel pruning, depthwise factorization"
+)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -63,7 +67,10 @@ fn restore_sigpipe() {
 /// Parses `name:1,3,224,224` into a shape override.
 fn parse_input_shape(spec: &str) -> Result<(String, Vec<usize>)> {
     let (name, dims) = spec.rsplit_once(':').with_context(|| format!("--input-shape `{spec}` is not NAME:D1,D2,…"))?;
-    let dims = dims.split(',').map(|d| d.trim().parse::<usize>().with_context(|| format!("--input-shape `{spec}`: `{d}` is not a dimension"))).collect::<Result<Vec<_>>>()?;
+    let dims = dims
+        .split(',')
+        .map(|d| d.trim().parse::<usize>().with_context(|| format!("--input-shape `{spec}`: `{d}` is not a dimension")))
+        .collect::<Result<Vec<_>>>()?;
     Ok((name.to_string(), dims))
 }
 
@@ -81,7 +88,7 @@ fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -1,10 +1,10 @@
 //! `cresnet-opt IN -o OUT (--passes LIST | --pipeline NAME | --config FILE)`.
 use super::{group, input_shapes, load};
-use cresnet_opt::config::{shipped_pipeline, PipelineFile};
-use cresnet_opt::passes::{PassSpec, PASS_NAMES};
-use cresnet_opt::passes::PassReport;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use cresnet_opt::config::{shipped_pipeline, PipelineFile};
+use cresnet_opt::passes::PassReport;
+use cresnet_opt::passes::{PassSpec, PASS_NAMES};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -91,16 +91,27 @@ pub fn run(args: &OptimizeArgs) -> Result<()> {
     let overrides = input_shapes(&args.input_shape)?;
     let mut model = load(input)?;
     let calibration = calibration
-        .map(|c| cresnet_opt::refit::Calibration::load(&c).with_context(|| format!("cannot load calibration images from {}", c.data.display())))
+        .map(|c| {
+            cresnet_opt::refit::Calibration::load(&c).with_context(|| format!("cannot load calibration images from {}", c.data.display()))
+        })
         .transpose()?;
     if calibration.is_none() && passes.iter().any(PassSpec::lossy) && !args.quiet {
-        eprintln!("note: no calibration images: lossy passes run data-free, so accuracy will suffer (add `calibration:` to a pipeline file)");
+        eprintln!(
+            "note: no calibration images: lossy passes run data-free, so accuracy will suffer (add `calibration:` to a pipeline file)"
+        );
     }
-    let reports = cresnet_opt::passes::run_pipeline_with(&mut model, &passes, &overrides, calibration.as_ref(), &super::progress::Bar::default(), |r| {
-        if !args.quiet {
-            eprintln!("{}", summary(r));
-        }
-    })?;
+    let reports = cresnet_opt::passes::run_pipeline_with(
+        &mut model,
+        &passes,
+        &overrides,
+        calibration.as_ref(),
+        &super::progress::Bar::default(),
+        |r| {
+            if !args.quiet {
+                eprintln!("{}", summary(r));
+            }
+        },
+    )?;
     cresnet_opt::io::save(&model, output, args.external_data).with_context(|| format!("cannot write {}", output.display()))?;
     if let Some(path) = &args.report {
         let (first, last) = (reports.first(), reports.last());
@@ -114,7 +125,8 @@ pub fn run(args: &OptimizeArgs) -> Result<()> {
             macs_after: last.map_or(0, |r| r.macs_after),
             seconds: started.elapsed().as_secs_f64(),
         };
-        cresnet_opt::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes()).with_context(|| format!("cannot write report {}", path.display()))?;
+        cresnet_opt::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())
+            .with_context(|| format!("cannot write report {}", path.display()))?;
     }
     Ok(())
 }

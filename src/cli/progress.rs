@@ -13,7 +13,8 @@ impl Progress for Bar {
 
     fn start(&self, task: &str, total: u64) {
         let bar = indicatif::ProgressBar::new(total);
-        let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
         bar.set_style(style);
         bar.set_prefix(task.to_string());
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar);

@@ -1,8 +1,8 @@
 //! `cresnet-opt stats MODEL [MODEL2] [--format table|json|yaml]`.
 use super::{group, input_shapes, load};
-use cresnet_opt::stats::{stages, Stats};
 use anyhow::Result;
 use clap::{Args, ValueEnum};
+use cresnet_opt::stats::{stages, Stats};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -37,7 +37,7 @@ struct Comparison<'a> {
     stages_after: Vec<cresnet_opt::stats::Stage>,
 }
 
-fn stats_of(path: &PathBuf, args: &StatsArgs) -> Result<Stats> {
+fn stats_of(path: &std::path::Path, args: &StatsArgs) -> Result<Stats> {
     let model = load(path)?;
     Ok(cresnet_opt::stats::compute(&model.graph, &input_shapes(&args.input_shape)?)?)
 }
@@ -50,7 +50,14 @@ pub fn run(args: &StatsArgs) -> Result<()> {
         (Format::Json, None) => println!("{}", serde_json::to_string_pretty(&a)?),
         (Format::Yaml, None) => print!("{}", yaml_serde::to_string(&a)?),
         (Format::Json | Format::Yaml, Some(b)) => {
-            let c = Comparison { before: &a, after: b, params_ratio: ratio(b.params, a.params), macs_ratio: ratio(b.macs, a.macs), stages_before: stages(&a), stages_after: stages(b) };
+            let c = Comparison {
+                before: &a,
+                after: b,
+                params_ratio: ratio(b.params, a.params),
+                macs_ratio: ratio(b.macs, a.macs),
+                stages_before: stages(&a),
+                stages_after: stages(b),
+            };
             match args.format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&c)?),
                 _ => print!("{}", yaml_serde::to_string(&c)?),
@@ -69,7 +76,15 @@ fn shape_text(s: &Option<Vec<usize>>) -> String {
 fn print_table(s: &Stats) {
     println!("{:<28} {:<20} {:>16} {:>12} {:>15} {:>7}", "layer", "op", "output", "params", "MACs", "share");
     for l in &s.layers {
-        println!("{:<28} {:<20} {:>16} {:>12} {:>15} {:>6.2}%", l.name, l.op, shape_text(&l.output_shape), group(l.params), group(l.macs), 100.0 * l.share);
+        println!(
+            "{:<28} {:<20} {:>16} {:>12} {:>15} {:>6.2}%",
+            l.name,
+            l.op,
+            shape_text(&l.output_shape),
+            group(l.params),
+            group(l.macs),
+            100.0 * l.share
+        );
     }
     println!();
     print_totals(s);
@@ -83,17 +98,38 @@ fn print_totals(s: &Stats) {
 
 fn print_comparison(a: &Stats, b: &Stats) {
     let pct = |x: u64, y: u64| if y == 0 { "-".to_string() } else { format!("{:.1}%", 100.0 * x as f64 / y as f64) };
-    println!("{:<10} {:>14} {:>14} {:>8}   {:>16} {:>16} {:>8}", "stage", "params before", "params after", "kept", "MACs before", "MACs after", "kept");
+    println!(
+        "{:<10} {:>14} {:>14} {:>8}   {:>16} {:>16} {:>8}",
+        "stage", "params before", "params after", "kept", "MACs before", "MACs after", "kept"
+    );
     let (sa, sb) = (stages(a), stages(b));
     for st in &sa {
         let other = sb.iter().find(|x| x.stage == st.stage);
         let (p, m) = other.map_or((0, 0), |o| (o.params, o.macs));
-        println!("{:<10} {:>14} {:>14} {:>8}   {:>16} {:>16} {:>8}", st.stage, group(st.params), group(p), pct(p, st.params), group(st.macs), group(m), pct(m, st.macs));
+        println!(
+            "{:<10} {:>14} {:>14} {:>8}   {:>16} {:>16} {:>8}",
+            st.stage,
+            group(st.params),
+            group(p),
+            pct(p, st.params),
+            group(st.macs),
+            group(m),
+            pct(m, st.macs)
+        );
     }
     for st in sb.iter().filter(|x| !sa.iter().any(|y| y.stage == x.stage)) {
         println!("{:<10} {:>14} {:>14} {:>8}   {:>16} {:>16} {:>8}", st.stage, 0, group(st.params), "new", 0, group(st.macs), "new");
     }
-    println!("{:<10} {:>14} {:>14} {:>8}   {:>16} {:>16} {:>8}", "total", group(a.params), group(b.params), pct(b.params, a.params), group(a.macs), group(b.macs), pct(b.macs, a.macs));
+    println!(
+        "{:<10} {:>14} {:>14} {:>8}   {:>16} {:>16} {:>8}",
+        "total",
+        group(a.params),
+        group(b.params),
+        pct(b.params, a.params),
+        group(a.macs),
+        group(b.macs),
+        pct(b.macs, a.macs)
+    );
     println!("nodes {} -> {}", a.nodes, b.nodes);
     let mut ops: Vec<&String> = a.ops.keys().chain(b.ops.keys()).collect();
     ops.sort();

@@ -2,9 +2,9 @@
 //! `resize`) and kept in memory; each draw is a seeded random resized crop
 //! (area share in [min_scale, 1], aspect ratio in [3/4, 4/3]) with a random
 //! horizontal flip, so a few thousand images give many distinct inputs.
+use crate::data::Preprocessing;
 use crate::error::Result;
 use crate::rng::Rng;
-use crate::data::Preprocessing;
 use image::imageops::{self, FilterType};
 use image::RgbImage;
 use rayon::prelude::*;
@@ -18,10 +18,7 @@ pub struct ImagePool {
 impl ImagePool {
     /// Decodes `paths` (in parallel); an unreadable image is an error naming it.
     pub fn load(paths: &[PathBuf], preprocessing: Preprocessing) -> Result<ImagePool> {
-        let images = paths
-            .par_iter()
-            .map(|p| Ok(preprocessing.resize_short(&crate::data::decode_rgb(p)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let images = paths.par_iter().map(|p| Ok(preprocessing.resize_short(&crate::data::decode_rgb(p)?))).collect::<Result<Vec<_>>>()?;
         Ok(ImagePool { images, preprocessing })
     }
 

@@ -39,11 +39,25 @@ pub enum ChannelOrder {
 impl Preprocessing {
     /// Keras "caffe": BGR, minus the ImageNet BGR means, no scaling.
     pub fn caffe() -> Self {
-        Preprocessing { resize: 256, crop: 224, mean: [103.939, 116.779, 123.68], std: [1.0; 3], scale: 1.0, channel_order: ChannelOrder::Bgr }
+        Preprocessing {
+            resize: 256,
+            crop: 224,
+            mean: [103.939, 116.779, 123.68],
+            std: [1.0; 3],
+            scale: 1.0,
+            channel_order: ChannelOrder::Bgr,
+        }
     }
     /// torchvision: RGB / 255, ImageNet mean and std.
     pub fn torch() -> Self {
-        Preprocessing { resize: 256, crop: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], scale: 1.0 / 255.0, channel_order: ChannelOrder::Rgb }
+        Preprocessing {
+            resize: 256,
+            crop: 224,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            scale: 1.0 / 255.0,
+            channel_order: ChannelOrder::Rgb,
+        }
     }
 
     pub fn from_choice(choice: &Preprocess) -> Result<Self> {
@@ -164,7 +178,8 @@ pub struct Sample {
 /// Reads a class list: line k holds the id of output k as its first word.
 pub fn read_classes(path: &Path) -> Result<HashMap<String, usize>> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-    let ids: HashMap<String, usize> = text.lines().enumerate().filter_map(|(k, line)| line.split_whitespace().next().map(|id| (id.to_string(), k))).collect();
+    let ids: HashMap<String, usize> =
+        text.lines().enumerate().filter_map(|(k, line)| line.split_whitespace().next().map(|id| (id.to_string(), k))).collect();
     if ids.is_empty() {
         return Err(Error::Data(format!("class list {} is empty", path.display())));
     }
@@ -206,7 +221,11 @@ pub fn labelled(dir: &Path, classes: Option<&Path>, outputs: usize) -> Result<Ve
     match classes {
         Some(list) => {
             let ids = read_classes(list)?;
-            samples(dir, |name| ids.get(name).copied().ok_or_else(|| Error::Data(format!("class folder `{name}` of {} is not in the class list {}", dir.display(), list.display()))))
+            samples(dir, |name| {
+                ids.get(name).copied().ok_or_else(|| {
+                    Error::Data(format!("class folder `{name}` of {} is not in the class list {}", dir.display(), list.display()))
+                })
+            })
         }
         None => {
             let folders = class_folders(dir)?;
@@ -233,15 +252,21 @@ pub struct LabelMap {
 impl LabelMap {
     pub fn load(path: &Path, outputs: usize) -> Result<LabelMap> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        let raw: indexmap::IndexMap<String, Vec<yaml_serde::Value>> = yaml_serde::from_str(&text).map_err(|e| Error::Config(format!("label map {}: {e}", path.display())))?;
+        let raw: indexmap::IndexMap<String, Vec<yaml_serde::Value>> =
+            yaml_serde::from_str(&text).map_err(|e| Error::Config(format!("label map {}: {e}", path.display())))?;
         let mut classes = Vec::new();
         for (class, items) in raw {
             let mut outs = Vec::new();
             for item in items {
-                outs.extend(parse_range(&item).ok_or_else(|| Error::Config(format!("label map {}: class `{class}`: `{item:?}` is not an index or an `a-b` range", path.display())))?);
+                outs.extend(parse_range(&item).ok_or_else(|| {
+                    Error::Config(format!("label map {}: class `{class}`: `{item:?}` is not an index or an `a-b` range", path.display()))
+                })?);
             }
             if let Some(bad) = outs.iter().find(|&&o| o >= outputs) {
-                return Err(Error::Config(format!("label map {}: class `{class}` names output {bad}, but the model has {outputs}", path.display())));
+                return Err(Error::Config(format!(
+                    "label map {}: class `{class}` names output {bad}, but the model has {outputs}",
+                    path.display()
+                )));
             }
             if outs.is_empty() {
                 return Err(Error::Config(format!("label map {}: class `{class}` maps to no output", path.display())));
@@ -256,7 +281,12 @@ impl LabelMap {
 
     /// Samples of `dir`, labelled by the map's class order.
     pub fn samples(&self, dir: &Path) -> Result<Vec<Sample>> {
-        samples(dir, |name| self.classes.iter().position(|(c, _)| c == name).ok_or_else(|| Error::Data(format!("class folder `{name}` of {} is not in the label map", dir.display()))))
+        samples(dir, |name| {
+            self.classes
+                .iter()
+                .position(|(c, _)| c == name)
+                .ok_or_else(|| Error::Data(format!("class folder `{name}` of {} is not in the label map", dir.display())))
+        })
     }
 
     /// Per-class score: the highest logit among the class's outputs.

@@ -94,10 +94,20 @@ impl Node {
     }
 
     pub fn set_attr_int(&mut self, name: &str, value: i64) {
-        self.set_attr(AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(value), ..Default::default() });
+        self.set_attr(AttributeProto {
+            name: Some(name.into()),
+            r#type: Some(AttributeType::Int as i32),
+            i: Some(value),
+            ..Default::default()
+        });
     }
     pub fn set_attr_ints(&mut self, name: &str, values: &[i64]) {
-        self.set_attr(AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Ints as i32), ints: values.to_vec(), ..Default::default() });
+        self.set_attr(AttributeProto {
+            name: Some(name.into()),
+            r#type: Some(AttributeType::Ints as i32),
+            ints: values.to_vec(),
+            ..Default::default()
+        });
     }
     fn set_attr(&mut self, attr: AttributeProto) {
         match self.proto.attribute.iter_mut().find(|a| a.name == attr.name) {
@@ -334,7 +344,9 @@ impl Graph {
 
     /// A name not yet used by any tensor or node, built from `base`.
     pub fn fresh_name(&self, base: &str) -> String {
-        let taken = |n: &str| self.weights.contains_key(n) || self.producers.contains_key(n) || self.is_graph_input(n) || self.find_node(n).is_some();
+        let taken = |n: &str| {
+            self.weights.contains_key(n) || self.producers.contains_key(n) || self.is_graph_input(n) || self.find_node(n).is_some()
+        };
         if !taken(base) {
             return base.to_string();
         }
@@ -344,8 +356,10 @@ impl Graph {
     /// Nodes in a topological order that keeps the stored order wherever
     /// the data flow allows (so an untouched model is written as it was read).
     pub fn topo_order(&self) -> Result<Vec<NodeIndex>> {
-        let mut pending: HashMap<NodeIndex, usize> = self.net.node_indices().map(|ix| (ix, self.net.edges_directed(ix, Direction::Incoming).count())).collect();
-        let mut ready: BinaryHeap<std::cmp::Reverse<NodeIndex>> = pending.iter().filter(|(_, &n)| n == 0).map(|(&ix, _)| std::cmp::Reverse(ix)).collect();
+        let mut pending: HashMap<NodeIndex, usize> =
+            self.net.node_indices().map(|ix| (ix, self.net.edges_directed(ix, Direction::Incoming).count())).collect();
+        let mut ready: BinaryHeap<std::cmp::Reverse<NodeIndex>> =
+            pending.iter().filter(|(_, &n)| n == 0).map(|(&ix, _)| std::cmp::Reverse(ix)).collect();
         let mut order = Vec::with_capacity(pending.len());
         while let Some(std::cmp::Reverse(ix)) = ready.pop() {
             order.push(ix);
@@ -393,8 +407,15 @@ pub fn value_info(name: &str, dims: &[Option<i64>]) -> crate::onnx::ValueInfoPro
     use crate::onnx::tensor_shape_proto::dimension::Value;
     let dim = dims
         .iter()
-        .map(|d| crate::onnx::tensor_shape_proto::Dimension { value: Some(d.map_or(Value::DimParam("N".into()), Value::DimValue)), ..Default::default() })
+        .map(|d| crate::onnx::tensor_shape_proto::Dimension {
+            value: Some(d.map_or(Value::DimParam("N".into()), Value::DimValue)),
+            ..Default::default()
+        })
         .collect();
     let tensor = crate::onnx::type_proto::Tensor { elem_type: Some(1), shape: Some(crate::onnx::TensorShapeProto { dim }) };
-    crate::onnx::ValueInfoProto { name: Some(name.into()), r#type: Some(crate::onnx::TypeProto { value: Some(crate::onnx::type_proto::Value::TensorType(tensor)), ..Default::default() }), ..Default::default() }
+    crate::onnx::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(crate::onnx::TypeProto { value: Some(crate::onnx::type_proto::Value::TensorType(tensor)), ..Default::default() }),
+        ..Default::default()
+    }
 }

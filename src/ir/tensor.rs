@@ -33,8 +33,8 @@ pub fn dtype_size(code: i32) -> Option<usize> {
     use DataType::*;
     let size = match DataType::try_from(code).ok()? {
         Float | Int32 | Uint32 => 4,
-        Uint8 | Int8 | Bool | Float8e4m3fn | Float8e4m3fnuz | Float8e5m2 | Float8e5m2fnuz
-        | Uint4 | Int4 | Float4e2m1 | Float8e8m0 | Uint2 | Int2 | Float6e2m3 | Float6e3m2 => 1,
+        Uint8 | Int8 | Bool | Float8e4m3fn | Float8e4m3fnuz | Float8e5m2 | Float8e5m2fnuz | Uint4 | Int4 | Float4e2m1 | Float8e8m0
+        | Uint2 | Int2 | Float6e2m3 | Float6e3m2 => 1,
         Uint16 | Int16 | Float16 | Bfloat16 => 2,
         Int64 | Uint64 | Double | Complex64 => 8,
         Complex128 => 16,
@@ -69,9 +69,21 @@ impl Weight {
         }
         let original = proto.raw_data.clone().filter(|r| !r.is_empty() && cfg!(target_endian = "little"));
         let data = match DataType::try_from(code) {
-            Ok(DataType::Float) => Data::F32(array(&name, shape, take_numbers(&mut proto, count, 4, |p| std::mem::take(&mut p.float_data), f32::from_le_bytes)?)?),
-            Ok(DataType::Double) => Data::F64(array(&name, shape, take_numbers(&mut proto, count, 8, |p| std::mem::take(&mut p.double_data), f64::from_le_bytes)?)?),
-            Ok(DataType::Int64) => Data::I64(array(&name, shape, take_numbers(&mut proto, count, 8, |p| std::mem::take(&mut p.int64_data), i64::from_le_bytes)?)?),
+            Ok(DataType::Float) => Data::F32(array(
+                &name,
+                shape,
+                take_numbers(&mut proto, count, 4, |p| std::mem::take(&mut p.float_data), f32::from_le_bytes)?,
+            )?),
+            Ok(DataType::Double) => Data::F64(array(
+                &name,
+                shape,
+                take_numbers(&mut proto, count, 8, |p| std::mem::take(&mut p.double_data), f64::from_le_bytes)?,
+            )?),
+            Ok(DataType::Int64) => Data::I64(array(
+                &name,
+                shape,
+                take_numbers(&mut proto, count, 8, |p| std::mem::take(&mut p.int64_data), i64::from_le_bytes)?,
+            )?),
             _ => {
                 check_other_size(&name, &proto, code, count)?;
                 Data::Other
@@ -182,7 +194,10 @@ fn take_numbers<T: bytemuck::Pod, const N: usize>(
     let values = match proto.raw_data.take() {
         Some(raw) if !raw.is_empty() || count == 0 => {
             if raw.len() != count * size {
-                return Err(Error::tensor(&name, format!("holds {} bytes but its shape {:?} needs {}", raw.len(), proto.dims, count * size)));
+                return Err(Error::tensor(
+                    &name,
+                    format!("holds {} bytes but its shape {:?} needs {}", raw.len(), proto.dims, count * size),
+                ));
             }
             from_le_bytes_all(&raw, from_le)
         }
@@ -197,7 +212,16 @@ fn take_numbers<T: bytemuck::Pod, const N: usize>(
 fn check_other_size(name: &str, proto: &TensorProto, code: i32, count: usize) -> Result<()> {
     let (Some(raw), Some(size)) = (&proto.raw_data, dtype_size(code)) else { return Ok(()) };
     // Sub-byte types pack several values per byte; only check byte-sized ones.
-    let sub_byte = matches!(DataType::try_from(code), Ok(DataType::Uint4 | DataType::Int4 | DataType::Float4e2m1 | DataType::Uint2 | DataType::Int2 | DataType::Float6e2m3 | DataType::Float6e3m2));
+    let sub_byte = matches!(
+        DataType::try_from(code),
+        Ok(DataType::Uint4
+            | DataType::Int4
+            | DataType::Float4e2m1
+            | DataType::Uint2
+            | DataType::Int2
+            | DataType::Float6e2m3
+            | DataType::Float6e3m2)
+    );
     if !sub_byte && raw.len() != count * size && proto.data_location != Some(1) {
         return Err(Error::tensor(name, format!("holds {} bytes but its shape {:?} needs {}", raw.len(), proto.dims, count * size)));
     }

@@ -24,11 +24,14 @@ pub mod obs;
 pub mod settings;
 mod solve;
 
-pub use solve::{add_ridge, append_ones, current_solution, not_definite, regularized_gram, relu_target, residual, solve_layer, with_ones, write_solution, Fit, Problem};
+pub use solve::{
+    add_ridge, append_ones, current_solution, not_definite, regularized_gram, relu_target, residual, solve_layer, with_ones,
+    write_solution, Fit, Problem,
+};
 
 use crate::error::{Error, Result};
-use crate::rng::Rng;
 use crate::ir::{Graph, Model};
+use crate::rng::Rng;
 use crate::runner::Runner;
 use ndarray::{Array3, ArrayD, ArrayView4};
 use petgraph::stable_graph::NodeIndex;
@@ -72,13 +75,25 @@ fn geometry(graph: &Graph, ix: NodeIndex) -> Option<Geometry> {
     if node.op() == "Gemm" {
         // A fully connected layer is a 1x1 conv on a 1x1 map, if its weight is [C_out, C_in].
         let one = |a: &str| node.attr_float(a).unwrap_or(1.0) == 1.0;
-        let plain = w.ndim() == 2 && node.attr_int("transA").unwrap_or(0) == 0 && node.attr_int("transB").unwrap_or(0) == 1 && one("alpha") && one("beta");
+        let plain = w.ndim() == 2
+            && node.attr_int("transA").unwrap_or(0) == 0
+            && node.attr_int("transB").unwrap_or(0) == 1
+            && one("alpha")
+            && one("beta");
         return plain.then_some(Geometry { kh: 1, kw: 1, stride: [1, 1], pad: [0, 0], dilation: [1, 1] });
     }
-    let ints = |name: &str, default: [usize; 2]| node.attr_ints(name).map_or(Some(default), |v| (v.len() >= 2 && v.iter().all(|&x| x >= 0)).then(|| [v[0] as usize, v[1] as usize]));
+    let ints = |name: &str, default: [usize; 2]| {
+        node.attr_ints(name).map_or(Some(default), |v| (v.len() >= 2 && v.iter().all(|&x| x >= 0)).then(|| [v[0] as usize, v[1] as usize]))
+    };
     let auto_pad = node.attr_str("auto_pad").unwrap_or_default();
     let ok = node.op() == "Conv" && node.attr_int("group").unwrap_or(1) == 1 && w.ndim() == 4 && matches!(auto_pad.as_str(), "" | "NOTSET");
-    ok.then_some(Geometry { kh: w.shape()[2], kw: w.shape()[3], stride: ints("strides", [1, 1])?, pad: ints("pads", [0, 0])?, dilation: ints("dilations", [1, 1])? })
+    ok.then_some(Geometry {
+        kh: w.shape()[2],
+        kw: w.shape()[3],
+        stride: ints("strides", [1, 1])?,
+        pad: ints("pads", [0, 0])?,
+        dilation: ints("dilations", [1, 1])?,
+    })
 }
 
 /// The layers of `layers` that the generic refit ([`solve_layer`]) handles: dense 2-d convs with f32 weights. A solver
@@ -111,7 +126,12 @@ fn seed(image: usize, layer: usize) -> u64 {
 }
 
 /// Runs `model` on every calibration image, handing each image's extra outputs to `take`.
-fn run_all<T: Send>(model: &Model, names: &[String], calib: &Calibration, take: impl Fn(usize, &[ArrayD<f32>]) -> T + Sync) -> Result<Vec<T>> {
+fn run_all<T: Send>(
+    model: &Model,
+    names: &[String],
+    calib: &Calibration,
+    take: impl Fn(usize, &[ArrayD<f32>]) -> T + Sync,
+) -> Result<Vec<T>> {
     let runner = Runner::truncated(model, 1, names)?;
     calib
         .images
@@ -136,7 +156,11 @@ fn as4(a: &ArrayD<f32>) -> Result<ArrayView4<'_, f32>> {
 
 /// Reference targets: per layer, an N×C matrix (row = one sampled position).
 fn targets(reference: &Model, graph: &Graph, layers: &[Layer], blocks: &[Option<Block>], calib: &Calibration) -> Result<Vec<Vec<f32>>> {
-    let names: Vec<String> = layers.iter().zip(blocks).map(|(l, b)| b.as_ref().map_or_else(|| graph.node(l.node).outputs()[0].clone(), |b| b.sum.clone())).collect();
+    let names: Vec<String> = layers
+        .iter()
+        .zip(blocks)
+        .map(|(l, b)| b.as_ref().map_or_else(|| graph.node(l.node).outputs()[0].clone(), |b| b.sum.clone()))
+        .collect();
     let c_outs: Vec<usize> = layers.iter().map(|l| output_channels(graph, l.node)).collect();
     let per_image = run_all(reference, &names, calib, |i, outs| {
         outs.iter()
@@ -147,7 +171,12 @@ fn targets(reference: &Model, graph: &Graph, layers: &[Layer], blocks: &[Option<
                 let (c, h, w) = (y.shape()[1], y.shape()[2], y.shape()[3]);
                 let channels: Vec<usize> = layer.kept.clone().unwrap_or_else(|| (0..c).collect());
                 if channels.len() != c_outs[li] || channels.iter().any(|&ch| ch >= c) {
-                    return Err(Error::Data(format!("reference tensor `{}` has {c} channels, but layer `{}` writes {}", names[li], graph.node(layer.node).name(), c_outs[li])));
+                    return Err(Error::Data(format!(
+                        "reference tensor `{}` has {c} channels, but layer `{}` writes {}",
+                        names[li],
+                        graph.node(layer.node).name(),
+                        c_outs[li]
+                    )));
                 }
                 let count = samples_per_image(graph, layer, calib);
                 let mut out = Vec::with_capacity(count * channels.len());
@@ -198,12 +227,20 @@ fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usiz
 /// topological order, each by `solver`, which
 /// may also rewrite the graph around the layer (the `dw` pass replaces the
 /// conv by its factorized pair there).
-pub fn refit_with<T>(reference: &Model, model: &mut Model, layers: &[Layer], calib: &Calibration, mut solver: impl FnMut(&mut Graph, &Layer, &[f32], &[f32]) -> Result<T>) -> Result<Vec<T>> {
+pub fn refit_with<T>(
+    reference: &Model,
+    model: &mut Model,
+    layers: &[Layer],
+    calib: &Calibration,
+    mut solver: impl FnMut(&mut Graph, &Layer, &[f32], &[f32]) -> Result<T>,
+) -> Result<Vec<T>> {
     let layers: Vec<Layer> = layers.iter().filter(|l| geometry(&model.graph, l.node).is_some()).cloned().collect();
     if layers.is_empty() || calib.images.is_empty() {
         return Ok(vec![]);
     }
-    let blocks: Vec<Option<Block>> = (0..layers.len()).map(|li| (calib.target == settings::RefitTarget::Block).then(|| block_of(&model.graph, &layers, li)).flatten()).collect();
+    let blocks: Vec<Option<Block>> = (0..layers.len())
+        .map(|li| (calib.target == settings::RefitTarget::Block).then(|| block_of(&model.graph, &layers, li)).flatten())
+        .collect();
     let mut ys = targets(reference, &model.graph, &layers, &blocks, calib)?;
     let shapes = crate::shape::infer(&model.graph, &Default::default())?;
     let plans: Vec<(String, Geometry, (usize, usize))> = layers
@@ -211,10 +248,15 @@ pub fn refit_with<T>(reference: &Model, model: &mut Model, layers: &[Layer], cal
         .map(|l| {
             let node = model.graph.node(l.node);
             let out = shapes.get(&node.outputs()[0]).and_then(|t| t.shape.clone()).unwrap_or_default();
-            (node.inputs()[0].clone(), geometry(&model.graph, l.node).expect("refittable"), (out.get(2).copied().unwrap_or(1), out.get(3).copied().unwrap_or(1)))
+            (
+                node.inputs()[0].clone(),
+                geometry(&model.graph, l.node).expect("refittable"),
+                (out.get(2).copied().unwrap_or(1), out.get(3).copied().unwrap_or(1)),
+            )
         })
         .collect();
-    let mut cursor = Cursor { tensor: None, acts: calib.images.iter().map(|i| i.view().insert_axis(ndarray::Axis(0)).to_owned().into_dyn()).collect() };
+    let mut cursor =
+        Cursor { tensor: None, acts: calib.images.iter().map(|i| i.view().insert_axis(ndarray::Axis(0)).to_owned().into_dyn()).collect() };
     let mut report = Vec::new();
     for (li, (layer, (input, geo, out_hw))) in layers.iter().zip(&plans).enumerate() {
         // The solver may restructure the graph: cut points are found anew.
@@ -227,7 +269,12 @@ pub fn refit_with<T>(reference: &Model, model: &mut Model, layers: &[Layer], cal
             subtract_at_samples(&mut y, &other, *out_hw, count, li)?;
         }
         let xs = cursor.advance(model, &shapes, &cuts, input)?;
-        let patches: Vec<f32> = xs.par_iter().enumerate().map(|(i, x)| as4(x).map(|x| patches(x, geo, *out_hw, count, seed(i, li)))).collect::<Result<Vec<_>>>()?.concat();
+        let patches: Vec<f32> = xs
+            .par_iter()
+            .enumerate()
+            .map(|(i, x)| as4(x).map(|x| patches(x, geo, *out_hw, count, seed(i, li))))
+            .collect::<Result<Vec<_>>>()?
+            .concat();
         report.push(solver(&mut model.graph, layer, &patches, &y)?);
     }
     Ok(report)
@@ -261,7 +308,7 @@ fn block_of(graph: &Graph, layers: &[Layer], li: usize) -> Option<Block> {
 /// Subtracts the other Add input, at layer `li`'s sampled positions, from its targets.
 fn subtract_at_samples(y: &mut [f32], other: &[ArrayD<f32>], (h, w): (usize, usize), count: usize, li: usize) -> Result<()> {
     let rows = other.len() * count;
-    let c = if rows == 0 { 0 } else { y.len() / rows };
+    let c = y.len().checked_div(rows).unwrap_or(0);
     for (i, a) in other.iter().enumerate() {
         let a = as4(a)?;
         if a.shape()[1] != c || a.shape()[2] != h || a.shape()[3] != w {
@@ -285,10 +332,20 @@ fn cut_points(graph: &Graph) -> Vec<(usize, String)> {
     let earliest: Vec<Option<usize>> = order
         .iter()
         .map(|&ix| {
-            graph.node(ix).inputs().iter().filter(|n| !n.is_empty() && !graph.weights().contains_key(n.as_str())).map(|n| graph.producer(n).map(|(p, _)| pos[&p])).min().flatten()
+            graph
+                .node(ix)
+                .inputs()
+                .iter()
+                .filter(|n| !n.is_empty() && !graph.weights().contains_key(n.as_str()))
+                .map(|n| graph.producer(n).map(|(p, _)| pos[&p]))
+                .min()
+                .flatten()
         })
         .collect();
-    let reads_input: Vec<bool> = order.iter().map(|&ix| graph.node(ix).inputs().iter().any(|n| graph.is_graph_input(n) && !graph.weights().contains_key(n.as_str()))).collect();
+    let reads_input: Vec<bool> = order
+        .iter()
+        .map(|&ix| graph.node(ix).inputs().iter().any(|n| graph.is_graph_input(n) && !graph.weights().contains_key(n.as_str())))
+        .collect();
     let mut cuts = Vec::new();
     for p in 0..order.len() {
         let node = graph.node(order[p]);
@@ -313,7 +370,13 @@ struct Cursor {
 impl Cursor {
     /// Moves to the last cut point before `target`'s producer and returns
     /// `target`'s activations, running only the graph between the two.
-    fn advance(&mut self, model: &Model, shapes: &crate::shape::Shapes, cuts: &[(usize, String)], target: &str) -> Result<Vec<ArrayD<f32>>> {
+    fn advance(
+        &mut self,
+        model: &Model,
+        shapes: &crate::shape::Shapes,
+        cuts: &[(usize, String)],
+        target: &str,
+    ) -> Result<Vec<ArrayD<f32>>> {
         let at_input = self.tensor.is_none() && model.graph.is_graph_input(target);
         if self.tensor.as_deref() == Some(target) || at_input {
             return Ok(self.acts.clone());
@@ -322,7 +385,8 @@ impl Cursor {
         let target_pos = model.graph.producer(target).and_then(|(p, _)| order.iter().position(|&n| n == p));
         let from_pos = self.tensor.as_deref().and_then(|t| model.graph.producer(t)).and_then(|(p, _)| order.iter().position(|&n| n == p));
         // The last cut point after the cursor and not after the target.
-        let next_cut = cuts.iter().filter(|(p, _)| from_pos.is_none_or(|f| *p > f) && target_pos.is_some_and(|t| *p <= t)).last().map(|(_, t)| t.clone());
+        let next_cut =
+            cuts.iter().rfind(|(p, _)| from_pos.is_none_or(|f| *p > f) && target_pos.is_some_and(|t| *p <= t)).map(|(_, t)| t.clone());
         let mut names = vec![target.to_string()];
         if let Some(cut) = next_cut.as_ref().filter(|c| c.as_str() != target) {
             names.push(cut.clone());
@@ -358,7 +422,8 @@ fn sub_model(model: &Model, shapes: &crate::shape::Shapes, from: Option<&str>, o
     let nodes: Vec<crate::onnx::NodeProto> = order[cut + 1..].iter().map(|&ix| g.node(ix).proto.clone()).collect();
     let weights = nodes.iter().flat_map(|n| n.input.iter()).filter_map(|n| g.weight(n).map(|w| (n.clone(), w.clone()))).collect();
     let mut sub = Model { proto: model.proto.clone(), graph: Graph::new(nodes, weights, g.meta.clone())? };
-    let dims: Vec<Option<i64>> = shapes.get(from).and_then(|t| t.shape.clone()).unwrap_or_default().iter().map(|&d| Some(d as i64)).collect();
+    let dims: Vec<Option<i64>> =
+        shapes.get(from).and_then(|t| t.shape.clone()).unwrap_or_default().iter().map(|&d| Some(d as i64)).collect();
     sub.graph.meta.input = vec![crate::ir::value_info(from, &dims)];
     sub.graph.meta.output = outputs
         .iter()
@@ -388,13 +453,29 @@ impl Calibration {
         let images = refit_paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
         let mut sources = paths;
         sources.extend(extras);
-        Ok(Calibration { images, positions: cfg.positions, ridge: cfg.ridge, target: cfg.target, reference: cfg.reference, through_relu: cfg.through_relu, sources, preprocessing: pre })
+        Ok(Calibration {
+            images,
+            positions: cfg.positions,
+            ridge: cfg.ridge,
+            target: cfg.target,
+            reference: cfg.reference,
+            through_relu: cfg.through_relu,
+            sources,
+            preprocessing: pre,
+        })
     }
 
     /// Calibration on in-memory images (caffe preprocessing, no source files).
     pub fn from_images(images: Vec<Array3<f32>>, positions: usize, ridge: f64) -> Calibration {
-        Calibration { images, positions, ridge, target: Default::default(), reference: Default::default(), through_relu: true, sources: vec![], preprocessing: crate::data::Preprocessing::caffe() }
+        Calibration {
+            images,
+            positions,
+            ridge,
+            target: Default::default(),
+            reference: Default::default(),
+            through_relu: true,
+            sources: vec![],
+            preprocessing: crate::data::Preprocessing::caffe(),
+        }
     }
 }
-
-

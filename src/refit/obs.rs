@@ -26,9 +26,9 @@ use crate::error::Result;
 use crate::ir::Graph;
 use crate::refit::{current_solution, not_definite, regularized_gram, write_solution, Fit, Problem};
 use faer::linalg::matmul::matmul;
-use petgraph::stable_graph::NodeIndex;
 use faer::prelude::*;
 use faer::{Accum, Mat, Par, Side};
+use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 
 /// Refits conv `ix` on patches `x` / targets `y` (as in
@@ -80,7 +80,11 @@ pub fn drop_channels(xa: &Mat<f64>, ya: &Mat<f64>, block: usize, count: usize, r
     let mut alive = vec![true; channels];
     let mut dropped = Vec::with_capacity(count);
     for _ in 0..count.min(channels) {
-        let (c, _) = (0..channels).into_par_iter().filter(|&c| alive[c]).map(|c| (c, drop_cost(&h, &w, c * block, block))).min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))?;
+        let (c, _) = (0..channels)
+            .into_par_iter()
+            .filter(|&c| alive[c])
+            .map(|c| (c, drop_cost(&h, &w, c * block, block)))
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))?;
         eliminate(&mut h, &mut w, c * block, block)?;
         alive[c] = false;
         dropped.push(c);

@@ -23,7 +23,8 @@ const RELU_ROUNDS: usize = 4;
 impl Fit {
     /// The fit for conv `ix`: through the ReLU only if one alone reads its output.
     pub fn for_layer(calib: &Calibration, graph: &Graph, ix: NodeIndex) -> Fit {
-        let relu = calib.through_relu && graph.node(ix).output(0).is_some_and(|y| matches!(graph.consumers(y)[..], [(c, 0)] if graph.node(c).op() == "Relu"));
+        let relu = calib.through_relu
+            && graph.node(ix).output(0).is_some_and(|y| matches!(graph.consumers(y)[..], [(c, 0)] if graph.node(c).op() == "Relu"));
         Fit { ridge: calib.ridge, relu }
     }
 
@@ -78,11 +79,18 @@ pub struct Problem {
 impl Problem {
     pub fn new(graph: &Graph, ix: NodeIndex, x: &[f32], y: &[f32]) -> Result<Problem> {
         let node = graph.node(ix);
-        let wshape = node.input(1).and_then(|w| graph.constant(w)).map(|w| w.shape()).ok_or_else(|| Error::Pass { pass: "recover".into(), reason: format!("layer `{}` has no constant weight", node.name()) })?;
+        let wshape = node
+            .input(1)
+            .and_then(|w| graph.constant(w))
+            .map(|w| w.shape())
+            .ok_or_else(|| Error::Pass { pass: "recover".into(), reason: format!("layer `{}` has no constant weight", node.name()) })?;
         let (c_out, d) = (wshape[0], wshape[1..].iter().product::<usize>());
         let n = x.len() / d.max(1);
         if n == 0 || y.len() != n * c_out {
-            return Err(Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: {} samples of {d} inputs but {} targets for {c_out} channels", node.name(), n, y.len()) });
+            return Err(Error::Pass {
+                pass: "recover".into(),
+                reason: format!("layer `{}`: {} samples of {d} inputs but {} targets for {c_out} channels", node.name(), n, y.len()),
+            });
         }
         Ok(Problem { xa: with_ones(x, n, d), ya: Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64), d, c_out })
     }
@@ -94,7 +102,7 @@ pub fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], fit: 
     let before = fit.error(&p.xa, &current_solution(graph, ix, p.d, p.c_out), &p.ya);
     let sol = fit.solve(&p.xa, &p.ya).ok_or_else(|| not_definite(graph, ix))?;
     let after = fit.error(&p.xa, &sol, &p.ya);
-    if !(after < before) {
+    if after.partial_cmp(&before) != Some(std::cmp::Ordering::Less) {
         return Ok((before, before));
     }
     write_solution(graph, ix, &sol, p.d, p.c_out);
@@ -102,7 +110,10 @@ pub fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], fit: 
 }
 
 pub fn not_definite(graph: &Graph, ix: NodeIndex) -> Error {
-    Error::Pass { pass: "recover".into(), reason: format!("layer `{}`: the normal equations are not positive definite", graph.node(ix).name()) }
+    Error::Pass {
+        pass: "recover".into(),
+        reason: format!("layer `{}`: the normal equations are not positive definite", graph.node(ix).name()),
+    }
 }
 
 /// [X 1] as an N×(D+1) f64 matrix, X given row-major.
@@ -178,7 +189,11 @@ mod tests {
         let w: Vec<f64> = (0..d).map(|i| 1.0 - 0.3 * i as f64).collect();
         let y = Mat::<f64>::from_fn(n, 1, |r, _| {
             let v: f64 = (0..d).map(|c| x[(r, c)] * w[c]).sum();
-            if v > 0.0 { v } else { -3.0 * v * v }
+            if v > 0.0 {
+                v
+            } else {
+                -3.0 * v * v
+            }
         });
         let (plain, relu) = (Fit { ridge: 1e-6, relu: false }, Fit { ridge: 1e-6, relu: true });
         let s_plain = plain.solve(&x, &y).unwrap();

@@ -96,5 +96,12 @@ pub fn load(path: &Path, net: &mut Network, kind: Kind, weight_decay: f32) -> Re
     for (p, d) in net.params.iter_mut().zip(current) {
         p.data = d;
     }
-    Ok(Some(State { epoch: header.epoch, best_epoch: header.best_epoch, best_agreement: header.best_agreement, best_kl: header.best_kl, best_params, optimizer }))
+    Ok(Some(State {
+        epoch: header.epoch,
+        best_epoch: header.best_epoch,
+        best_agreement: header.best_agreement,
+        best_kl: header.best_kl,
+        best_params,
+        optimizer,
+    }))
 }

@@ -5,9 +5,9 @@
 use super::checkpoint::{self, State};
 use super::optim::{cosine, Optimizer};
 use super::{Mode, Network};
-use crate::data::{DataSource, Preprocess};
 use crate::data::augment::ImagePool;
 use crate::data::Preprocessing;
+use crate::data::{DataSource, Preprocess};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model};
 use crate::progress::Progress;
@@ -105,7 +105,14 @@ pub struct DefaultImages<'a> {
 
 /// Trains `graph` (the student, with `shapes`) to reproduce `teacher`;
 /// returns the log of what it did (epochs, the epoch kept).
-pub fn distill(graph: &mut Graph, shapes: &Shapes, teacher: &Model, defaults: Option<DefaultImages>, o: &DistillOptions, progress: &dyn Progress) -> Result<Vec<String>> {
+pub fn distill(
+    graph: &mut Graph,
+    shapes: &Shapes,
+    teacher: &Model,
+    defaults: Option<DefaultImages>,
+    o: &DistillOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<String>> {
     let mut log = Vec::new();
     let mut net = match o.batchnorm {
         BatchNormMode::Off => Network::from_graph(graph, shapes)?,
@@ -113,14 +120,16 @@ pub fn distill(graph: &mut Graph, shapes: &Shapes, teacher: &Model, defaults: Op
     };
     let (paths, pre) = training_images(defaults, o)?;
     let threads = o.threads.unwrap_or_else(rayon::current_num_threads);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| fail(format!("cannot start {threads} threads: {e}")))?;
+    let pool =
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| fail(format!("cannot start {threads} threads: {e}")))?;
     pool.install(|| -> Result<()> {
         let images = ImagePool::load(&paths, pre)?;
         let (train, hold) = split(images.len(), o.holdout, o.seed);
         let features = stage_outputs(graph, shapes, &crate::validate::validate(&teacher.graph, &Default::default())?, o.feature_weight);
         let names = features.iter().map(|f| f.name.clone()).collect();
         let teacher = Teacher::new(teacher, o.batch.min(train.len()), names)?;
-        Trainer { net: &mut net, teacher: &teacher, images: &images, o, log: &mut log, progress, features, adapters: vec![] }.run(&train, &hold)
+        Trainer { net: &mut net, teacher: &teacher, images: &images, o, log: &mut log, progress, features, adapters: vec![] }
+            .run(&train, &hold)
     })?;
     net.write_back(graph);
     Ok(log)
@@ -213,7 +222,8 @@ impl Teacher {
         let outs = x
             .par_chunks(per_image.max(1))
             .map(|xi| {
-                let input = ndarray::ArrayD::from_shape_vec(self.runner.input_shape.clone(), xi.to_vec()).map_err(|e| fail(format!("teacher input: {e}")))?;
+                let input = ndarray::ArrayD::from_shape_vec(self.runner.input_shape.clone(), xi.to_vec())
+                    .map_err(|e| fail(format!("teacher input: {e}")))?;
                 self.runner.run(input)
             })
             .collect::<Result<Vec<_>>>()?;
@@ -319,7 +329,14 @@ impl Trainer<'_> {
                 let (agreement, kl) = self.holdout(hold, &hold_teacher)?;
                 self.note(format!("epoch 0 (before training): hold-out agreement {agreement:.3}, KL {kl:.4}"));
                 let best_params = self.net.params.iter().map(|p| p.data.clone()).collect();
-                State { epoch: 0, best_epoch: 0, best_agreement: agreement, best_kl: kl, best_params, optimizer: Optimizer::new(self.o.optimizer, self.o.weight_decay as f32, &sizes) }
+                State {
+                    epoch: 0,
+                    best_epoch: 0,
+                    best_agreement: agreement,
+                    best_kl: kl,
+                    best_params,
+                    optimizer: Optimizer::new(self.o.optimizer, self.o.weight_decay as f32, &sizes),
+                }
             }
         };
         for epoch in state.epoch + 1..=self.o.epochs {
@@ -347,7 +364,14 @@ impl Trainer<'_> {
         for (p, best) in self.net.params.iter_mut().zip(state.best_params) {
             p.data = best;
         }
-        self.log.push(format!("kept epoch {} (hold-out agreement {:.3}, KL {:.4}; {} training / {} hold-out images)", state.best_epoch, state.best_agreement, state.best_kl, train.len(), hold.len()));
+        self.log.push(format!(
+            "kept epoch {} (hold-out agreement {:.3}, KL {:.4}; {} training / {} hold-out images)",
+            state.best_epoch,
+            state.best_agreement,
+            state.best_kl,
+            train.len(),
+            hold.len()
+        ));
         Ok(())
     }
 
@@ -358,7 +382,8 @@ impl Trainer<'_> {
         let batch = self.teacher.batch();
         let (images, o) = (self.images, self.o);
         let draw = |k: usize, slot: usize, i: usize| images.augmented(i, o.seed ^ 0x5eed ^ ((k * batch + slot) as u64) << 8, o.min_scale);
-        let batches = train.chunks_exact(batch).take(8).enumerate().map(|(k, chunk)| (images.batch(chunk, |slot, i| draw(k, slot, i)), chunk.len()));
+        let batches =
+            train.chunks_exact(batch).take(8).enumerate().map(|(k, chunk)| (images.batch(chunk, |slot, i| draw(k, slot, i)), chunk.len()));
         self.net.init_batchnorm(batches)
     }
 
@@ -386,13 +411,18 @@ impl Trainer<'_> {
             let n = xs.len() / f.student_c;
             let xa = crate::refit::with_ones(xs, n, f.student_c);
             let ya = faer::Mat::<f64>::from_fn(n, f.teacher_c, |r, c| ys[r * f.teacher_c + c] as f64);
-            let sol = crate::refit::Fit { ridge: 1e-2, relu: false }.solve(&xa, &ya).ok_or_else(|| fail(format!("cannot fit the adapter of `{}`", f.name)))?;
+            let sol = crate::refit::Fit { ridge: 1e-2, relu: false }
+                .solve(&xa, &ya)
+                .ok_or_else(|| fail(format!("cannot fit the adapter of `{}`", f.name)))?;
             let weight = (0..f.teacher_c).flat_map(|o| (0..f.student_c).map(move |i| (o, i))).map(|(o, i)| sol[(i, o)] as f32).collect();
             let bias = (0..f.teacher_c).map(|o| sol[(f.student_c, o)] as f32).collect();
             let fit = crate::refit::residual(&xa, &sol, &ya);
             let v = self.net.value_of(&f.name).map(|v| v.0).unwrap_or_default();
             self.adapters.push(self.net.add_adapter(&f.name, v, f.student_c, f.hw, weight, bias));
-            self.log.push(format!("feature `{}`: adapter {} -> {} channels, initial relative error {fit:.3}", f.name, f.student_c, f.teacher_c));
+            self.log.push(format!(
+                "feature `{}`: adapter {} -> {} channels, initial relative error {fit:.3}",
+                f.name, f.student_c, f.teacher_c
+            ));
         }
         Ok(())
     }

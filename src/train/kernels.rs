@@ -76,7 +76,11 @@ impl ConvGeom {
 
     /// Input coordinate of output `o` and kernel tap `k` along one axis.
     fn source(&self, axis: usize, o: usize, k: usize) -> Option<usize> {
-        let (len, s, p, d) = if axis == 0 { (self.h, self.stride[0], self.pad[0], self.dilation[0]) } else { (self.w, self.stride[1], self.pad[1], self.dilation[1]) };
+        let (len, s, p, d) = if axis == 0 {
+            (self.h, self.stride[0], self.pad[0], self.dilation[0])
+        } else {
+            (self.w, self.stride[1], self.pad[1], self.dilation[1])
+        };
         (o * s + k * d).checked_sub(p).filter(|&i| i < len)
     }
 }
@@ -321,7 +325,20 @@ mod tests {
 
     fn geometry(c: usize, multiplier: usize, k: usize, stride: usize, pad: usize, dilation: usize, (h, w): (usize, usize)) -> ConvGeom {
         let out = |len: usize| (len + 2 * pad - dilation * (k - 1) - 1) / stride + 1;
-        ConvGeom { c_in: c, c_out: c * multiplier, group: c, kh: k, kw: k, stride: [stride; 2], pad: [pad; 2], dilation: [dilation; 2], h, w, ho: out(h), wo: out(w) }
+        ConvGeom {
+            c_in: c,
+            c_out: c * multiplier,
+            group: c,
+            kh: k,
+            kw: k,
+            stride: [stride; 2],
+            pad: [pad; 2],
+            dilation: [dilation; 2],
+            h,
+            w,
+            ho: out(h),
+            wo: out(w),
+        }
     }
 
     /// The im2col + GEMM path, one group at a time (what depthwise convs ran before).
@@ -343,7 +360,13 @@ mod tests {
     #[test]
     fn depthwise_loops_equal_im2col_and_gemm() {
         let mut rng = Rng::new(3);
-        for (c, m, k, s, p, d, hw) in [(3, 1, 3, 1, 1, 1, (7, 6)), (4, 2, 3, 2, 1, 1, (9, 8)), (2, 1, 3, 1, 2, 2, (5, 7)), (3, 3, 5, 2, 0, 1, (11, 9)), (2, 1, 3, 2, 1, 1, (1, 1))] {
+        for (c, m, k, s, p, d, hw) in [
+            (3, 1, 3, 1, 1, 1, (7, 6)),
+            (4, 2, 3, 2, 1, 1, (9, 8)),
+            (2, 1, 3, 1, 2, 2, (5, 7)),
+            (3, 3, 5, 2, 0, 1, (11, 9)),
+            (2, 1, 3, 2, 1, 1, (1, 1)),
+        ] {
             let g = geometry(c, m, k, s, p, d, hw);
             let mut random = |n: usize| (0..n).map(|_| rng.normal()).collect::<Vec<f32>>();
             let (x, w, dy) = (random(g.input_len()), random(g.weight_len()), random(g.output_len()));

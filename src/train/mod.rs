@@ -50,16 +50,55 @@ const BN_EPS: f32 = 1e-5;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Conv { x: usize, y: usize, w: usize, b: Option<usize>, geom: ConvGeom },
-    Relu { x: usize, y: usize },
-    Add { a: usize, b: usize, y: usize },
-    MaxPool { x: usize, y: usize, geom: PoolGeom },
-    GlobalAvgPool { x: usize, y: usize, hw: usize },
-    Flatten { x: usize, y: usize },
+    Conv {
+        x: usize,
+        y: usize,
+        w: usize,
+        b: Option<usize>,
+        geom: ConvGeom,
+    },
+    Relu {
+        x: usize,
+        y: usize,
+    },
+    Add {
+        a: usize,
+        b: usize,
+        y: usize,
+    },
+    MaxPool {
+        x: usize,
+        y: usize,
+        geom: PoolGeom,
+    },
+    GlobalAvgPool {
+        x: usize,
+        y: usize,
+        hw: usize,
+    },
+    Flatten {
+        x: usize,
+        y: usize,
+    },
     /// Per channel of a conv's output: params gamma, beta, running mean, var.
-    BatchNorm { x: usize, y: usize, conv: String, c: usize, hw: usize, p: [usize; 4] },
+    BatchNorm {
+        x: usize,
+        y: usize,
+        conv: String,
+        c: usize,
+        hw: usize,
+        p: [usize; 4],
+    },
     /// y[B,n] = x[B,k]·op(w) + b; w is n×k when `trans_b`, else k×n.
-    Gemm { x: usize, y: usize, w: usize, b: Option<usize>, k: usize, n: usize, trans_b: bool },
+    Gemm {
+        x: usize,
+        y: usize,
+        w: usize,
+        b: Option<usize>,
+        k: usize,
+        n: usize,
+        trans_b: bool,
+    },
 }
 
 /// The trainable network: values (tensors, by per-image length), steps, params.
@@ -133,8 +172,16 @@ impl Builder<'_> {
         if let Some(&p) = self.param_ix.get(tensor) {
             return Ok(p);
         }
-        let w = self.graph.constant_f32(tensor).ok_or_else(|| unsupported(node, op, &format!("weight `{tensor}` is not an f32 initializer")))?;
-        self.net.params.push(Param { name: tensor.to_string(), shape: w.shape().to_vec(), data: w.iter().copied().collect(), trainable: true });
+        let w = self
+            .graph
+            .constant_f32(tensor)
+            .ok_or_else(|| unsupported(node, op, &format!("weight `{tensor}` is not an f32 initializer")))?;
+        self.net.params.push(Param {
+            name: tensor.to_string(),
+            shape: w.shape().to_vec(),
+            data: w.iter().copied().collect(),
+            trainable: true,
+        });
         self.param_ix.insert(tensor.to_string(), self.net.params.len() - 1);
         Ok(self.net.params.len() - 1)
     }
@@ -226,7 +273,9 @@ impl Builder<'_> {
         let name = self.graph.node(ix).name().to_string();
         let c = shape[0];
         let mut p = [0; 4];
-        for (k, (suffix, value, trainable)) in [("gamma", 1.0, true), ("beta", 0.0, true), ("mean", 0.0, false), ("var", 1.0, false)].into_iter().enumerate() {
+        for (k, (suffix, value, trainable)) in
+            [("gamma", 1.0, true), ("beta", 0.0, true), ("mean", 0.0, false), ("var", 1.0, false)].into_iter().enumerate()
+        {
             self.net.params.push(Param { name: format!("{name}\u{0}bn.{suffix}"), shape: vec![c], data: vec![value; c], trainable });
             p[k] = self.net.params.len() - 1;
         }
@@ -238,7 +287,9 @@ impl Builder<'_> {
     fn maxpool(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
         let node = self.graph.node(ix);
         let (name, op) = (node.name(), node.op());
-        if node.attr_ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) || !matches!(node.attr_str("auto_pad").as_deref(), None | Some("") | Some("NOTSET")) {
+        if node.attr_ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
+            || !matches!(node.attr_str("auto_pad").as_deref(), None | Some("") | Some("NOTSET"))
+        {
             return Err(unsupported(name, op, "dilated or auto-padded pooling is not supported"));
         }
         let k = pair(node.attr_ints("kernel_shape"), 1, name, op, "kernel_shape")?;
@@ -288,8 +339,16 @@ impl Network {
     }
 
     fn build(graph: &Graph, shapes: &Shapes, with_bn: bool) -> Result<Network> {
-        let input = graph.meta.input.iter().map(|i| i.name()).find(|n| !graph.weights().contains_key(*n)).ok_or_else(|| Error::invalid("distill: the model has no input"))?.to_string();
-        let output = graph.meta.output.first().map(|o| o.name().to_string()).ok_or_else(|| Error::invalid("distill: the model has no output"))?;
+        let input = graph
+            .meta
+            .input
+            .iter()
+            .map(|i| i.name())
+            .find(|n| !graph.weights().contains_key(*n))
+            .ok_or_else(|| Error::invalid("distill: the model has no input"))?
+            .to_string();
+        let output =
+            graph.meta.output.first().map(|o| o.name().to_string()).ok_or_else(|| Error::invalid("distill: the model has no output"))?;
         let net = Network { params: vec![], steps: vec![], value_len: vec![], values: HashMap::new(), input: 0, output: 0 };
         let mut b = Builder { graph, shapes, net, param_ix: HashMap::new(), with_bn };
         b.net.input = b.value(&input)?;
@@ -327,7 +386,20 @@ impl Network {
         let (w, b) = (self.params.len() - 2, self.params.len() - 1);
         self.value_len.push(c_out * hw.0 * hw.1);
         let y = self.value_len.len() - 1;
-        let geom = ConvGeom { c_in, c_out, group: 1, kh: 1, kw: 1, stride: [1, 1], pad: [0, 0], dilation: [1, 1], h: hw.0, w: hw.1, ho: hw.0, wo: hw.1 };
+        let geom = ConvGeom {
+            c_in,
+            c_out,
+            group: 1,
+            kh: 1,
+            kw: 1,
+            stride: [1, 1],
+            pad: [0, 0],
+            dilation: [1, 1],
+            h: hw.0,
+            w: hw.1,
+            ho: hw.0,
+            wo: hw.1,
+        };
         self.steps.push(Step::Conv { x, y, w, b: Some(b), geom });
         y
     }
@@ -336,7 +408,8 @@ impl Network {
     /// (running statistics) into its conv: W' = W·s, b' = (b − μ)·s + β,
     /// s = γ / sqrt(σ² + ε).
     pub fn write_back(&self, graph: &mut Graph) {
-        let mut data: HashMap<&str, Vec<f32>> = self.params.iter().filter(|p| p.trainable).map(|p| (p.name.as_str(), p.data.clone())).collect();
+        let mut data: HashMap<&str, Vec<f32>> =
+            self.params.iter().filter(|p| p.trainable).map(|p| (p.name.as_str(), p.data.clone())).collect();
         let mut biases = Vec::new();
         for step in &self.steps {
             let Step::BatchNorm { conv, c, p, .. } = step else { continue };
@@ -360,7 +433,8 @@ impl Network {
         }
         // Params that are not graph weights (BN statistics, adapters) stay out.
         for p in self.params.iter().filter(|p| data.contains_key(p.name.as_str())) {
-            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&p.shape), data[p.name.as_str()].clone()).expect("param length matches its shape");
+            let a = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&p.shape), data[p.name.as_str()].clone())
+                .expect("param length matches its shape");
             if let Some(w) = graph.weight_mut(&p.name) {
                 w.set_data(crate::ir::Data::F32(a));
             }
@@ -415,7 +489,8 @@ impl Network {
         if x.len() != batch * self.input_len() {
             return Err(Error::Data(format!("distill: input holds {} values, expected {batch} × {}", x.len(), self.input_len())));
         }
-        let mut acts = Activations { batch, mode, values: vec![Vec::new(); self.value_len.len()], argmax: HashMap::new(), bn_batch: HashMap::new() };
+        let mut acts =
+            Activations { batch, mode, values: vec![Vec::new(); self.value_len.len()], argmax: HashMap::new(), bn_batch: HashMap::new() };
         acts.values[self.input] = x;
         for (i, step) in self.steps.iter().enumerate() {
             let (y, out) = self.forward_step(i, step, &mut acts);
@@ -431,7 +506,9 @@ impl Network {
             Step::Conv { x, y, w, b, geom } => {
                 let mut out = vec![0.0; batch * geom.output_len()];
                 let (w, b) = (&self.params[*w].data, b.map(|b| self.params[b].data.as_slice()));
-                out.par_chunks_mut(geom.output_len()).zip(vals[*x].par_chunks(geom.input_len())).for_each_init(Vec::new, |col, (yn, xn)| kernels::conv_forward(geom, xn, w, b, yn, col));
+                out.par_chunks_mut(geom.output_len())
+                    .zip(vals[*x].par_chunks(geom.input_len()))
+                    .for_each_init(Vec::new, |col, (yn, xn)| kernels::conv_forward(geom, xn, w, b, yn, col));
                 (*y, out)
             }
             Step::Relu { x, y } => (*y, vals[*x].par_iter().map(|v| v.max(0.0)).collect()),
@@ -477,7 +554,17 @@ impl Network {
                 if let Some(b) = b {
                     out.chunks_mut(*n).for_each(|row| row.copy_from_slice(&self.params[*b].data));
                 }
-                kernels::gemm(batch, *k, *n, &vals[*x], false, &self.params[*w].data, *trans_b, &mut out, if b.is_some() { 1.0 } else { 0.0 });
+                kernels::gemm(
+                    batch,
+                    *k,
+                    *n,
+                    &vals[*x],
+                    false,
+                    &self.params[*w].data,
+                    *trans_b,
+                    &mut out,
+                    if b.is_some() { 1.0 } else { 0.0 },
+                );
                 (*y, out)
             }
         }
@@ -517,7 +604,9 @@ impl Network {
                 }
                 let wd = &self.params[*w].data;
                 let mut dx = vec![0.0; vals[*x].len()];
-                dx.par_chunks_mut(geom.input_len()).zip(dy.par_chunks(geom.output_len())).for_each_init(Vec::new, |col, (dxn, dyn_)| kernels::conv_input_grad(geom, wd, dyn_, dxn, col));
+                dx.par_chunks_mut(geom.input_len())
+                    .zip(dy.par_chunks(geom.output_len()))
+                    .for_each_init(Vec::new, |col, (dxn, dyn_)| kernels::conv_input_grad(geom, wd, dyn_, dxn, col));
                 vec![(*x, dx)]
             }
             Step::Relu { x, y } => vec![(*x, dy.par_iter().zip(&vals[*y]).map(|(g, &o)| if o > 0.0 { *g } else { 0.0 }).collect())],
@@ -565,7 +654,14 @@ impl Network {
 
 fn step_output(step: &Step) -> usize {
     match step {
-        Step::Conv { y, .. } | Step::Relu { y, .. } | Step::Add { y, .. } | Step::MaxPool { y, .. } | Step::GlobalAvgPool { y, .. } | Step::Flatten { y, .. } | Step::BatchNorm { y, .. } | Step::Gemm { y, .. } => *y,
+        Step::Conv { y, .. }
+        | Step::Relu { y, .. }
+        | Step::Add { y, .. }
+        | Step::MaxPool { y, .. }
+        | Step::GlobalAvgPool { y, .. }
+        | Step::Flatten { y, .. }
+        | Step::BatchNorm { y, .. }
+        | Step::Gemm { y, .. } => *y,
     }
 }
 
@@ -623,7 +719,14 @@ fn channel_stats(x: &[f32], c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
 /// Backward of a BN step given the statistics its forward used: with batch
 /// statistics dx = s/N·(N·dy − Σdy − x̂·Σ(dy·x̂)), s = γ/σ; with running
 /// (frozen) statistics dx = s·dy.
-fn batchnorm_backward(x: &[f32], dy: &[f32], c: usize, hw: usize, gamma: &[f32], (mean, var, train): (&[f32], &[f32], bool)) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn batchnorm_backward(
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    hw: usize,
+    gamma: &[f32],
+    (mean, var, train): (&[f32], &[f32], bool),
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = (x.len() / (c * hw).max(1) * hw) as f64;
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / ((*v + BN_EPS) as f64).sqrt()).collect();
     let (mut sdy, mut sdyx) = (vec![0.0f64; c], vec![0.0f64; c]);

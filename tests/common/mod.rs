@@ -1,10 +1,10 @@
 #![allow(dead_code)]
-use cresnet_opt::passes::dw::DwOptions;
-use cresnet_opt::passes::fold::FoldOptions;
-use cresnet_opt::passes::PassSpec;
-use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::fixture::Rng;
 use cresnet_opt::ir::Model;
+use cresnet_opt::passes::dw::DwOptions;
+use cresnet_opt::passes::fold::FoldOptions;
+use cresnet_opt::passes::prune::PruneOptions;
+use cresnet_opt::passes::PassSpec;
 use cresnet_opt::runner::Runner;
 use ndarray::ArrayD;
 use std::path::PathBuf;
@@ -56,7 +56,13 @@ pub fn dw(rank: usize) -> PassSpec {
 /// `dw` at `rank` on every KxK conv, the stem included, in the grouped
 /// layout (one depthwise + one pointwise conv per factorized conv).
 pub fn dw_all(rank: usize) -> PassSpec {
-    PassSpec::Dw(DwOptions { rank: Some(rank), min_gain: -10.0, include: vec!["*".into()], layout: cresnet_opt::passes::dw::DwLayout::Grouped, ..Default::default() })
+    PassSpec::Dw(DwOptions {
+        rank: Some(rank),
+        min_gain: -10.0,
+        include: vec!["*".into()],
+        layout: cresnet_opt::passes::dw::DwLayout::Grouped,
+        ..Default::default()
+    })
 }
 
 pub fn prune(opts: PruneOptions) -> PassSpec {
@@ -74,7 +80,9 @@ pub fn smooth_images(count: usize, seed: u64) -> Vec<ndarray::Array3<f32>> {
     (0..count)
         .map(|_| {
             let (a, b, c) = (rng.uniform() * 0.3, rng.uniform() * 0.3, rng.uniform() * 6.0);
-            ndarray::Array3::from_shape_fn((3, 64, 64), |(ch, y, x)| 60.0 * ((a * x as f32 + b * y as f32 + c + ch as f32).sin()) + 10.0 * rng.normal())
+            ndarray::Array3::from_shape_fn((3, 64, 64), |(ch, y, x)| {
+                60.0 * ((a * x as f32 + b * y as f32 + c + ch as f32).sin()) + 10.0 * rng.normal()
+            })
         })
         .collect()
 }
