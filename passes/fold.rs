@@ -99,7 +99,7 @@ fn affine(graph: &Graph, bn: &crate::ir::Node) -> std::result::Result<Affine, St
     let param = |slot: usize| -> std::result::Result<Vec<f64>, String> {
         let name = bn.input(slot).ok_or_else(|| format!("missing input {slot}"))?;
         let w = graph.constant(name).ok_or_else(|| format!("`{name}` is not a constant initializer"))?;
-        to_f64(w).ok_or_else(|| format!("`{name}` has dtype {}, not f32/f64", w.dtype()))
+        Weight::to_f64_vec(w).ok_or_else(|| format!("`{name}` has dtype {}, not f32/f64", w.dtype()))
     };
     let (gamma, beta, mean, var) = (param(1)?, param(2)?, param(3)?, param(4)?);
     let eps = bn.attr_float("epsilon").unwrap_or(1e-5) as f64;
@@ -108,20 +108,12 @@ fn affine(graph: &Graph, bn: &crate::ir::Node) -> std::result::Result<Affine, St
     Ok(Affine { scale, shift })
 }
 
-pub(crate) fn to_f64(w: &Weight) -> Option<Vec<f64>> {
-    match w.data() {
-        Data::F32(a) => Some(a.iter().map(|&v| v as f64).collect()),
-        Data::F64(a) => Some(a.iter().copied().collect()),
-        _ => None,
-    }
-}
-
 /// Rewrites the producer's weights and takes the BN out of the graph.
 fn apply(graph: &mut Graph, producer: NodeIndex, bn: NodeIndex, a: &Affine) -> Result<String> {
     let p = graph.node(producer).clone();
     let is_gemm = p.op() == "Gemm";
     let weight_name = p.input(1).expect("planned").to_string();
-    let bias = p.input(2).and_then(|b| graph.constant(b)).and_then(to_f64);
+    let bias = p.input(2).and_then(|b| graph.constant(b)).and_then(Weight::to_f64_vec);
     let gemm_beta = if is_gemm { p.attr_float("beta").unwrap_or(1.0) as f64 } else { 1.0 };
     let n = a.scale.len();
     let old_bias: Vec<f64> = match bias {

@@ -234,7 +234,7 @@ fn following_bn_scale(graph: &Graph, tensor: &str) -> Option<Vec<f64>> {
     if node.op() != "BatchNormalization" {
         return None;
     }
-    let p = |slot: usize| node.input(slot).and_then(|n| graph.constant(n)).and_then(crate::passes::fold::to_f64);
+    let p = |slot: usize| node.input(slot).and_then(|n| graph.constant(n)).and_then(Weight::to_f64_vec);
     let (g, v) = (p(1)?, p(4)?);
     let eps = node.attr_float("epsilon").unwrap_or(1e-5) as f64;
     Some(g.iter().zip(&v).map(|(g, v)| g / (v + eps).sqrt()).collect())
@@ -626,7 +626,7 @@ fn constant_parts(graph: &Graph, cg: &ChannelGraph) -> Vec<f64> {
         let Some(&yt) = cg.index.get(y) else { continue };
         let n = cg.channels[yt];
         let at = |name: &str, c: usize, v: &[f64]| cg.slot(name, c).map_or(f64::NAN, |s| v[s]);
-        let param = |slot: usize| node.input(slot).and_then(|p| graph.constant(p)).and_then(crate::passes::fold::to_f64);
+        let param = |slot: usize| node.input(slot).and_then(|p| graph.constant(p)).and_then(Weight::to_f64_vec);
         let out: Vec<f64> = match (node.op(), role) {
             (_, Role::Dense) => param(2).filter(|b| b.len() == n).unwrap_or_else(|| vec![0.0; n]),
             ("Conv", Role::Depthwise) => {

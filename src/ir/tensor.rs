@@ -138,6 +138,15 @@ impl Weight {
         self.len() == 0
     }
 
+    /// The values of a float tensor as f64 (None for other dtypes).
+    pub fn to_f64_vec(&self) -> Option<Vec<f64>> {
+        match self.data() {
+            Data::F32(a) => Some(a.iter().map(|&v| v as f64).collect()),
+            Data::F64(a) => Some(a.iter().copied().collect()),
+            _ => None,
+        }
+    }
+
     pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
         match &self.data {
             Data::F32(a) => Some(a),
