@@ -128,6 +128,7 @@ registry! {
     Dw => dw::Dw,
     Lowrank => lowrank::Lowrank,
     Distill => distill::Distill,
+    EliminateIdentity => eliminate_identity::EliminateIdentity,
 }
 
 /// Pipelines shipped in the binary: (name, one-line summary, YAML).
