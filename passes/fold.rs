@@ -103,7 +103,7 @@ fn affine(graph: &Graph, bn: &crate::ir::Node) -> std::result::Result<Affine, St
     };
     let (gamma, beta, mean, var) = (param(1)?, param(2)?, param(3)?, param(4)?);
     let eps = bn.attr_float("epsilon").unwrap_or(1e-5) as f64;
-    let scale: Vec<f64> = gamma.iter().zip(&var).map(|(g, v)| g / (v + eps).sqrt()).collect();
+    let scale = crate::ir::batchnorm::scale(&gamma, &var, eps);
     let shift = beta.iter().zip(&mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
     Ok(Affine { scale, shift })
 }

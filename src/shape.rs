@@ -4,6 +4,7 @@
 //! A mismatch (a conv weight that disagrees with its input, broadcast
 //! failures, …) is an error naming the node.
 use crate::error::{Error, Result};
+use crate::ir::conv::Window;
 use crate::ir::{Data, Graph, Node};
 use crate::onnx::{tensor_proto::DataType, type_proto, ValueInfoProto};
 use std::collections::HashMap;
@@ -143,30 +144,6 @@ fn constant_info(node: &Node) -> Option<TensorInfo> {
     Some(TensorInfo { dtype: t.data_type.unwrap_or(0), shape: Some(t.dims.iter().map(|&d| d.max(0) as usize).collect()) })
 }
 
-/// Kernel geometry shared by Conv and the pools.
-struct Window {
-    kernel: Vec<usize>,
-    strides: Vec<usize>,
-    dilations: Vec<usize>,
-    pads: Vec<usize>,
-}
-
-fn window(node: &Node, kernel: Vec<usize>) -> std::result::Result<Window, String> {
-    let n = kernel.len();
-    let get = |name: &str, default: usize, len: usize| -> std::result::Result<Vec<usize>, String> {
-        match node.attr_ints(name) {
-            None => Ok(vec![default; len]),
-            Some(v) if v.len() == len && v.iter().all(|&x| x >= 0) => Ok(v.iter().map(|&x| x as usize).collect()),
-            Some(v) => Err(format!("attribute `{name}` {v:?} does not fit a {n}-d kernel")),
-        }
-    };
-    let w = Window { strides: get("strides", 1, n)?, dilations: get("dilations", 1, n)?, pads: get("pads", 0, 2 * n)?, kernel };
-    if w.strides.contains(&0) || w.dilations.contains(&0) {
-        return Err("zero stride or dilation".into());
-    }
-    Ok(w)
-}
-
 /// Output spatial sizes of a sliding window, honouring auto_pad and ceil_mode.
 fn spatial(node: &Node, input: &[usize], w: &Window) -> std::result::Result<Vec<usize>, String> {
     let auto_pad = node.attr_str("auto_pad").unwrap_or_else(|| "NOTSET".into());
@@ -219,7 +196,7 @@ fn conv(node: &Node, x: &[usize], w: Option<&TensorInfo>, b: Option<&TensorInfo>
         Some(k) => return Err(format!("kernel_shape {k:?} disagrees with weight {ws:?}")),
         None => ws[2..].to_vec(),
     };
-    let w = window(node, kernel)?;
+    let w = Window::of(node, kernel)?;
     let mut out = vec![x[0], ws[0]];
     out.extend(spatial(node, &x[2..], &w)?);
     Ok(out)
@@ -242,7 +219,7 @@ fn pool(node: &Node, x: &[usize]) -> std::result::Result<Vec<usize>, String> {
     if x.len() != kernel.len() + 2 {
         return Err(format!("kernel {kernel:?} does not fit input {x:?}"));
     }
-    let w = window(node, kernel)?;
+    let w = Window::of(node, kernel)?;
     let mut out = x[..2].to_vec();
     out.extend(spatial(node, &x[2..], &w)?);
     Ok(out)

@@ -47,8 +47,7 @@ pub struct ChannelGraph {
     pub channels: Vec<usize>,
     /// The role of each analysed node.
     pub roles: HashMap<NodeIndex, Role>,
-    parent: Vec<usize>,
-    size: Vec<usize>,
+    sets: UnionFind,
     blocked: Vec<bool>,
     /// Why slots were blocked (first reason per tensor), for reports.
     pub block_reasons: HashMap<String, String>,
@@ -81,7 +80,7 @@ impl ChannelGraph {
 
     /// One slot per channel of every activation tensor (not weights).
     fn slots(graph: &Graph, shapes: &Shapes) -> ChannelGraph {
-        let mut cg = ChannelGraph { tensors: vec![], index: HashMap::new(), base: vec![], channels: vec![], roles: HashMap::new(), parent: vec![], size: vec![], blocked: vec![], block_reasons: HashMap::new(), residual: vec![] };
+        let mut cg = ChannelGraph { tensors: vec![], index: HashMap::new(), base: vec![], channels: vec![], roles: HashMap::new(), sets: UnionFind::default(), blocked: vec![], block_reasons: HashMap::new(), residual: vec![] };
         let names = graph.meta.input.iter().map(|i| i.name().to_string()).chain(graph.topo_order().unwrap_or_default().into_iter().flat_map(|ix| graph.node(ix).outputs().to_vec()));
         for name in names {
             if graph.weights().contains_key(&name) || cg.index.contains_key(&name) {
@@ -90,12 +89,10 @@ impl ChannelGraph {
             if let Some(c) = channel_count(shapes, &name) {
                 cg.index.insert(name.clone(), cg.tensors.len());
                 cg.tensors.push(name);
-                cg.base.push(cg.parent.len());
+                cg.base.push(cg.sets.len());
                 cg.channels.push(c);
                 cg.residual.push(false);
-                let start = cg.parent.len();
-                cg.parent.extend(start..start + c);
-                cg.size.extend(std::iter::repeat_n(1, c));
+                cg.sets.grow(c);
                 cg.blocked.extend(std::iter::repeat_n(false, c));
             }
         }
@@ -103,7 +100,7 @@ impl ChannelGraph {
     }
 
     pub fn slot_count(&self) -> usize {
-        self.parent.len()
+        self.sets.len()
     }
 
     pub fn slot(&self, tensor: &str, channel: usize) -> Option<usize> {
@@ -111,21 +108,13 @@ impl ChannelGraph {
         (channel < self.channels[t]).then(|| self.base[t] + channel)
     }
 
-    pub fn find(&self, mut s: usize) -> usize {
-        while self.parent[s] != s {
-            s = self.parent[s];
-        }
-        s
+    /// The class (set root) of a slot.
+    pub fn find(&self, s: usize) -> usize {
+        self.sets.find(s)
     }
 
     fn union(&mut self, a: usize, b: usize) {
-        let (ra, rb) = (self.find(a), self.find(b));
-        if ra != rb {
-            // Union by size keeps every find path logarithmic.
-            let (big, small) = if self.size[ra] >= self.size[rb] { (ra, rb) } else { (rb, ra) };
-            self.parent[small] = big;
-            self.size[big] += self.size[small];
-        }
+        self.sets.union(a, b);
     }
 
     /// Ties channel c of `a` to channel c of `b` for all c (same counts).
@@ -166,7 +155,7 @@ impl ChannelGraph {
     /// Blocked flag per class root (a class is blocked if any member is).
     pub fn blocked_roots(&self) -> HashMap<usize, bool> {
         let mut out: HashMap<usize, bool> = HashMap::new();
-        for s in 0..self.parent.len() {
+        for s in 0..self.sets.len() {
             *out.entry(self.find(s)).or_insert(false) |= self.blocked[s];
         }
         out
@@ -341,4 +330,49 @@ fn visit_dense(graph: &Graph, shapes: &Shapes, node: &crate::ir::Node) -> Result
         }
     }
     Ok(Role::Dense)
+}
+
+/// Disjoint sets of 0..n (union by size: every find path stays logarithmic).
+#[derive(Debug, Clone, Default)]
+pub struct UnionFind {
+    parent: Vec<usize>,
+    size: Vec<usize>,
+}
+
+impl UnionFind {
+    /// `n` singletons.
+    pub fn new(n: usize) -> UnionFind {
+        UnionFind { parent: (0..n).collect(), size: vec![1; n] }
+    }
+
+    /// Adds `n` singletons.
+    pub fn grow(&mut self, n: usize) {
+        let start = self.parent.len();
+        self.parent.extend(start..start + n);
+        self.size.extend(std::iter::repeat_n(1, n));
+    }
+
+    pub fn len(&self) -> usize {
+        self.parent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parent.is_empty()
+    }
+
+    pub fn find(&self, mut s: usize) -> usize {
+        while self.parent[s] != s {
+            s = self.parent[s];
+        }
+        s
+    }
+
+    pub fn union(&mut self, a: usize, b: usize) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            let (big, small) = if self.size[ra] >= self.size[rb] { (ra, rb) } else { (rb, ra) };
+            self.parent[small] = big;
+            self.size[big] += self.size[small];
+        }
+    }
 }

@@ -6,8 +6,11 @@
 //! `reconstruction` is data-driven and chooses channels inside the pass's
 //! calibrated refit (`src/refit/obs.rs`); its allocation across groups,
 //! and the groups it cannot handle, use `l1` scores.
-use super::Importance;
+use super::dependency::{ChannelGraph, Role};
+use super::{Importance, PruneOptions};
+use crate::ir::{Graph, Weight};
 use ndarray::{ArrayD, Axis};
+use std::collections::HashMap;
 
 /// A way to score filters.
 pub trait Criterion {
@@ -56,4 +59,51 @@ pub fn normalized(scores: Vec<f64>) -> Vec<f64> {
     } else {
         scores
     }
+}
+
+/// Producer filter scores per slot (normalized per layer).
+pub fn producer_scores(graph: &Graph, cg: &ChannelGraph, opts: &PruneOptions) -> HashMap<usize, f64> {
+    let crit = criterion(opts.importance);
+    let mut out: HashMap<usize, f64> = HashMap::new();
+    for (&ix, &role) in &cg.roles {
+        let node = graph.node(ix);
+        if role != Role::Dense {
+            continue;
+        }
+        let (Some(y), Some(w)) = (node.output(0), node.input(1).and_then(|n| graph.constant_f32(n))) else { continue };
+        let axis = output_axis(node);
+        let mut scores = crit.scores(w, axis);
+        if let Some(scale) = following_bn_scale(graph, y) {
+            scores.iter_mut().zip(scale).for_each(|(s, g)| *s *= g.abs());
+        }
+        for (c, s) in normalized(scores).into_iter().enumerate() {
+            if let Some(slot) = cg.slot(y, c) {
+                *out.entry(slot).or_insert(0.0) += s;
+            }
+        }
+    }
+    out
+}
+
+/// The weight axis holding output channels: 0 for Conv and transposed Gemm.
+pub fn output_axis(node: &crate::ir::Node) -> usize {
+    match node.op() {
+        "Gemm" if node.attr_int("transB").unwrap_or(0) == 1 => 0,
+        "Gemm" | "MatMul" => 1,
+        _ => 0,
+    }
+}
+
+/// |γ/√(σ²+ε)| of a BN that alone reads `tensor`.
+pub fn following_bn_scale(graph: &Graph, tensor: &str) -> Option<Vec<f64>> {
+    let consumers = graph.consumers(tensor);
+    let [(bn, 0)] = consumers.as_slice() else { return None };
+    let node = graph.node(*bn);
+    if node.op() != "BatchNormalization" {
+        return None;
+    }
+    let p = |slot: usize| node.input(slot).and_then(|n| graph.constant(n)).and_then(Weight::to_f64_vec);
+    let (g, v) = (p(1)?, p(4)?);
+    let eps = node.attr_float("epsilon").unwrap_or(1e-5) as f64;
+    Some(crate::ir::batchnorm::scale(&g, &v, eps))
 }

@@ -9,6 +9,8 @@
 //! edges stale; [`crate::validate`] re-checks the whole after every pass. Every
 //! field we do not interpret (attributes, doc strings, metadata, functions,
 //! opsets, value_info, unknown ops and domains) is kept as the original proto.
+pub mod batchnorm;
+pub mod conv;
 pub mod tensor;
 
 use crate::error::{Error, Result};

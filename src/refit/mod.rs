@@ -82,18 +82,10 @@ fn geometry(graph: &Graph, ix: NodeIndex) -> Option<Geometry> {
             && one("beta");
         return plain.then_some(Geometry { kh: 1, kw: 1, stride: [1, 1], pad: [0, 0], dilation: [1, 1] });
     }
-    let ints = |name: &str, default: [usize; 2]| {
-        node.attr_ints(name).map_or(Some(default), |v| (v.len() >= 2 && v.iter().all(|&x| x >= 0)).then(|| [v[0] as usize, v[1] as usize]))
-    };
-    let auto_pad = node.attr_str("auto_pad").unwrap_or_default();
-    let ok = node.op() == "Conv" && node.attr_int("group").unwrap_or(1) == 1 && w.ndim() == 4 && matches!(auto_pad.as_str(), "" | "NOTSET");
-    ok.then_some(Geometry {
-        kh: w.shape()[2],
-        kw: w.shape()[3],
-        stride: ints("strides", [1, 1])?,
-        pad: ints("pads", [0, 0])?,
-        dilation: ints("dilations", [1, 1])?,
-    })
+    let ok = node.op() == "Conv" && node.attr_int("group").unwrap_or(1) == 1 && w.ndim() == 4 && crate::ir::conv::explicit_pads(node);
+    let (kh, kw) = (w.shape().get(2).copied()?, w.shape().get(3).copied()?);
+    let (stride, pad, dilation) = crate::ir::conv::Window::of(node, vec![kh, kw]).ok()?.pairs()?;
+    ok.then_some(Geometry { kh, kw, stride, pad, dilation })
 }
 
 /// The layers of `layers` that the generic refit ([`solve_layer`]) handles: dense 2-d convs with f32 weights. A solver

@@ -228,7 +228,7 @@ impl Builder<'_> {
     fn conv(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
         let node = self.graph.node(ix);
         let (name, op) = (node.name(), node.op());
-        if !matches!(node.attr_str("auto_pad").as_deref(), None | Some("") | Some("NOTSET")) {
+        if !crate::ir::conv::explicit_pads(node) {
             return Err(unsupported(name, op, "auto_pad is not supported (explicit pads only)"));
         }
         let w_name = node.input(1).unwrap_or_default().to_string();
@@ -240,16 +240,17 @@ impl Builder<'_> {
         if ws.len() != 4 || xs.len() != 3 || ys.len() != 3 {
             return Err(unsupported(name, op, "only 2-d convolutions are supported"));
         }
-        let pads = node.attr_ints("pads").unwrap_or(&[0, 0, 0, 0]);
+        let window = crate::ir::conv::Window::of(node, ws[2..].to_vec()).map_err(|e| unsupported(name, op, &e))?;
+        let (stride, pad, dilation) = window.pairs().ok_or_else(|| unsupported(name, op, "only 2-d convolutions are supported"))?;
         let geom = ConvGeom {
             c_in: xs[0],
             c_out: ys[0],
             group: node.attr_int("group").unwrap_or(1).max(1) as usize,
             kh: ws[2],
             kw: ws[3],
-            stride: pair(node.attr_ints("strides"), 1, name, op, "strides")?,
-            pad: pair(Some(pads), 0, name, op, "pads")?,
-            dilation: pair(node.attr_ints("dilations"), 1, name, op, "dilations")?,
+            stride,
+            pad,
+            dilation,
             h: xs[1],
             w: xs[2],
             ho: ys[1],
@@ -287,24 +288,14 @@ impl Builder<'_> {
     fn maxpool(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
         let node = self.graph.node(ix);
         let (name, op) = (node.name(), node.op());
-        if node.attr_ints("dilations").is_some_and(|d| d.iter().any(|&v| v != 1))
-            || !matches!(node.attr_str("auto_pad").as_deref(), None | Some("") | Some("NOTSET"))
-        {
+        let k = pair(node.attr_ints("kernel_shape"), 1, name, op, "kernel_shape")?;
+        let window = crate::ir::conv::Window::of(node, k.to_vec()).map_err(|e| unsupported(name, op, &e))?;
+        if window.dilations.iter().any(|&v| v != 1) || !crate::ir::conv::explicit_pads(node) {
             return Err(unsupported(name, op, "dilated or auto-padded pooling is not supported"));
         }
-        let k = pair(node.attr_ints("kernel_shape"), 1, name, op, "kernel_shape")?;
+        let (stride, pad, _) = window.pairs().ok_or_else(|| unsupported(name, op, "only 2-d pooling is supported"))?;
         let (xs, ys) = (self.shape(x_name)?, self.shape(out)?);
-        let geom = PoolGeom {
-            c: xs[0],
-            kh: k[0],
-            kw: k[1],
-            stride: pair(node.attr_ints("strides"), 1, name, op, "strides")?,
-            pad: pair(node.attr_ints("pads"), 0, name, op, "pads")?,
-            h: xs[1],
-            w: xs[2],
-            ho: ys[1],
-            wo: ys[2],
-        };
+        let geom = PoolGeom { c: xs[0], kh: k[0], kw: k[1], stride, pad, h: xs[1], w: xs[2], ho: ys[1], wo: ys[2] };
         Ok(Step::MaxPool { x, y: self.value(out)?, geom })
     }
 
@@ -421,7 +412,7 @@ impl Network {
                 None => vec![0.0; *c],
             };
             let [g, b, m, v] = p.map(|i| &self.params[i].data);
-            let s: Vec<f32> = (0..*c).map(|k| g[k] / (v[k] + BN_EPS).sqrt()).collect();
+            let s: Vec<f32> = crate::ir::batchnorm::scale(&g[..*c], &v[..*c], BN_EPS);
             if let Some(w) = data.get_mut(w_name) {
                 let per = w.len() / c;
                 w.chunks_mut(per).zip(&s).for_each(|(row, s)| row.iter_mut().for_each(|x| *x *= s));
@@ -537,7 +528,7 @@ impl Network {
                     }
                 };
                 let (g, b) = (&self.params[p[0]].data, &self.params[p[1]].data);
-                let scale: Vec<f32> = (0..*c).map(|k| g[k] / (v[k] + BN_EPS).sqrt()).collect();
+                let scale: Vec<f32> = crate::ir::batchnorm::scale(&g[..*c], &v[..*c], BN_EPS);
                 let shift: Vec<f32> = (0..*c).map(|k| b[k] - m[k] * scale[k]).collect();
                 let mut out = vals[*x].clone();
                 out.par_chunks_mut(*hw).enumerate().for_each(|(j, plane)| {
