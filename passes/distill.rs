@@ -21,7 +21,7 @@
 //! (README): Adam diverges even at lr 1e-5, SGD at 1e-3; LAMB (per-tensor
 //! trust ratio) is stable up to lr 1e-3, hence the default optimizer. The
 //! default lr 1e-4 is the one that improved a rank-1 dw student (1e-3 made it
-//! worse first); the 1/5 recipe uses 1e-3. `batchnorm: train`
+//! worse first); the 1/5 pipeline uses 1e-3. `batchnorm: train`
 //! re-inserts a training-mode BN after every conv (folded back at the end);
 //! `frozen` a BN on fixed statistics.
 //!

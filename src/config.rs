@@ -3,7 +3,7 @@
 //! calibration images. Unknown keys are rejected with the key named.
 //!
 //! ```yaml
-//! pipeline: cresnet            # optional: a named recipe shipped with the tool
+//! pipeline: cresnet            # optional: a pipeline shipped with the tool
 //! passes:                      # optional: ordered; a name, or {name: {options}}
 //!   - fold
 //!   - prune: { target_macs: 0.5, importance: l1 }
@@ -58,7 +58,7 @@ impl PipelineFile {
         Ok(file)
     }
 
-    /// The passes to run: the file's own list, else its named recipe's.
+    /// The passes to run: the file's own list, else its shipped pipeline's.
     pub fn resolve_passes(&self) -> Result<Vec<PassSpec>> {
         if let Some(passes) = &self.passes {
             return Ok(passes.clone());

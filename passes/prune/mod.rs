@@ -158,7 +158,7 @@ fn prune(model: &mut Model, ctx: &PassContext, opts: &PruneOptions) -> Result<Pa
     let (classes, groups) = classes(graph, &cg, opts);
     let removed = select(graph, ctx.shapes, &cg, &classes, groups, opts);
     let deferred = match opts.importance {
-        // Data-free (e.g. the `cresnet` recipe without calibration): the l1 choice stands.
+        // Data-free (e.g. the `cresnet` pipeline without calibration): the l1 choice stands.
         Importance::Reconstruction if ctx.calibration.is_none() => {
             report.decline("(all)", "importance: reconstruction needs calibration images (a `calibration:` section); used l1");
             vec![]

@@ -1,4 +1,4 @@
-//! `cresnet-opt pipelines`: the recipes shipped in the binary.
+//! `cresnet-opt pipelines`: the pipelines shipped in the binary (`passes/pipelines/`).
 use anyhow::Result;
 
 pub fn run() -> Result<()> {

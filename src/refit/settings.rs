@@ -85,7 +85,7 @@ pub enum RefitReference {
     /// earlier lossy passes broke upstream of the layer. A pass falls back
     /// to `previous` when earlier passes changed the shape of a tensor both
     /// models have (pruned channels), since the targets would not line up.
-    /// Measured on the 1/5 recipe (ResNet-50, 1,256 calibration images):
+    /// Measured on the 1/5 pipeline (ResNet-50, 1,256 calibration images):
     /// top-1 0.332 against 0.367 with `previous` — the corrections fit the
     /// calibration photos, not ImageNet.
     Original,
