@@ -40,8 +40,8 @@
 use super::{Pass, PassContext, PassReport};
 use crate::error::{Error, Result};
 use crate::ir::Model;
-pub use crate::train::distill::{BatchNormMode, DistillOptions};
 use crate::train::distill::{distill, DefaultImages};
+pub use crate::train::distill::{BatchNormMode, DistillOptions};
 use std::path::Path;
 
 /// The `distill` pass.
@@ -91,7 +91,10 @@ impl Pass for Distill {
             return Ok(report);
         }
         let loaded = o.teacher.as_ref().map(|p| crate::io::load(p)).transpose()?;
-        let teacher = loaded.as_ref().or(ctx.original).ok_or_else(|| Error::Pass { pass: "distill".into(), reason: "the pipeline kept no teacher model".into() })?;
+        let teacher = loaded
+            .as_ref()
+            .or(ctx.original)
+            .ok_or_else(|| Error::Pass { pass: "distill".into(), reason: "the pipeline kept no teacher model".into() })?;
         let defaults = ctx.calibration.map(|c| DefaultImages { sources: &c.sources, preprocessing: &c.preprocessing });
         for line in distill(&mut model.graph, ctx.shapes, teacher, defaults, o, ctx.progress)? {
             report.change("student", line);
@@ -100,4 +103,5 @@ impl Pass for Distill {
     }
 }
 
-const NO_IMAGES: &str = "no training images, the student is left untrained: give a `calibration:` folder or `distill: {data: [{dir: DIR}]}`";
+const NO_IMAGES: &str =
+    "no training images, the student is left untrained: give a `calibration:` folder or `distill: {data: [{dir: DIR}]}`";

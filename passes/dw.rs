@@ -85,7 +85,18 @@ pub enum DwLayout {
 
 impl Default for DwOptions {
     fn default() -> Self {
-        DwOptions { rank: None, energy: None, min_gain: 0.1, include: vec![], exclude: vec![], min_resolution: None, max_resolution: None, alternate: 2, refit: Refit::Changed, layout: DwLayout::Split }
+        DwOptions {
+            rank: None,
+            energy: None,
+            min_gain: 0.1,
+            include: vec![],
+            exclude: vec![],
+            min_resolution: None,
+            max_resolution: None,
+            alternate: 2,
+            refit: Refit::Changed,
+            layout: DwLayout::Split,
+        }
     }
 }
 
@@ -115,7 +126,12 @@ impl Pass for Dw {
 
 impl DwOptions {
     fn selection(&self) -> Selection<'_> {
-        Selection { include: &self.include, exclude: &self.exclude, min_resolution: self.min_resolution, max_resolution: self.max_resolution }
+        Selection {
+            include: &self.include,
+            exclude: &self.exclude,
+            min_resolution: self.min_resolution,
+            max_resolution: self.max_resolution,
+        }
     }
 }
 
@@ -136,14 +152,21 @@ pub struct Factorization {
 
 fn run_data_free(graph: &mut Graph, shapes: &Shapes, opts: &DwOptions) -> Result<PassReport> {
     let mut report = PassReport::default();
-    let convs: Vec<NodeIndex> = graph.topo_order()?.into_iter().filter(|&ix| graph.node(ix).op() == "Conv" && graph.node(ix).is_standard()).collect();
+    let convs: Vec<NodeIndex> =
+        graph.topo_order()?.into_iter().filter(|&ix| graph.node(ix).op() == "Conv" && graph.node(ix).is_standard()).collect();
     for ix in convs {
         let name = graph.node(ix).name().to_string();
         match eligible(graph, shapes, ix, opts) {
             Ok(None) => {}
             Ok(Some(weight)) => match factorize(&weight, opts) {
                 Ok(f) => {
-                    let what = format!("rank {} (energy {:.4}), params {} -> {}", f.rank, f.energy, weight.len(), f.depthwise.len() + f.pointwise.len());
+                    let what = format!(
+                        "rank {} (energy {:.4}), params {} -> {}",
+                        f.rank,
+                        f.energy,
+                        weight.len(),
+                        f.depthwise.len() + f.pointwise.len()
+                    );
                     replace(graph, ix, f, opts.layout == DwLayout::Split)?;
                     report.change(&name, what);
                 }
@@ -213,7 +236,8 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
         return Err(Error::Pass { pass: "dw".into(), reason: format!("`{name}`: weight or activations hold NaN or infinity") });
     }
     // Depthwise filters d_ij = row j of V_iᵀ, and the features z = d_ij · p_i.
-    let depthwise = ndarray::Array4::from_shape_fn((c_in * rank, 1, kh, kw), |(dd, _, a, b)| parts[dd / rank].vt[dd % rank][a * kw + b] as f32);
+    let depthwise =
+        ndarray::Array4::from_shape_fn((c_in * rank, 1, kh, kw), |(dd, _, a, b)| parts[dd / rank].vt[dd % rank][a * kw + b] as f32);
     let dflat = depthwise.as_slice().expect("standard layout");
     let zd = c_in * rank;
     let z: Vec<f32> = (0..n)
@@ -238,7 +262,9 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
         let patches = PatchStats::new(x, n, c_in * kk);
         for _ in 0..opts.alternate {
             let target = if fit.relu { crate::refit::relu_target(&za, &sol, &ya) } else { ya.clone() };
-            let Some(round) = alternate_round(&patches, &sol, rank, (kh, kw), fit, &ya, &target).filter(|r| r.err < after_err) else { break };
+            let Some(round) = alternate_round(&patches, &sol, rank, (kh, kw), fit, &ya, &target).filter(|r| r.err < after_err) else {
+                break;
+            };
             (depthwise, sol, after_err, za) = (round.depthwise, round.sol, round.err, round.z);
         }
     }
@@ -248,7 +274,10 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
     let pointwise = ndarray::Array4::from_shape_fn((c_out, zd, 1, 1), |(o, dd, _, _)| sol[(dd, o)] as f32);
     let pw = replace(graph, ix, Factorization { rank, energy: f64::NAN, depthwise, pointwise }, opts.layout == DwLayout::Split)?;
     graph.set_bias(pw, (0..c_out).map(|o| sol[(zd, o)] as f32).collect());
-    Ok(Outcome::Done { name: format!("{name} (rank {rank})"), what: format!("factorized on data: relative error {before_err:.4} -> {after_err:.4}") })
+    Ok(Outcome::Done {
+        name: format!("{name} (rank {rank})"),
+        what: format!("factorized on data: relative error {before_err:.4} -> {after_err:.4}"),
+    })
 }
 
 /// Largest depthwise refit (C_in·r·K² unknowns) `alternate` attempts: its
@@ -292,7 +321,15 @@ struct Round {
 /// G[(j,k),(j',k')] = (Q Qᵀ)[j,j'] · (XᵀX)[(i(j),k),(i(j'),k')]
 /// and the right side r[(j,k)] = Σ_o Q[j,o] (Xᵀ(T − b))[(i(j),k),o], with
 /// T the targets (Y, or its ReLU-aware stand-in).
-fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): (usize, usize), fit: Fit, ya: &faer::Mat<f64>, target: &faer::Mat<f64>) -> Option<Round> {
+fn alternate_round(
+    p: &PatchStats,
+    sol: &faer::Mat<f64>,
+    rank: usize,
+    (kh, kw): (usize, usize),
+    fit: Fit,
+    ya: &faer::Mat<f64>,
+    target: &faer::Mat<f64>,
+) -> Option<Round> {
     use faer::prelude::*;
     let (zd, kk) = (sol.nrows() - 1, kh * kw);
     let (n, d) = (p.xa.nrows(), p.xa.ncols() - 1);
@@ -313,7 +350,13 @@ fn alternate_round(p: &PatchStats, sol: &faer::Mat<f64>, rank: usize, (kh, kw): 
     crate::refit::add_ridge(&mut g, dim, fit.ridge);
     g.llt(faer::Side::Lower).ok()?.solve_in_place(rhs.as_mut());
     let filters: Vec<f64> = (0..dim).map(|a| rhs[(a, 0)]).collect();
-    let z = faer::Mat::<f64>::from_fn(n, zd + 1, |r, j| if j == zd { 1.0 } else { (0..kk).map(|k| filters[j * kk + k] * p.xa[(r, ch(j) * kk + k)]).sum() });
+    let z = faer::Mat::<f64>::from_fn(n, zd + 1, |r, j| {
+        if j == zd {
+            1.0
+        } else {
+            (0..kk).map(|k| filters[j * kk + k] * p.xa[(r, ch(j) * kk + k)]).sum()
+        }
+    });
     let new_sol = fit.solve(&z, ya)?;
     let err = fit.error(&z, &new_sol, ya);
     let depthwise = Array4::from_shape_fn((zd, 1, kh, kw), |(j, _, a, b)| filters[j * kk + a * kw + b] as f32);

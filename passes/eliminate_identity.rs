@@ -8,8 +8,10 @@
 //!
 //! Applies to nodes of the default domain without subgraphs. Declines, with
 //! the reason, when: Y is a graph output (its name is the model's interface;
-//! X cannot take it), a Dropout's mask output is read, or a Dropout's
-//! `training_mode` input is not a constant false.
+//! X cannot take it), the graph has subgraphs (If/Loop/Scan bodies may read Y
+//! from the outer scope, which the graph's wires do not show), a Dropout's
+//! mask output is read, or a Dropout's `training_mode` input is not a
+//! constant false.
 use super::{Pass, PassContext, PassReport};
 use crate::error::Result;
 use crate::ir::{Data, Graph, Model, Weight};
@@ -57,6 +59,9 @@ fn plan(graph: &Graph, ix: NodeIndex) -> std::result::Result<(String, String), S
     let y = node.output(0).ok_or("no output")?.to_string();
     if graph.is_graph_output(&y) {
         return Err(format!("its output `{y}` is a graph output"));
+    }
+    if graph.nodes().any(|n| n.has_subgraph()) {
+        return Err(format!("the graph has subgraphs, which may read `{y}` from the outer scope"));
     }
     if node.op() == "Dropout" {
         if node.output(1).is_some_and(|mask| graph.use_count(mask) > 0) {

@@ -17,13 +17,12 @@
 use super::{Pass, PassContext, PassReport};
 use crate::error::Result;
 use crate::ir::{Data, Graph, Model, Weight};
-use serde::{Deserialize, Serialize};
 use petgraph::stable_graph::NodeIndex;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FoldOptions {}
-
 
 /// The `fold` pass.
 pub struct Fold;
@@ -45,7 +44,8 @@ struct Affine {
 
 fn fold_all(graph: &mut Graph) -> Result<PassReport> {
     let mut report = PassReport::default();
-    let bns: Vec<NodeIndex> = graph.topo_order()?.into_iter().filter(|&ix| graph.node(ix).op() == "BatchNormalization" && graph.node(ix).is_standard()).collect();
+    let bns: Vec<NodeIndex> =
+        graph.topo_order()?.into_iter().filter(|&ix| graph.node(ix).op() == "BatchNormalization" && graph.node(ix).is_standard()).collect();
     for bn in bns {
         let name = graph.node(bn).name().to_string();
         match plan(graph, bn) {
@@ -151,7 +151,9 @@ fn apply(graph: &mut Graph, producer: NodeIndex, bn: NodeIndex, a: &Affine) -> R
 /// Multiplies the slices of `w` along `axis` by `scale`.
 fn scale_axis(w: &mut Weight, axis: usize, scale: &[f64]) {
     match w.data_mut() {
-        Data::F32(a) => a.axis_iter_mut(ndarray::Axis(axis)).zip(scale).for_each(|(mut row, &s)| row.mapv_inplace(|v| (v as f64 * s) as f32)),
+        Data::F32(a) => {
+            a.axis_iter_mut(ndarray::Axis(axis)).zip(scale).for_each(|(mut row, &s)| row.mapv_inplace(|v| (v as f64 * s) as f32))
+        }
         Data::F64(a) => a.axis_iter_mut(ndarray::Axis(axis)).zip(scale).for_each(|(mut row, &s)| row.mapv_inplace(|v| v * s)),
         _ => {}
     }

@@ -44,12 +44,12 @@ use super::{check_unit, Pass, PassContext, PassReport};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Node, Weight};
 use crate::refit::{append_ones as with_ones, Fit};
-use serde::{Deserialize, Serialize};
 use crate::shape::Shapes;
 use faer::prelude::*;
 use faer::{Mat, Side};
 use ndarray::{Array2, ArrayD, IxDyn};
 use petgraph::stable_graph::NodeIndex;
+use serde::{Deserialize, Serialize};
 
 /// Options of `lowrank`; see the module documentation.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -80,7 +80,19 @@ pub struct LowrankOptions {
 
 impl Default for LowrankOptions {
     fn default() -> Self {
-        LowrankOptions { rank: None, ratio: None, energy: None, target_params: None, min_gain: 0.1, include: vec![], exclude: vec![], min_resolution: None, max_resolution: None, alternate: 2, fit_gemm: false }
+        LowrankOptions {
+            rank: None,
+            ratio: None,
+            energy: None,
+            target_params: None,
+            min_gain: 0.1,
+            include: vec![],
+            exclude: vec![],
+            min_resolution: None,
+            max_resolution: None,
+            alternate: 2,
+            fit_gemm: false,
+        }
     }
 }
 
@@ -169,7 +181,9 @@ fn lowrank(model: &mut Model, ctx: &PassContext, opts: &LowrankOptions) -> Resul
     }
     if let (Some(calibrated), false) = (ctx.calibrated(), on_data.is_empty()) {
         let calib = calibrated.0;
-        factorize::on_data(model, calibrated, &on_data, &mut report, |g, layer, x, y| factorize_on_data(g, layer.node, &weights[&layer.node], x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node)))?;
+        factorize::on_data(model, calibrated, &on_data, &mut report, |g, layer, x, y| {
+            factorize_on_data(g, layer.node, &weights[&layer.node], x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node))
+        })?;
     }
     Ok(report)
 }
@@ -180,7 +194,14 @@ fn lowrank(model: &mut Model, ctx: &PassContext, opts: &LowrankOptions) -> Resul
 /// present weights (bisection). Equal relative loss per layer, rather than
 /// an equal share of weights (`ratio`), lets layers with steep spectra
 /// shrink more. Ranks come from the weights, also when calibrating.
-fn plan_for_target(graph: &Graph, ctx: &PassContext, candidates: &[(NodeIndex, Candidate)], target: f64, opts: &LowrankOptions, report: &mut PassReport) -> Result<std::collections::HashMap<NodeIndex, usize>> {
+fn plan_for_target(
+    graph: &Graph,
+    ctx: &PassContext,
+    candidates: &[(NodeIndex, Candidate)],
+    target: f64,
+    opts: &LowrankOptions,
+    report: &mut PassReport,
+) -> Result<std::collections::HashMap<NodeIndex, usize>> {
     use rayon::prelude::*;
     let total = crate::stats::from_shapes(graph, ctx.shapes).params as f64;
     let spectra: Vec<Vec<f64>> = candidates.par_iter().map(|(_, c)| spectrum(&c.w)).collect();
@@ -201,12 +222,19 @@ fn plan_for_target(graph: &Graph, ctx: &PassContext, candidates: &[(NodeIndex, C
     };
     let budget = target * total;
     if cost(0.0) > budget {
-        return Err(Error::Pass { pass: "lowrank".into(), reason: format!("`target_params` {target} is out of reach: rank 1 everywhere keeps {:.4} of the weights", cost(0.0) / total) });
+        return Err(Error::Pass {
+            pass: "lowrank".into(),
+            reason: format!("`target_params` {target} is out of reach: rank 1 everywhere keeps {:.4} of the weights", cost(0.0) / total),
+        });
     }
     let (mut lo, mut hi) = (0.0, 1.0);
     for _ in 0..40 {
         let mid = 0.5 * (lo + hi);
-        if cost(mid) <= budget { lo = mid } else { hi = mid }
+        if cost(mid) <= budget {
+            lo = mid
+        } else {
+            hi = mid
+        }
     }
     report.change("(plan)", format!("energy {lo:.4} per layer keeps {:.4} of the weights (target {target})", cost(lo) / total));
     Ok(candidates.iter().zip(&spectra).filter_map(|((ix, c), s)| rank_at(lo, (c, s)).map(|r| (*ix, r))).collect())
@@ -244,7 +272,12 @@ fn candidate(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &LowrankOption
     if !node.is_standard() || !matches!(op, "Conv" | "Gemm") {
         return Ok(None);
     }
-    let selection = Selection { include: &opts.include, exclude: &opts.exclude, min_resolution: opts.min_resolution, max_resolution: opts.max_resolution };
+    let selection = Selection {
+        include: &opts.include,
+        exclude: &opts.exclude,
+        min_resolution: opts.min_resolution,
+        max_resolution: opts.max_resolution,
+    };
     let Some((w, included)) = selection.weight(graph, shapes, ix)? else { return Ok(None) };
     let gemm = op == "Gemm";
     let shape = w.shape().to_vec();
@@ -325,7 +358,15 @@ fn to_array(m: &Mat<f64>) -> Array2<f32> {
 /// Factorizes 1x1 conv `ix` on its sampled inputs `x` (N × C_in) and
 /// reference outputs `y` (N × C_out): reduced-rank regression, then
 /// alternating refits of B (with the bias) and A.
-fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32], y: &[f32], opts: &LowrankOptions, fit: Fit) -> Result<Outcome> {
+fn factorize_on_data(
+    graph: &mut Graph,
+    ix: NodeIndex,
+    w: &Array2<f32>,
+    x: &[f32],
+    y: &[f32],
+    opts: &LowrankOptions,
+    fit: Fit,
+) -> Result<Outcome> {
     let name = graph.node(ix).name().to_string();
     let p = crate::refit::Problem::new(graph, ix, x, y)?;
     let (c_in, c_out) = (p.d, p.c_out);
@@ -335,7 +376,13 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32
     // interpolate the calibration outputs, so its principal directions are
     // those of the present weights' predictions, and A is not refit.
     let gemm = graph.node(ix).op() == "Gemm";
-    let full = if gemm { crate::refit::current_solution(graph, ix, c_in, c_out) } else { Fit { ridge: fit.ridge, relu: false }.solve(&p.xa, &p.ya).ok_or_else(|| fail("the normal equations are not positive definite"))? };
+    let full = if gemm {
+        crate::refit::current_solution(graph, ix, c_in, c_out)
+    } else {
+        Fit { ridge: fit.ridge, relu: false }
+            .solve(&p.xa, &p.ya)
+            .ok_or_else(|| fail("the least-squares map is not solvable (normal equations not positive definite, or non-finite values)"))?
+    };
     let (rank, energy, a) = principal_map(&p.xa, &full, c_in, c_out, opts).ok_or_else(|| fail("eigendecomposition failed"))?;
     if let Some(reason) = too_small(c_out, c_in, rank, opts) {
         return Ok(Outcome::Declined { name, reason });
@@ -348,7 +395,11 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32
         crate::refit::add_ridge(&mut gram, c_in, fit.ridge);
         let llt = gram.llt(Side::Lower).map_err(|_| fail("the input Gram matrix is not positive definite"))?;
         for _ in 0..opts.alternate {
-            let Some(round) = refit_inner(&xs, &llt, &a, &sol, &p.ya, fit).and_then(|a2| fit_outer(&xs, a2, &p.ya, fit)).filter(|r| r.2 < err) else { break };
+            let Some(round) =
+                refit_inner(&xs, &llt, &a, &sol, &p.ya, fit).and_then(|a2| fit_outer(&xs, a2, &p.ya, fit)).filter(|r| r.2 < err)
+            else {
+                break;
+            };
             (a, sol, err) = round;
         }
     }
@@ -358,7 +409,11 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, w: &Array2<f32>, x: &[f32
     let b = Array2::from_shape_fn((c_out, rank), |(o, j)| sol[(j, o)] as f32);
     let bias: Vec<f32> = (0..c_out).map(|o| sol[(rank, o)] as f32).collect();
     replace(graph, ix, &LowRank { a: to_array(&a), b, energy }, Some(bias))?;
-    let what = format!("rank {rank} (energy {energy:.4}) on data: relative error {before:.4} -> {err:.4}, params {} -> {}", c_in * c_out, rank * (c_in + c_out));
+    let what = format!(
+        "rank {rank} (energy {energy:.4}) on data: relative error {before:.4} -> {err:.4}, params {} -> {}",
+        c_in * c_out,
+        rank * (c_in + c_out)
+    );
     Ok(Outcome::Done { name, what })
 }
 
@@ -396,7 +451,14 @@ fn fit_outer(xs: &Mat<f64>, a: Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<(Mat
 
 /// A refit with B and b fixed: Aᵀ = (XᵀX + λ)⁻¹ Xᵀ(T − b) B (BᵀB)⁻¹, with T
 /// the targets (or, through a ReLU, their stand-in at the current solution).
-fn refit_inner(xs: &Mat<f64>, llt: &faer::linalg::solvers::Llt<f64>, a: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<Mat<f64>> {
+fn refit_inner(
+    xs: &Mat<f64>,
+    llt: &faer::linalg::solvers::Llt<f64>,
+    a: &Mat<f64>,
+    sol: &Mat<f64>,
+    ya: &Mat<f64>,
+    fit: Fit,
+) -> Option<Mat<f64>> {
     let rank = sol.nrows() - 1;
     let bt = sol.subrows(0, rank); // Bᵀ: r × C_out
     let target = if fit.relu { crate::refit::relu_target(&with_ones(&(xs * a.transpose())), sol, ya) } else { ya.clone() };
@@ -431,9 +493,14 @@ fn replace(graph: &mut Graph, ix: NodeIndex, f: &LowRank, bias: Option<Vec<f32>>
     let gemm = layer.op() == "Gemm";
     let rank = f.a.nrows();
     let (a_name, b_name) = (graph.fresh_name(&format!("{name}_lr1")), graph.fresh_name(&format!("{name}_lr2")));
-    let (a_w, b_w, mid) = (graph.fresh_name(&format!("{name}_lr1.weight")), graph.fresh_name(&format!("{name}_lr2.weight")), graph.fresh_name(&format!("{name}_lr1_out")));
+    let (a_w, b_w, mid) = (
+        graph.fresh_name(&format!("{name}_lr1.weight")),
+        graph.fresh_name(&format!("{name}_lr2.weight")),
+        graph.fresh_name(&format!("{name}_lr1_out")),
+    );
     let shape = |m: &Array2<f32>| if gemm { vec![m.nrows(), m.ncols()] } else { vec![m.nrows(), m.ncols(), 1, 1] };
-    let as_weight = |n: &str, m: &Array2<f32>| ArrayD::from_shape_vec(IxDyn(&shape(m)), m.iter().copied().collect()).map(|a| Weight::from_f32(n, a));
+    let as_weight =
+        |n: &str, m: &Array2<f32>| ArrayD::from_shape_vec(IxDyn(&shape(m)), m.iter().copied().collect()).map(|a| Weight::from_f32(n, a));
     let to_err = |e: ndarray::ShapeError| Error::invalid(format!("lowrank `{name}`: {e}"));
     graph.insert_weight(a_w.clone(), as_weight(&a_w, &f.a).map_err(to_err)?)?;
     graph.insert_weight(b_w.clone(), as_weight(&b_w, &f.b).map_err(to_err)?)?;

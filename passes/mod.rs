@@ -12,7 +12,7 @@
 //! Pass`) and add one line `Variant => NAME::Type` to the registry.
 //! The pipelines shipped in the binary are the YAML files in
 //! `passes/pipelines/`, listed in [`PIPELINES`].
-pub mod factorize;
+mod factorize;
 
 use crate::error::{Error, Result};
 use crate::ir::Model;

@@ -49,7 +49,11 @@ pub(super) fn classes(graph: &Graph, cg: &ChannelGraph, opts: &PruneOptions) -> 
     for (&root, &t) in roots {
         let g = tensor_group.find(t);
         let has_producer = root_score.get(&root).copied().unwrap_or(0.0) > 0.0 || producer_roots.contains(&root);
-        if blocked.get(&root).copied().unwrap_or(false) || ignored.contains(&root) || !has_producer || (opts.scope == Scope::Inner && residual.contains(&g)) {
+        if blocked.get(&root).copied().unwrap_or(false)
+            || ignored.contains(&root)
+            || !has_producer
+            || (opts.scope == Scope::Inner && residual.contains(&g))
+        {
             continue;
         }
         let next = group_ids.len();
@@ -91,7 +95,14 @@ pub(super) fn ignored_roots(graph: &Graph, cg: &ChannelGraph, opts: &PruneOption
 }
 
 /// Indices (into `classes`) of the classes to remove.
-pub(super) fn select(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, classes: &[Class], groups: usize, opts: &PruneOptions) -> Vec<usize> {
+pub(super) fn select(
+    graph: &Graph,
+    shapes: &Shapes,
+    cg: &ChannelGraph,
+    classes: &[Class],
+    groups: usize,
+    opts: &PruneOptions,
+) -> Vec<usize> {
     let mut by_group: Vec<Vec<usize>> = vec![vec![]; groups];
     for (i, c) in classes.iter().enumerate() {
         by_group[c.group].push(i);
@@ -100,7 +111,9 @@ pub(super) fn select(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, classes:
         members.sort_by(|&a, &b| classes[a].score.total_cmp(&classes[b].score).then(a.cmp(&b)));
     }
     let limit = |members: &[usize], k: usize| allowed_removals(members.len(), k, opts);
-    let uniform = |ratio: f64| -> Vec<usize> { by_group.iter().flat_map(|m| m[..limit(m, (ratio * m.len() as f64).floor() as usize)].to_vec()).collect() };
+    let uniform = |ratio: f64| -> Vec<usize> {
+        by_group.iter().flat_map(|m| m[..limit(m, (ratio * m.len() as f64).floor() as usize)].to_vec()).collect()
+    };
     let (target, use_macs) = match (opts.target_macs, opts.target_params) {
         (None, None) => return uniform(opts.ratio.unwrap_or(0.25)),
         (Some(m), _) => (m, true),
@@ -109,7 +122,11 @@ pub(super) fn select(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, classes:
     let cost = CostModel::new(graph, shapes, cg);
     let metric = |sel: &[usize]| {
         let (p, m) = cost.eval(cg, &removed_counts(cg, classes, sel));
-        if use_macs { m } else { p }
+        if use_macs {
+            m
+        } else {
+            p
+        }
     };
     let goal = target * metric(&[]);
     let global = |t: f64| -> Vec<usize> {
@@ -129,7 +146,11 @@ pub(super) fn select(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, classes:
     let at = |t: f64| if opts.allocation == Allocation::Global { global(t) } else { uniform(t) };
     for _ in 0..60 {
         let mid = 0.5 * (lo + hi);
-        if metric(&at(mid)) <= goal { hi = mid } else { lo = mid }
+        if metric(&at(mid)) <= goal {
+            hi = mid
+        } else {
+            lo = mid
+        }
     }
     at(hi)
 }

@@ -87,7 +87,14 @@ impl Cuts {
 }
 
 /// Per-channel constant operands of an elementwise node lose the removed entries.
-pub(super) fn constant_operand_cuts(graph: &Graph, node: &crate::ir::Node, rank: usize, channels: usize, removed: &[usize], cuts: &mut Cuts) {
+pub(super) fn constant_operand_cuts(
+    graph: &Graph,
+    node: &crate::ir::Node,
+    rank: usize,
+    channels: usize,
+    removed: &[usize],
+    cuts: &mut Cuts,
+) {
     for x in node.inputs().iter().filter(|n| !n.is_empty()) {
         let Some(w) = graph.constant(x) else { continue };
         if let Ok(Some(axis)) = per_channel_axis(&w.shape(), rank, channels) {

@@ -8,7 +8,8 @@ pub(super) fn compensate(graph: &mut Graph, cg: &ChannelGraph, removed: &[Vec<us
     for ix in consumers {
         let node = graph.node(ix).clone();
         let Some(&t) = node.input(0).and_then(|x| cg.index.get(x)) else { continue };
-        let shift: Vec<(usize, f64)> = removed[t].iter().map(|&c| (c, values[cg.base[t] + c])).filter(|(_, v)| v.is_finite() && *v != 0.0).collect();
+        let shift: Vec<(usize, f64)> =
+            removed[t].iter().map(|&c| (c, values[cg.base[t] + c])).filter(|(_, v)| v.is_finite() && *v != 0.0).collect();
         if shift.is_empty() {
             continue;
         }
@@ -55,7 +56,9 @@ pub(super) fn constant_parts(graph: &Graph, cg: &ChannelGraph) -> Vec<f64> {
         let out: Vec<f64> = match (node.op(), role) {
             (_, Role::Dense) => param(2).filter(|b| b.len() == n).unwrap_or_else(|| vec![0.0; n]),
             ("Conv", Role::Depthwise) => {
-                let w = graph.constant_f32(node.input(1).unwrap_or("")).map(|w| w.axis_iter(Axis(0)).map(|f| f.iter().map(|&x| x as f64).sum()).collect::<Vec<f64>>());
+                let w = graph
+                    .constant_f32(node.input(1).unwrap_or(""))
+                    .map(|w| w.axis_iter(Axis(0)).map(|f| f.iter().map(|&x| x as f64).sum()).collect::<Vec<f64>>());
                 let b = param(2).unwrap_or_else(|| vec![0.0; n]);
                 (0..n).map(|c| w.as_ref().map_or(f64::NAN, |w| at(x, c, &v) * w[c] + b[c])).collect()
             }
@@ -67,8 +70,12 @@ pub(super) fn constant_parts(graph: &Graph, cg: &ChannelGraph) -> Vec<f64> {
                 _ => vec![f64::NAN; n],
             },
             ("Relu", _) => (0..n).map(|c| at(x, c, &v).max(0.0)).collect(),
-            ("Identity" | "Dropout" | "MaxPool" | "AveragePool" | "GlobalAveragePool" | "GlobalMaxPool", _) => (0..n).map(|c| at(x, c, &v)).collect(),
-            ("Add" | "Sum", _) => (0..n).map(|c| node.inputs().iter().filter(|i| !i.is_empty()).map(|i| operand(graph, cg, i, c, &v)).sum()).collect(),
+            ("Identity" | "Dropout" | "MaxPool" | "AveragePool" | "GlobalAveragePool" | "GlobalMaxPool", _) => {
+                (0..n).map(|c| at(x, c, &v)).collect()
+            }
+            ("Add" | "Sum", _) => {
+                (0..n).map(|c| node.inputs().iter().filter(|i| !i.is_empty()).map(|i| operand(graph, cg, i, c, &v)).sum()).collect()
+            }
             ("Flatten", _) => {
                 let xc = cg.index.get(x).map_or(1, |&t| cg.channels[t]);
                 let area = (n / xc.max(1)).max(1);

@@ -72,14 +72,34 @@ pub(super) fn term(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, ix: NodeIn
     match (node.op(), role) {
         ("Conv", Role::Dense) => {
             let w = graph.constant(node.input(1)?)?.shape();
-            Some(Term { input: tensor_dim(cg, shapes, x), output: tensor_dim(cg, shapes, y), per_pair: w[2..].iter().product::<usize>() as f64, per_out: has_bias, area: area_of(&out_shape) })
+            Some(Term {
+                input: tensor_dim(cg, shapes, x),
+                output: tensor_dim(cg, shapes, y),
+                per_pair: w[2..].iter().product::<usize>() as f64,
+                per_out: has_bias,
+                area: area_of(&out_shape),
+            })
         }
         ("Conv", Role::Depthwise) => {
             let w = graph.constant(node.input(1)?)?.shape();
-            Some(Term { input: Dim::One, output: tensor_dim(cg, shapes, y), per_pair: w[2..].iter().product::<usize>() as f64, per_out: has_bias, area: area_of(&out_shape) })
+            Some(Term {
+                input: Dim::One,
+                output: tensor_dim(cg, shapes, y),
+                per_pair: w[2..].iter().product::<usize>() as f64,
+                per_out: has_bias,
+                area: area_of(&out_shape),
+            })
         }
-        ("Gemm" | "MatMul", Role::Dense) => Some(Term { input: tensor_dim(cg, shapes, x), output: tensor_dim(cg, shapes, y), per_pair: 1.0, per_out: has_bias, area: out_shape[0] as f64 }),
-        ("BatchNormalization", _) => Some(Term { input: Dim::One, output: tensor_dim(cg, shapes, y), per_pair: 0.0, per_out: 4.0, area: 0.0 }),
+        ("Gemm" | "MatMul", Role::Dense) => Some(Term {
+            input: tensor_dim(cg, shapes, x),
+            output: tensor_dim(cg, shapes, y),
+            per_pair: 1.0,
+            per_out: has_bias,
+            area: out_shape[0] as f64,
+        }),
+        ("BatchNormalization", _) => {
+            Some(Term { input: Dim::One, output: tensor_dim(cg, shapes, y), per_pair: 0.0, per_out: 4.0, area: 0.0 })
+        }
         _ => None,
     }
 }

@@ -80,8 +80,23 @@ impl ChannelGraph {
 
     /// One slot per channel of every activation tensor (not weights).
     fn slots(graph: &Graph, shapes: &Shapes) -> ChannelGraph {
-        let mut cg = ChannelGraph { tensors: vec![], index: HashMap::new(), base: vec![], channels: vec![], roles: HashMap::new(), sets: UnionFind::default(), blocked: vec![], block_reasons: HashMap::new(), residual: vec![] };
-        let names = graph.meta.input.iter().map(|i| i.name().to_string()).chain(graph.topo_order().unwrap_or_default().into_iter().flat_map(|ix| graph.node(ix).outputs().to_vec()));
+        let mut cg = ChannelGraph {
+            tensors: vec![],
+            index: HashMap::new(),
+            base: vec![],
+            channels: vec![],
+            roles: HashMap::new(),
+            sets: UnionFind::default(),
+            blocked: vec![],
+            block_reasons: HashMap::new(),
+            residual: vec![],
+        };
+        let names = graph
+            .meta
+            .input
+            .iter()
+            .map(|i| i.name().to_string())
+            .chain(graph.topo_order().unwrap_or_default().into_iter().flat_map(|ix| graph.node(ix).outputs().to_vec()));
         for name in names {
             if graph.weights().contains_key(&name) || cg.index.contains_key(&name) {
                 continue;
@@ -119,7 +134,9 @@ impl ChannelGraph {
 
     /// Ties channel c of `a` to channel c of `b` for all c (same counts).
     fn tie(&mut self, a: &str, b: &str) -> Result<(), String> {
-        let (Some(&ta), Some(&tb)) = (self.index.get(a), self.index.get(b)) else { return Err(format!("`{a}` or `{b}` has no channel axis")) };
+        let (Some(&ta), Some(&tb)) = (self.index.get(a), self.index.get(b)) else {
+            return Err(format!("`{a}` or `{b}` has no channel axis"));
+        };
         if self.channels[ta] != self.channels[tb] {
             return Err(format!("`{a}` and `{b}` have different channel counts"));
         }
@@ -170,8 +187,9 @@ impl ChannelGraph {
             "Conv" => self.visit_conv(graph, node)?,
             "Gemm" | "MatMul" => visit_dense(graph, shapes, node)?,
             "BatchNormalization" => self.visit_batchnorm(graph, node)?,
-            "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "HardSigmoid" | "HardSwish" | "Elu" | "Selu" | "Softplus" | "Mish" | "Gelu" | "Erf" | "Abs" | "Neg" | "Identity"
-            | "Dropout" | "Clip" | "MaxPool" | "AveragePool" | "GlobalAveragePool" | "GlobalMaxPool" => self.visit_unary(graph, node)?,
+            "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "HardSigmoid" | "HardSwish" | "Elu" | "Selu" | "Softplus" | "Mish" | "Gelu"
+            | "Erf" | "Abs" | "Neg" | "Identity" | "Dropout" | "Clip" | "MaxPool" | "AveragePool" | "GlobalAveragePool"
+            | "GlobalMaxPool" => self.visit_unary(graph, node)?,
             "Add" | "Sub" | "Mul" | "Div" | "Max" | "Min" | "Sum" => self.visit_elementwise(graph, shapes, node)?,
             "Concat" => self.visit_concat(shapes, node)?,
             "Flatten" => self.visit_flatten(shapes, node)?,

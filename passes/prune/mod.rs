@@ -58,17 +58,17 @@ mod on_data;
 use super::{check_unit, Pass, PassContext, PassReport, Refit};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Weight};
-use dependency::{per_channel_axis, ChannelGraph, Role, UnionFind};
+use crate::shape::Shapes;
 use allocate::*;
 use apply::*;
 use compensate::*;
 use cost::*;
+use dependency::{per_channel_axis, ChannelGraph, Role, UnionFind};
 use importance::{output_axis, producer_scores};
-use on_data::*;
-use serde::{Deserialize, Serialize};
-use crate::shape::Shapes;
 use ndarray::{ArrayD, Axis};
+use on_data::*;
 use petgraph::stable_graph::NodeIndex;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -120,7 +120,19 @@ pub struct PruneOptions {
 
 impl Default for PruneOptions {
     fn default() -> Self {
-        PruneOptions { ratio: None, target_macs: None, target_params: None, importance: Importance::L1, allocation: Allocation::Global, refit: Refit::Changed, scope: Scope::All, round_to: 1, min_channels: 1, ignore: vec![], compensate: true }
+        PruneOptions {
+            ratio: None,
+            target_macs: None,
+            target_params: None,
+            importance: Importance::L1,
+            allocation: Allocation::Global,
+            refit: Refit::Changed,
+            scope: Scope::All,
+            round_to: 1,
+            min_channels: 1,
+            ignore: vec![],
+            compensate: true,
+        }
     }
 }
 
@@ -166,7 +178,8 @@ fn prune(model: &mut Model, ctx: &PassContext, opts: &PruneOptions) -> Result<Pa
         Importance::Reconstruction => deferred_groups(graph, &cg, &classes, &removed),
         _ => vec![],
     };
-    let removed_roots: HashSet<usize> = removed.iter().filter(|&&i| !deferred.iter().any(|d| d.group == classes[i].group)).map(|&i| classes[i].root).collect();
+    let removed_roots: HashSet<usize> =
+        removed.iter().filter(|&&i| !deferred.iter().any(|d| d.group == classes[i].group)).map(|&i| classes[i].root).collect();
     let per_tensor = removed_channels(&cg, &removed_roots);
     if opts.compensate {
         compensate(graph, &cg, &per_tensor);
@@ -177,7 +190,8 @@ fn prune(model: &mut Model, ctx: &PassContext, opts: &PruneOptions) -> Result<Pa
         Refit::Changed => deferred.iter().map(|d| d.consumer).collect(),
         Refit::All => graph.node_indices().into_iter().filter(|&ix| graph.node(ix).op() == "Conv").collect(),
     };
-    let missing: Vec<crate::refit::Layer> = extra.into_iter().filter(|&ix| !refit.iter().any(|l| l.node == ix)).map(|node| crate::refit::Layer { node, kept: None }).collect();
+    let missing: Vec<crate::refit::Layer> =
+        extra.into_iter().filter(|&ix| !refit.iter().any(|l| l.node == ix)).map(|node| crate::refit::Layer { node, kept: None }).collect();
     refit.extend(missing);
     sort_topologically(graph, &mut refit);
     if deferred.is_empty() {

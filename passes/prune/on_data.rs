@@ -44,7 +44,10 @@ pub(super) fn deferred_groups(graph: &Graph, cg: &ChannelGraph, classes: &[Class
     for &i in removed {
         *counts.entry(classes[i].group).or_insert(0) += 1;
     }
-    let mut out: Vec<Deferred> = counts.into_iter().filter_map(|(group, count)| Some(Deferred { group, consumer: sole_consumer(graph, cg, classes, group)?, count })).collect();
+    let mut out: Vec<Deferred> = counts
+        .into_iter()
+        .filter_map(|(group, count)| Some(Deferred { group, consumer: sole_consumer(graph, cg, classes, group)?, count }))
+        .collect();
     out.sort_by_key(|d| d.group);
     out
 }
@@ -54,7 +57,12 @@ pub(super) fn deferred_groups(graph: &Graph, cg: &ChannelGraph, classes: &[Class
 pub(super) fn sole_consumer(graph: &Graph, cg: &ChannelGraph, classes: &[Class], group: usize) -> Option<NodeIndex> {
     let members: Vec<&Class> = classes.iter().filter(|c| c.group == group).collect();
     let tensors: HashSet<usize> = members.iter().flat_map(|c| c.spans.iter().map(|&(t, _)| t)).collect();
-    let dense: HashSet<NodeIndex> = tensors.iter().flat_map(|&t| graph.consumers(&cg.tensors[t])).filter(|(ix, _)| cg.roles.get(ix) == Some(&Role::Dense)).map(|(ix, _)| ix).collect();
+    let dense: HashSet<NodeIndex> = tensors
+        .iter()
+        .flat_map(|&t| graph.consumers(&cg.tensors[t]))
+        .filter(|(ix, _)| cg.roles.get(ix) == Some(&Role::Dense))
+        .map(|(ix, _)| ix)
+        .collect();
     let [consumer] = dense.into_iter().collect::<Vec<_>>()[..] else { return None };
     let t_in = *cg.index.get(graph.node(consumer).input(0)?)?;
     let one_each = members.len() == cg.channels[t_in] && members.iter().all(|c| c.spans.contains(&(t_in, 1)));
@@ -64,7 +72,13 @@ pub(super) fn sole_consumer(graph: &Graph, cg: &ChannelGraph, classes: &[Class],
 
 /// The calibrated refit, in which each deferred consumer drops its share of
 /// input channels by reconstruction cost. Returns consumer → dropped inputs.
-pub(super) fn select_on_data(model: &mut Model, ctx: &PassContext, layers: Vec<crate::refit::Layer>, deferred: &[Deferred], report: &mut PassReport) -> Result<HashMap<NodeIndex, Vec<usize>>> {
+pub(super) fn select_on_data(
+    model: &mut Model,
+    ctx: &PassContext,
+    layers: Vec<crate::refit::Layer>,
+    deferred: &[Deferred],
+    report: &mut PassReport,
+) -> Result<HashMap<NodeIndex, Vec<usize>>> {
     let Some(calib) = ctx.calibration else { return Ok(HashMap::new()) };
     let mut chosen = HashMap::new();
     ctx.refit_with(model, layers, report, |g, layer, x, y| {

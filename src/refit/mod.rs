@@ -20,13 +20,14 @@
 //! (and the last refit layer writing into it) is fitted to the original Add
 //! output minus the Add's other input *as the compressed model computes it*,
 //! so each block repairs the drift of the residual stream it receives.
-pub mod obs;
+pub(crate) mod obs;
 pub mod settings;
 mod solve;
 
-pub use solve::{
-    add_ridge, append_ones, current_solution, not_definite, regularized_gram, relu_target, residual, solve_layer, with_ones,
-    write_solution, Fit, Problem,
+pub use solve::{residual, solve_layer, Fit};
+// The pieces of the solves the factorizing passes build on.
+pub(crate) use solve::{
+    add_ridge, append_ones, current_solution, not_definite, regularized_gram, relu_target, with_ones, write_solution, Problem,
 };
 
 use crate::error::{Error, Result};

@@ -63,13 +63,13 @@ impl Fit {
 }
 
 /// The majorize-minimize targets of [`Fit::solve`] at solution `sol`.
-pub fn relu_target(xa: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f64> {
+pub(crate) fn relu_target(xa: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f64> {
     let pred = xa * sol;
     Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| if ya[(r, c)] > 0.0 { ya[(r, c)] } else { pred[(r, c)].min(0.0) })
 }
 
 /// One layer's least-squares problem: [X 1] (N×(D+1)) and Y (N×C_out).
-pub struct Problem {
+pub(crate) struct Problem {
     pub xa: Mat<f64>,
     pub ya: Mat<f64>,
     pub d: usize,
@@ -83,12 +83,12 @@ impl Problem {
             .input(1)
             .and_then(|w| graph.constant(w))
             .map(|w| w.shape())
-            .ok_or_else(|| Error::Pass { pass: "recover".into(), reason: format!("layer `{}` has no constant weight", node.name()) })?;
+            .ok_or_else(|| Error::Pass { pass: "refit".into(), reason: format!("layer `{}` has no constant weight", node.name()) })?;
         let (c_out, d) = (wshape[0], wshape[1..].iter().product::<usize>());
         let n = x.len() / d.max(1);
         if n == 0 || y.len() != n * c_out {
             return Err(Error::Pass {
-                pass: "recover".into(),
+                pass: "refit".into(),
                 reason: format!("layer `{}`: {} samples of {d} inputs but {} targets for {c_out} channels", node.name(), n, y.len()),
             });
         }
@@ -109,26 +109,26 @@ pub fn solve_layer(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], fit: 
     Ok((before, after))
 }
 
-pub fn not_definite(graph: &Graph, ix: NodeIndex) -> Error {
+pub(crate) fn not_definite(graph: &Graph, ix: NodeIndex) -> Error {
     Error::Pass {
-        pass: "recover".into(),
+        pass: "refit".into(),
         reason: format!("layer `{}`: the normal equations are not positive definite", graph.node(ix).name()),
     }
 }
 
 /// [X 1] as an N×(D+1) f64 matrix, X given row-major.
-pub fn with_ones(x: &[f32], n: usize, d: usize) -> Mat<f64> {
+pub(crate) fn with_ones(x: &[f32], n: usize, d: usize) -> Mat<f64> {
     Mat::<f64>::from_fn(n, d + 1, |r, c| if c == d { 1.0 } else { x[r * d + c] as f64 })
 }
 
 /// [Z 1].
-pub fn append_ones(z: &Mat<f64>) -> Mat<f64> {
+pub(crate) fn append_ones(z: &Mat<f64>) -> Mat<f64> {
     Mat::<f64>::from_fn(z.nrows(), z.ncols() + 1, |r, c| if c == z.ncols() { 1.0 } else { z[(r, c)] })
 }
 
 /// [X 1]ᵀ[X 1] + λ·I on the weight rows (λ = `ridge`·tr(XᵀX)/D), with a
 /// tiny jitter on the bias row: the normal matrix of [`Fit::solve`].
-pub fn regularized_gram(xa: &Mat<f64>, ridge: f64) -> Mat<f64> {
+pub(crate) fn regularized_gram(xa: &Mat<f64>, ridge: f64) -> Mat<f64> {
     let d = xa.ncols() - 1;
     let mut g = xa.transpose() * xa;
     let mean_diagonal = add_ridge(&mut g, d, ridge);
@@ -137,7 +137,7 @@ pub fn regularized_gram(xa: &Mat<f64>, ridge: f64) -> Mat<f64> {
 }
 
 /// Adds λ = `ridge`·tr/d to the first d diagonal entries of `g`; returns tr/d.
-pub fn add_ridge(g: &mut Mat<f64>, d: usize, ridge: f64) -> f64 {
+pub(crate) fn add_ridge(g: &mut Mat<f64>, d: usize, ridge: f64) -> f64 {
     let mean_diagonal = (0..d).map(|i| g[(i, i)]).sum::<f64>() / d.max(1) as f64;
     let lambda = ridge * mean_diagonal + 1e-12;
     (0..d).for_each(|i| g[(i, i)] += lambda);
@@ -145,7 +145,7 @@ pub fn add_ridge(g: &mut Mat<f64>, d: usize, ridge: f64) -> f64 {
 }
 
 /// The layer's present weights as a (D+1)×C_out matrix.
-pub fn current_solution(graph: &Graph, ix: NodeIndex, d: usize, c_out: usize) -> Mat<f64> {
+pub(crate) fn current_solution(graph: &Graph, ix: NodeIndex, d: usize, c_out: usize) -> Mat<f64> {
     let node = graph.node(ix);
     let w = graph.constant_f32(node.input(1).unwrap_or("")).expect("refittable").as_standard_layout().into_owned();
     let flat = w.as_slice().expect("standard layout");
@@ -159,7 +159,7 @@ pub fn residual(x: &Mat<f64>, s: &Mat<f64>, y: &Mat<f64>) -> f64 {
     e.squared_norm_l2() / y.squared_norm_l2().max(f64::MIN_POSITIVE)
 }
 
-pub fn write_solution(graph: &mut Graph, ix: NodeIndex, sol: &Mat<f64>, d: usize, c_out: usize) {
+pub(crate) fn write_solution(graph: &mut Graph, ix: NodeIndex, sol: &Mat<f64>, d: usize, c_out: usize) {
     let node = graph.node(ix).clone();
     let wname = node.input(1).expect("refittable").to_string();
     let shape = graph.weights()[&wname].shape();
