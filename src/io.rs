@@ -69,6 +69,31 @@ pub fn from_bytes(bytes: Bytes, what: &str, dir: Option<&Path>) -> Result<Model>
     Ok(Model { proto, graph: Graph::new(nodes, weights, graph)? })
 }
 
+/// `location` joined to the model's folder `dir`, if it stays inside it:
+/// not absolute, no `..`, and no link leading out (as onnx refuses since
+/// 1.16, CVE-2024-27318/27319). A model from elsewhere must not make us read,
+/// and then write into the output, any other file of the machine.
+fn inside(dir: &Path, location: &str) -> std::result::Result<PathBuf, String> {
+    use std::path::Component;
+    let relative = Path::new(location);
+    if relative.as_os_str().is_empty() {
+        return Err("is empty".into());
+    }
+    for part in relative.components() {
+        match part {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Err("leaves the model's folder (`..`)".into()),
+            Component::RootDir | Component::Prefix(_) => return Err("is an absolute path, not one inside the model's folder".into()),
+        }
+    }
+    let path = dir.join(relative);
+    let (Ok(real_dir), Ok(real)) = (dir.canonicalize(), path.canonicalize()) else { return Ok(path) };
+    if !real.starts_with(&real_dir) {
+        return Err(format!("leads out of the model's folder (to {})", real.display()));
+    }
+    Ok(path)
+}
+
 /// External-data files, each read once.
 struct ExternalFiles {
     dir: Option<PathBuf>,
@@ -90,7 +115,7 @@ impl ExternalFiles {
         };
         let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
         let dir = self.dir.clone().ok_or_else(|| Error::tensor(name, "external data needs the model's folder"))?;
-        let path = dir.join(&location);
+        let path = inside(&dir, &location).map_err(|why| Error::tensor(name, format!("external data location `{location}` {why}")))?;
         let file = match self.cache.get(&location) {
             Some(b) => b.clone(),
             None => {

@@ -104,3 +104,53 @@ fn shared_model_round_trip_is_bit_identical() {
     let x = random_input(&model, 1, 120.0, 7);
     assert_eq!(run(&model, &x), run(&again, &x));
 }
+
+/// The fixture saved with external data, its first external tensor's
+/// location replaced by `location`; returns the model file.
+fn with_location(dir: &std::path::Path, location: &str) -> std::path::PathBuf {
+    use prost::Message;
+    let model = cresnet_opt::io::load(&fixture_path()).unwrap();
+    let out = dir.join("m.onnx");
+    cresnet_opt::io::save(&model, &out, true).unwrap();
+    let mut proto = cresnet_opt::onnx::ModelProto::decode(std::fs::read(&out).unwrap().as_slice()).unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    let tensor = graph.initializer.iter_mut().find(|t| !t.external_data.is_empty()).expect("an external tensor");
+    let entry = tensor.external_data.iter_mut().find(|e| e.key() == "location").unwrap();
+    entry.value = Some(location.to_string());
+    std::fs::write(&out, proto.encode_to_vec()).unwrap();
+    out
+}
+
+#[test]
+fn external_data_may_not_leave_the_model_folder() {
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), vec![7u8; 1 << 16]).unwrap();
+    let cases = [
+        ("../../../etc/passwd", "leaves the model's folder (`..`)"),
+        ("sub/../../m.onnx.data", "leaves the model's folder (`..`)"),
+        (secret.path().to_str().unwrap(), "is an absolute path"),
+        ("link.data", "leads out of the model's folder"),
+    ];
+    for (location, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let model = with_location(dir.path(), location);
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(secret.path(), dir.path().join("link.data")).unwrap();
+        let out = dir.path().join("out.onnx");
+        let run = bin().arg(&model).arg("-o").arg(&out).args(["--passes", "none"]).output().unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{location}: {err}");
+        assert!(err.contains(&format!("external data location `{location}` {expected}")), "{location}: {err}");
+        assert!(err.contains("tensor `"), "names the tensor: {err}");
+        assert!(!out.exists(), "{location}: no output written");
+    }
+}
+
+#[test]
+fn external_data_with_a_plain_relative_location_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = with_location(dir.path(), "./m.onnx.data");
+    let (a, b) = (cresnet_opt::io::load(&fixture_path()).unwrap(), cresnet_opt::io::load(&model).unwrap());
+    let x = random_input(&a, 1, 100.0, 2);
+    assert_eq!(run(&a, &x), run(&b, &x));
+}
