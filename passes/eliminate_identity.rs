@@ -33,9 +33,11 @@ impl Pass for EliminateIdentity {
         let graph = &mut model.graph;
         let mut report = PassReport::default();
         let candidates: Vec<NodeIndex> = graph.topo_order()?.into_iter().filter(|&ix| is_pass_through(graph, ix)).collect();
+        // Removing nodes adds no subgraph: look once, not per candidate.
+        let has_subgraphs = graph.nodes().any(|n| n.has_subgraph());
         for ix in candidates {
             let name = graph.node(ix).name().to_string();
-            match plan(graph, ix) {
+            match plan(graph, ix, has_subgraphs) {
                 Ok((x, y)) => {
                     bypass(graph, ix, &x, &y)?;
                     report.change(&name, format!("removed: its readers read `{x}`"));
@@ -53,14 +55,14 @@ fn is_pass_through(graph: &Graph, ix: NodeIndex) -> bool {
 }
 
 /// The tensor the node reads and the one it writes, if it can go.
-fn plan(graph: &Graph, ix: NodeIndex) -> std::result::Result<(String, String), String> {
+fn plan(graph: &Graph, ix: NodeIndex, has_subgraphs: bool) -> std::result::Result<(String, String), String> {
     let node = graph.node(ix);
     let x = node.input(0).ok_or("no input")?.to_string();
     let y = node.output(0).ok_or("no output")?.to_string();
     if graph.is_graph_output(&y) {
         return Err(format!("its output `{y}` is a graph output"));
     }
-    if graph.nodes().any(|n| n.has_subgraph()) {
+    if has_subgraphs {
         return Err(format!("the graph has subgraphs, which may read `{y}` from the outer scope"));
     }
     if node.op() == "Dropout" {
