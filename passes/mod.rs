@@ -129,6 +129,7 @@ registry! {
     Lowrank => lowrank::Lowrank,
     Distill => distill::Distill,
     EliminateIdentity => eliminate_identity::EliminateIdentity,
+    Canonicalize => canonicalize::Canonicalize,
 }
 
 /// Pipelines shipped in the binary: (name, one-line summary, YAML).
@@ -319,23 +320,24 @@ pub fn run_pipeline_with(
 ) -> Result<Vec<PassReport>> {
     let mut shapes = crate::validate::validate(&model.graph, overrides)?;
     let mut reports = Vec::new();
+    // Exporters' variants are canonicalized first (exact), before anything
+    // is kept as a reference; it is reported only if it changed something.
+    let implicit = !passes.is_empty() && !matches!(passes[0], PassSpec::Canonicalize(_));
+    if implicit {
+        let spec = PassSpec::Canonicalize(Default::default());
+        let report = run_one(model, &spec, &mut shapes, overrides, None, None, None, progress)?;
+        if !report.changed.is_empty() {
+            on_done(&report);
+            reports.push(report);
+        }
+    }
     let to_original = calibration.is_some_and(|c| c.reference == RefitReference::Original);
     let original = (passes.iter().any(PassSpec::needs_original) || to_original).then(|| model.clone());
     let original_shapes = to_original.then(|| shapes.clone());
     for spec in passes {
-        let started = std::time::Instant::now();
-        let before = crate::stats::from_shapes(&model.graph, &shapes);
         let lossy = calibration.is_some() && spec.lossy();
         let reference = lossy.then(|| refit_reference(model, &shapes, original.as_ref().zip(original_shapes.as_ref())));
-        let ctx = PassContext { shapes: &shapes, reference: reference.as_deref(), calibration, original: original.as_ref(), progress };
-        let mut report = spec.run(model, &ctx).map_err(|e| after_pass(spec.name(), e))?;
-        model.graph.drop_unused_weights();
-        shapes = crate::validate::validate(&model.graph, overrides).map_err(|e| after_pass(spec.name(), e))?;
-        let after = crate::stats::from_shapes(&model.graph, &shapes);
-        report.pass = spec.name().to_string();
-        (report.params_before, report.params_after) = (before.params, after.params);
-        (report.macs_before, report.macs_after) = (before.macs, after.macs);
-        report.seconds = started.elapsed().as_secs_f64();
+        let report = run_one(model, spec, &mut shapes, overrides, reference.as_deref(), calibration, original.as_ref(), progress)?;
         on_done(&report);
         reports.push(report);
     }
@@ -343,6 +345,33 @@ pub fn run_pipeline_with(
         sync_value_info(model, &shapes);
     }
     Ok(reports)
+}
+
+/// Runs one pass, drops the weights it orphaned, validates, and fills in
+/// the report's counts; `shapes` become the graph's new shapes.
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    model: &mut Model,
+    spec: &PassSpec,
+    shapes: &mut Shapes,
+    overrides: &InputShapes,
+    reference: Option<&Model>,
+    calibration: Option<&crate::refit::Calibration>,
+    original: Option<&Model>,
+    progress: &dyn crate::progress::Progress,
+) -> Result<PassReport> {
+    let started = std::time::Instant::now();
+    let before = crate::stats::from_shapes(&model.graph, shapes);
+    let ctx = PassContext { shapes, reference, calibration, original, progress };
+    let mut report = spec.run(model, &ctx).map_err(|e| after_pass(spec.name(), e))?;
+    model.graph.drop_unused_weights();
+    *shapes = crate::validate::validate(&model.graph, overrides).map_err(|e| after_pass(spec.name(), e))?;
+    let after = crate::stats::from_shapes(&model.graph, shapes);
+    report.pass = spec.name().to_string();
+    (report.params_before, report.params_after) = (before.params, after.params);
+    (report.macs_before, report.macs_after) = (before.macs, after.macs);
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
 }
 
 fn after_pass(pass: &str, e: Error) -> Error {

@@ -19,6 +19,13 @@ const EXTERNAL_MIN_BYTES: usize = 1024;
 /// tensor data that no pass changes is never copied: it goes from the
 /// page cache to the output file directly.
 pub fn load(path: &Path) -> Result<Model> {
+    load_with(path, &Default::default())
+}
+
+/// [`load`] validating with input shape overrides (`--input-shape`): a
+/// model whose declared input cannot run (a fixed pool on a 1x1 input) may
+/// still load at the size the user gives.
+pub fn load_with(path: &Path, overrides: &crate::shape::InputShapes) -> Result<Model> {
     let read_err = |source| Error::Read { path: path.to_path_buf(), source };
     let file = std::fs::File::open(path).map_err(read_err)?;
     if file.metadata().map_err(read_err)?.len() == 0 {
@@ -34,7 +41,7 @@ pub fn load(path: &Path) -> Result<Model> {
     };
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let model = from_bytes(bytes, &path.display().to_string(), Some(&dir))?;
-    crate::validate::validate(&model.graph, &Default::default())?;
+    crate::validate::validate(&model.graph, overrides)?;
     Ok(model)
 }
 

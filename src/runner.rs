@@ -1,9 +1,12 @@
 //! Running a model with tract: the accuracy check, the round-trip tests and
-//! the latency benchmarks all go through here. The symbolic batch dimension
-//! is fixed by setting the input fact; declared output facts are dropped
-//! (they carry the symbolic `N`, which would clash with the fixed batch).
+//! the latency benchmarks all go through here. The symbolic batch (and a
+//! symbolic height/width) is fixed by setting the input fact; declared
+//! output facts and the intermediate value_info are not given to tract
+//! (they carry the symbolic `batch`, which would clash with the fixed one:
+//! the dynamo exporter declares nearly every tensor).
 use crate::error::{Error, Result};
 use crate::ir::Model;
+use crate::shape::InputShapes;
 use ndarray::ArrayD;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
@@ -25,18 +28,46 @@ impl Runner {
     /// Compiles `model` with batch size `batch`; `extra_outputs` names
     /// intermediate tensors to expose after the model's own outputs.
     pub fn new(model: &Model, batch: usize, extra_outputs: &[String]) -> Result<Runner> {
-        Self::build(model, batch, extra_outputs, true)
+        Self::build(model, batch, extra_outputs, true, &InputShapes::new())
+    }
+
+    /// [`new`](Self::new) with `--input-shape` overrides (the batch is still `batch`).
+    pub fn with_shapes(model: &Model, batch: usize, extra_outputs: &[String], overrides: &InputShapes) -> Result<Runner> {
+        Self::build(model, batch, extra_outputs, true, overrides)
     }
 
     /// Compiles only what computes `outputs` (intermediate tensors): the
     /// rest of the network is pruned away, so early layers run cheaply.
     pub fn truncated(model: &Model, batch: usize, outputs: &[String]) -> Result<Runner> {
-        Self::build(model, batch, outputs, false)
+        Self::build(model, batch, outputs, false, &InputShapes::new())
     }
 
-    fn build(model: &Model, batch: usize, extra_outputs: &[String], keep_model_outputs: bool) -> Result<Runner> {
-        let bytes = crate::io::to_bytes(model)?;
-        let mut shape = model_input_shape(model)?;
+    /// [`truncated`](Self::truncated) for inputs of `shape` (batch
+    /// included): a model with a symbolic height/width runs at the size of
+    /// the images it is given.
+    pub fn truncated_at(model: &Model, shape: &[usize], outputs: &[String]) -> Result<Runner> {
+        Self::build(model, shape[0], outputs, false, &Self::input_override(model, shape)?)
+    }
+
+    /// [`new`](Self::new) for inputs of `shape` (batch included).
+    pub fn at(model: &Model, shape: &[usize], extra_outputs: &[String]) -> Result<Runner> {
+        Self::build(model, shape[0], extra_outputs, true, &Self::input_override(model, shape)?)
+    }
+
+    fn input_override(model: &Model, shape: &[usize]) -> Result<InputShapes> {
+        let g = &model.graph;
+        let input =
+            g.meta.input.iter().find(|i| !g.weights().contains_key(i.name())).ok_or_else(|| Error::invalid("the model has no input"))?;
+        Ok([(input.name().to_string(), shape.to_vec())].into())
+    }
+
+    fn build(model: &Model, batch: usize, extra_outputs: &[String], keep_model_outputs: bool, overrides: &InputShapes) -> Result<Runner> {
+        let mut proto = model.to_proto()?;
+        if let Some(g) = proto.graph.as_mut() {
+            g.value_info.clear();
+        }
+        let bytes = prost::Message::encode_to_vec(&proto);
+        let mut shape = model_input_shape_with(model, overrides)?;
         shape[0] = batch;
         let plan = compile(&bytes, &shape, extra_outputs, keep_model_outputs).map_err(tract_err)?;
         Ok(Runner { plan, input_shape: shape })
@@ -124,14 +155,20 @@ fn outlet(model: &InferenceModel, name: &str) -> TractResult<OutletId> {
     model.node_by_name(name).map(|n| OutletId::new(n.id, 0))
 }
 
-/// The first graph input that is not an initializer, with symbolic dims as 1.
+/// The first graph input that is not an initializer, with a symbolic batch
+/// as 1 and symbolic height/width as [`crate::shape::DEFAULT_RESOLUTION`].
 pub fn model_input_shape(model: &Model) -> Result<Vec<usize>> {
+    model_input_shape_with(model, &InputShapes::new())
+}
+
+/// [`model_input_shape`] with `--input-shape` overrides.
+pub fn model_input_shape_with(model: &Model, overrides: &InputShapes) -> Result<Vec<usize>> {
     let g = &model.graph;
     let input =
         g.meta.input.iter().find(|i| !g.weights().contains_key(i.name())).ok_or_else(|| Error::invalid("the model has no input"))?;
-    let info = crate::shape::value_info_tensor(input);
+    let info = crate::shape::input_info(input, overrides.get(input.name()));
     match info.shape {
         Some(s) if !s.is_empty() => Ok(s),
-        _ => Err(Error::invalid(format!("input `{}` has no shape", input.name()))),
+        _ => Err(Error::invalid(format!("input `{}` has no usable shape (give --input-shape {}:N,C,H,W)", input.name(), input.name()))),
     }
 }

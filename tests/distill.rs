@@ -34,27 +34,6 @@ fn teacher() -> Model {
     resnet50(&FixtureSpec { width_div: 8, input_size: 64, classes: 10, ..Default::default() }).unwrap()
 }
 
-/// Writes `count` smooth random 80x72 PNG images into `dir`.
-fn write_images(dir: &Path, count: usize, seed: u64) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut rng = Rng::new(seed);
-    for k in 0..count {
-        let (a, b, c) = (rng.uniform() * 0.3, rng.uniform() * 0.3, rng.uniform() * 6.0);
-        let img = image::RgbImage::from_fn(80, 72, |x, y| {
-            let v = |ch: f32| (128.0 + 100.0 * (a * x as f32 + b * y as f32 + c + ch).sin()) as u8;
-            image::Rgb([v(0.0), v(1.0), v(2.0)])
-        });
-        img.save(dir.join(format!("{k:03}.png"))).unwrap();
-    }
-}
-
-/// A 64x64 caffe-like preprocessing file.
-fn preprocess_file(dir: &Path) -> Preprocess {
-    let path = dir.join("pre.yaml");
-    std::fs::write(&path, "resize: 72\ncrop: 64\nmean: [100, 110, 120]\nstd: [60, 60, 60]\nscale: 1.0\nchannel_order: bgr\n").unwrap();
-    Preprocess::File(path)
-}
-
 fn options(dir: &Path, epochs: usize) -> DistillOptions {
     DistillOptions {
         data: vec![DataSource { dir: dir.join("train"), images: None }],

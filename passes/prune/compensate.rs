@@ -70,7 +70,8 @@ pub(super) fn constant_parts(graph: &Graph, cg: &ChannelGraph) -> Vec<f64> {
                 _ => vec![f64::NAN; n],
             },
             ("Relu", _) => (0..n).map(|c| at(x, c, &v).max(0.0)).collect(),
-            ("Identity" | "Dropout" | "MaxPool" | "AveragePool" | "GlobalAveragePool" | "GlobalMaxPool", _) => {
+            // A channel that is one constant stays that constant through these.
+            ("Identity" | "Dropout" | "MaxPool" | "AveragePool" | "GlobalAveragePool" | "GlobalMaxPool" | "Resize" | "Upsample", _) => {
                 (0..n).map(|c| at(x, c, &v)).collect()
             }
             ("Add" | "Sum", _) => {

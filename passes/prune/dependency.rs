@@ -16,7 +16,7 @@
 //! - Graph inputs and outputs, other grouped convs, shared or non-constant
 //!   weights, non-f32 weights and every op not listed (Reshape, Transpose,
 //!   unknown ops and domains) *block* the channels they touch: they stay.
-use crate::ir::Graph;
+use crate::ir::{Graph, Weight};
 use crate::shape::Shapes;
 use petgraph::stable_graph::NodeIndex;
 use std::collections::HashMap;
@@ -191,6 +191,7 @@ impl ChannelGraph {
             | "Erf" | "Abs" | "Neg" | "Identity" | "Dropout" | "Clip" | "MaxPool" | "AveragePool" | "GlobalAveragePool"
             | "GlobalMaxPool" => self.visit_unary(graph, node)?,
             "Add" | "Sub" | "Mul" | "Div" | "Max" | "Min" | "Sum" => self.visit_elementwise(graph, shapes, node)?,
+            "Resize" | "Upsample" => self.visit_resize(graph, node)?,
             "Concat" => self.visit_concat(shapes, node)?,
             "Flatten" => self.visit_flatten(shapes, node)?,
             other => return Err(format!("{other} is not channel-transparent")),
@@ -229,6 +230,29 @@ impl ChannelGraph {
             match graph.constant(extra) {
                 Some(w) if w.len() == 1 => {}
                 _ => return Err(format!("input `{extra}` is not a constant scalar")),
+            }
+        }
+        self.tie(node.input(0).unwrap_or(""), node.output(0).unwrap_or(""))?;
+        Ok(Role::Passthrough)
+    }
+
+    /// A resize scales H and W only (given by constant `scales`; `sizes`
+    /// would spell out the channel count, which pruning changes).
+    fn visit_resize(&mut self, graph: &Graph, node: &crate::ir::Node) -> Result<Role, String> {
+        let scales_slot = if node.op() == "Upsample" { 1 } else { 2 };
+        if node.op() == "Resize" && node.input(3).is_some() {
+            return Err("Resize by `sizes` fixes the channel count".into());
+        }
+        let scales = match node.input(scales_slot) {
+            Some(t) => graph.constant(t).and_then(Weight::to_f64_vec).ok_or_else(|| format!("scales `{t}` are not constant"))?,
+            None => node.attr("scales").map(|a| a.floats.iter().map(|&f| f as f64).collect()).unwrap_or_default(),
+        };
+        if scales.len() < 2 || scales[0] != 1.0 || scales[1] != 1.0 {
+            return Err(format!("scales {scales:?} resize the batch or channel axis"));
+        }
+        for extra in node.inputs().iter().skip(1).filter(|n| !n.is_empty()) {
+            if graph.constant(extra).is_none() {
+                return Err(format!("input `{extra}` is not constant"));
             }
         }
         self.tie(node.input(0).unwrap_or(""), node.output(0).unwrap_or(""))?;

@@ -1,6 +1,6 @@
 //! `cresnet-opt bench MODEL…`: tract latency at a fixed batch, median of
 //! several runs after a warm-up, for 1 and 2 (or the given) thread counts.
-use super::load;
+use super::{input_shapes, load_shaped};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use cresnet_opt::runner::Runner;
@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// Slowest nodes listed by `--profile`.
     #[arg(long, default_value_t = 15)]
     top: usize,
+    /// Override an input's shape, e.g. `input:1,3,160,160` (the batch stays `--batch`).
+    #[arg(long)]
+    input_shape: Vec<String>,
 }
 
 /// Time per tract operator, summed over its nodes.
@@ -68,8 +71,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let mut timings = Vec::new();
     for path in &args.models {
-        let model = load(path)?;
-        let runner = Runner::new(&model, args.batch, &[]).with_context(|| format!("cannot run {} with tract", path.display()))?;
+        let overrides = input_shapes(&args.input_shape)?;
+        let model = load_shaped(path, &overrides)?;
+        let runner = Runner::with_shapes(&model, args.batch, &[], &overrides)
+            .with_context(|| format!("cannot run {} with tract", path.display()))?;
         let x = ndarray::ArrayD::<f32>::from_elem(runner.input_shape.clone(), 0.5);
         for &threads in &args.threads {
             runner.run_threads(x.clone(), threads)?;
@@ -103,8 +108,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 fn profile(args: &BenchArgs) -> Result<()> {
     let mut profiles = Vec::new();
     for path in &args.models {
-        let model = load(path)?;
-        let runner = Runner::new(&model, args.batch, &[]).with_context(|| format!("cannot run {} with tract", path.display()))?;
+        let overrides = input_shapes(&args.input_shape)?;
+        let model = load_shaped(path, &overrides)?;
+        let runner = Runner::with_shapes(&model, args.batch, &[], &overrides)
+            .with_context(|| format!("cannot run {} with tract", path.display()))?;
         let x = ndarray::ArrayD::<f32>::from_elem(runner.input_shape.clone(), 0.5);
         let nodes = runner.profile(x, args.runs)?;
         let mut ops: Vec<OpTime> = Vec::new();

@@ -1,6 +1,6 @@
 //! `cresnet-opt check MODEL [--reference REF] [--data DIR --classes FILE | --random N] …`
 //! Exit codes: 0 all thresholds met, 1 a threshold violated, 2 an error.
-use super::load;
+use super::{input_shapes, load_shaped};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use cresnet_opt::config::Preprocess;
@@ -64,19 +64,25 @@ pub struct CheckArgs {
     /// Random seed for --random.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Override an input's shape, e.g. `input:1,3,160,160` (the batch stays `--batch`).
+    #[arg(long)]
+    input_shape: Vec<String>,
 }
 
 pub fn run(args: &CheckArgs) -> Result<ExitCode> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let model = load(&args.model)?;
-    let runner = Runner::new(&model, args.batch, &[]).with_context(|| format!("cannot run {} with tract", args.model.display()))?;
-    let reference = args
-        .reference
-        .as_ref()
-        .map(|p| load(p).and_then(|m| Runner::new(&m, args.batch, &[]).with_context(|| format!("cannot run {} with tract", p.display()))))
-        .transpose()?;
+    let overrides = input_shapes(&args.input_shape)?;
+    let open = |p: &PathBuf| {
+        load_shaped(p, &overrides).and_then(|m| {
+            let runner =
+                Runner::with_shapes(&m, args.batch, &[], &overrides).with_context(|| format!("cannot run {} with tract", p.display()))?;
+            Ok((m, runner))
+        })
+    };
+    let (model, runner) = open(&args.model)?;
+    let reference = args.reference.as_ref().map(|p| open(p).map(|(_, r)| r)).transpose()?;
     let outputs = output_count(&model)?;
     let preprocessing = Preprocessing::from_choice(&args.preprocess)?;
     let label_map = args.label_map.as_ref().map(|p| LabelMap::load(p, outputs)).transpose()?;

@@ -46,7 +46,7 @@ pub fn main() -> ExitCode {
         Some(Command::Check(args)) => check::run(&args),
         Some(Command::Pipelines) => pipelines::run().map(|_| ExitCode::SUCCESS),
         Some(Command::Bench(args)) => bench::run(&args).map(|_| ExitCode::SUCCESS),
-        None => optimize::run(&cli.optimize).map(|_| ExitCode::SUCCESS),
+        None => optimize::run(&cli.optimize),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -78,9 +78,14 @@ fn input_shapes(specs: &[String]) -> Result<cresnet_opt::shape::InputShapes> {
     specs.iter().map(|s| parse_input_shape(s)).collect()
 }
 
-/// Loads a model with the path in the error context.
-fn load(path: &std::path::Path) -> Result<cresnet_opt::ir::Model> {
-    cresnet_opt::io::load(path).with_context(|| format!("cannot load model {}", path.display()))
+/// Loads a model (the path in the error context) validated with `--input-shape` overrides, and says on
+/// stderr which size a symbolic height/width took.
+fn load_shaped(path: &std::path::Path, overrides: &cresnet_opt::shape::InputShapes) -> Result<cresnet_opt::ir::Model> {
+    let model = cresnet_opt::io::load_with(path, overrides).with_context(|| format!("cannot load model {}", path.display()))?;
+    for note in cresnet_opt::shape::input_notes(&model.graph, overrides) {
+        eprintln!("note: {}: {note}", path.display());
+    }
+    Ok(model)
 }
 
 /// Thousands separators for counts in tables.

@@ -1,5 +1,5 @@
 //! `cresnet-opt IN -o OUT (--passes LIST | --pipeline NAME | --config FILE)`.
-use super::{group, input_shapes, load};
+use super::{group, input_shapes, load_shaped};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use cresnet_opt::config::{shipped_pipeline, PipelineFile};
@@ -7,6 +7,7 @@ use cresnet_opt::passes::PassReport;
 use cresnet_opt::passes::{PassSpec, PASS_NAMES};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 #[derive(Debug, Args)]
 pub struct OptimizeArgs {
@@ -37,9 +38,13 @@ pub struct OptimizeArgs {
     /// Checkpoint file of the `distill` pass: resumed if it exists, rewritten after every epoch.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    /// No per-pass summary on stderr.
+    /// No per-pass summary on stderr (warnings still show).
     #[arg(short, long)]
     quiet: bool,
+    /// Exit 1, writing nothing, when a pass changed nothing (a CI pipeline
+    /// must not ship an uncompressed model believing it compressed).
+    #[arg(long)]
+    strict: bool,
 }
 
 /// `none` parses as `None` (no pass); anything else must be a pass name.
@@ -77,7 +82,7 @@ fn pipeline_passes(args: &OptimizeArgs) -> Result<(Vec<PassSpec>, Option<cresnet
     Ok((args.passes.iter().flatten().cloned().collect(), None))
 }
 
-pub fn run(args: &OptimizeArgs) -> Result<()> {
+pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
     let started = std::time::Instant::now();
     let (input, output) = (args.input.as_deref().expect("required"), args.output.as_deref().expect("required"));
     let (mut passes, calibration) = pipeline_passes(args)?;
@@ -89,7 +94,7 @@ pub fn run(args: &OptimizeArgs) -> Result<()> {
         distills.for_each(|o| o.checkpoint = Some(path.clone()));
     }
     let overrides = input_shapes(&args.input_shape)?;
-    let mut model = load(input)?;
+    let mut model = load_shaped(input, &overrides)?;
     let calibration = calibration
         .map(|c| {
             cresnet_opt::refit::Calibration::load(&c).with_context(|| format!("cannot load calibration images from {}", c.data.display()))
@@ -100,6 +105,7 @@ pub fn run(args: &OptimizeArgs) -> Result<()> {
             "note: no calibration images: lossy passes run data-free, so accuracy will suffer (add `calibration:` to a pipeline file)"
         );
     }
+    let stats_before = cresnet_opt::stats::compute(&model.graph, &overrides)?;
     let reports = cresnet_opt::passes::run_pipeline_with(
         &mut model,
         &passes,
@@ -112,23 +118,32 @@ pub fn run(args: &OptimizeArgs) -> Result<()> {
             }
         },
     )?;
+    let idle: Vec<&PassReport> = reports.iter().filter(|r| r.changed.is_empty()).collect();
+    for r in &idle {
+        let why = r.declined.first().map_or_else(|| "nothing it applies to".to_string(), |d| format!("`{}`: {}", d.node, d.reason));
+        eprintln!("warning: pass `{}` changed nothing ({} declined; first: {why})", r.pass, r.declined.len());
+    }
+    if args.strict && !idle.is_empty() {
+        eprintln!("error: --strict: {} pass(es) changed nothing; {} not written", idle.len(), output.display());
+        return Ok(ExitCode::from(1));
+    }
+    let stats_after = cresnet_opt::stats::compute(&model.graph, &overrides)?;
     cresnet_opt::io::save(&model, output, args.external_data).with_context(|| format!("cannot write {}", output.display()))?;
     if let Some(path) = &args.report {
-        let (first, last) = (reports.first(), reports.last());
         let report = RunReport {
             input,
             output,
             passes: &reports,
-            params_before: first.map_or(0, |r| r.params_before),
-            params_after: last.map_or(0, |r| r.params_after),
-            macs_before: first.map_or(0, |r| r.macs_before),
-            macs_after: last.map_or(0, |r| r.macs_after),
+            params_before: stats_before.params,
+            params_after: stats_after.params,
+            macs_before: stats_before.macs,
+            macs_after: stats_after.macs,
             seconds: started.elapsed().as_secs_f64(),
         };
         cresnet_opt::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())
             .with_context(|| format!("cannot write report {}", path.display()))?;
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One pass's line on stderr, plus its first few declines.

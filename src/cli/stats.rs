@@ -1,5 +1,5 @@
 //! `cresnet-opt stats MODEL [MODEL2] [--format table|json|yaml]`.
-use super::{group, input_shapes, load};
+use super::{group, input_shapes, load_shaped};
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use cresnet_opt::stats::{stages, Stats};
@@ -38,8 +38,9 @@ struct Comparison<'a> {
 }
 
 fn stats_of(path: &std::path::Path, args: &StatsArgs) -> Result<Stats> {
-    let model = load(path)?;
-    Ok(cresnet_opt::stats::compute(&model.graph, &input_shapes(&args.input_shape)?)?)
+    let overrides = input_shapes(&args.input_shape)?;
+    let model = load_shaped(path, &overrides)?;
+    Ok(cresnet_opt::stats::compute(&model.graph, &overrides)?)
 }
 
 pub fn run(args: &StatsArgs) -> Result<()> {

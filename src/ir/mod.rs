@@ -10,6 +10,7 @@
 //! field we do not interpret (attributes, doc strings, metadata, functions,
 //! opsets, value_info, unknown ops and domains) is kept as the original proto.
 pub mod batchnorm;
+pub mod constant;
 pub mod conv;
 pub mod tensor;
 

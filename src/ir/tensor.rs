@@ -113,6 +113,11 @@ impl Weight {
         Weight { proto, data: Data::F32(array), original: None }
     }
 
+    pub fn from_i64(name: &str, array: ArrayD<i64>) -> Weight {
+        let proto = TensorProto { name: Some(name.to_string()), data_type: Some(DataType::Int64 as i32), ..Default::default() };
+        Weight { proto, data: Data::I64(array), original: None }
+    }
+
     pub fn name(&self) -> &str {
         self.proto.name()
     }

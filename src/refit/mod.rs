@@ -125,7 +125,9 @@ fn run_all<T: Send>(
     calib: &Calibration,
     take: impl Fn(usize, &[ArrayD<f32>]) -> T + Sync,
 ) -> Result<Vec<T>> {
-    let runner = Runner::truncated(model, 1, names)?;
+    let mut shape = vec![1];
+    shape.extend(calib.images.first().map_or(&[][..], |i| i.shape()));
+    let runner = if shape.len() == 4 { Runner::truncated_at(model, &shape, names)? } else { Runner::truncated(model, 1, names)? };
     calib
         .images
         .par_iter()
@@ -385,7 +387,11 @@ impl Cursor {
             names.push(cut.clone());
         }
         let sub = sub_model(model, shapes, self.tensor.as_deref(), &names)?;
-        let runner = Runner::truncated(&sub, 1, &names)?;
+        // The cursor's activations (the images themselves at first) set the input size.
+        let runner = match self.acts.first() {
+            Some(a) => Runner::truncated_at(&sub, a.shape(), &names)?,
+            None => Runner::truncated(&sub, 1, &names)?,
+        };
         let outs: Vec<Vec<ArrayD<f32>>> = self.acts.par_iter().map(|x| runner.run(x.clone())).collect::<Result<_>>()?;
         let mut target_acts = Vec::with_capacity(outs.len());
         let mut cut_acts = Vec::with_capacity(outs.len());

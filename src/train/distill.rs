@@ -127,7 +127,7 @@ pub fn distill(
         let (train, hold) = split(images.len(), o.holdout, o.seed);
         let features = stage_outputs(graph, shapes, &crate::validate::validate(&teacher.graph, &Default::default())?, o.feature_weight);
         let names = features.iter().map(|f| f.name.clone()).collect();
-        let teacher = Teacher::new(teacher, o.batch.min(train.len()), names)?;
+        let teacher = Teacher::new(teacher, o.batch.min(train.len()), names, &student_input(graph, shapes)?)?;
         Trainer { net: &mut net, teacher: &teacher, images: &images, o, log: &mut log, progress, features, adapters: vec![] }
             .run(&train, &hold)
     })?;
@@ -198,6 +198,19 @@ fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64)
         .collect()
 }
 
+/// The shape of the graph's (first non-weight) input, as the pipeline inferred it.
+fn student_input(graph: &Graph, shapes: &Shapes) -> Result<Vec<usize>> {
+    graph
+        .meta
+        .input
+        .iter()
+        .find(|i| !graph.weights().contains_key(i.name()))
+        .and_then(|i| shapes.get(i.name()))
+        .and_then(|t| t.shape.clone())
+        .filter(|s| s.len() == 4)
+        .ok_or_else(|| fail("the student's input has no 4-d shape".to_string()))
+}
+
 /// The teacher, compiled by tract for batch 1 with the stage outputs
 /// exposed. A batch runs image by image, one image per thread: measured on
 /// ResNet-50, tract takes ~55 ms per image that way, against ~200 ms per
@@ -208,8 +221,11 @@ struct Teacher {
 }
 
 impl Teacher {
-    fn new(model: &Model, batch: usize, features: Vec<String>) -> Result<Teacher> {
-        Ok(Teacher { runner: Runner::new(model, 1, &features)?, batch })
+    /// `input` is the student's input shape: both see the same images.
+    fn new(model: &Model, batch: usize, features: Vec<String>, input: &[usize]) -> Result<Teacher> {
+        let mut shape = input.to_vec();
+        shape[0] = 1;
+        Ok(Teacher { runner: Runner::at(model, &shape, &features)?, batch })
     }
 
     fn batch(&self) -> usize {

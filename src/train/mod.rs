@@ -48,6 +48,42 @@ pub enum Mode {
 
 const BN_EPS: f32 = 1e-5;
 
+/// Elementwise activations the engine trains through.
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    Clip { lo: f32, hi: f32 },
+    Sigmoid,
+    HardSigmoid { alpha: f32, beta: f32 },
+    HardSwish,
+}
+
+impl Act {
+    fn apply(self, x: f32) -> f32 {
+        match self {
+            Act::Clip { lo, hi } => x.clamp(lo, hi),
+            Act::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Act::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
+            Act::HardSwish => x * (x / 6.0 + 0.5).clamp(0.0, 1.0),
+        }
+    }
+    /// dy/dx at input `x` (output `y`).
+    fn slope(self, x: f32, y: f32) -> f32 {
+        let inside = |v: f32| if v > 0.0 && v < 1.0 { 1.0 } else { 0.0 };
+        match self {
+            Act::Clip { lo, hi } => {
+                if x > lo && x < hi {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Act::Sigmoid => y * (1.0 - y),
+            Act::HardSigmoid { alpha, beta } => alpha * inside(alpha * x + beta),
+            Act::HardSwish => (x / 6.0 + 0.5).clamp(0.0, 1.0) + x / 6.0 * inside(x / 6.0 + 0.5),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Conv {
@@ -79,6 +115,39 @@ enum Step {
     Flatten {
         x: usize,
         y: usize,
+    },
+    /// An elementwise activation other than ReLU.
+    Act {
+        x: usize,
+        y: usize,
+        f: Act,
+    },
+    /// y = x · scale[c] + shift[c] per channel (`hw` = H·W): arithmetic
+    /// with a constant, such as a baked-in `(x - mean) / std`.
+    Affine {
+        x: usize,
+        y: usize,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+        hw: usize,
+    },
+    /// Nearest-neighbour upsampling by integer factors (`F.interpolate`):
+    /// y[c, i, j] = x[c, i / fh, j / fw].
+    Upsample {
+        x: usize,
+        y: usize,
+        h: usize,
+        w: usize,
+        fh: usize,
+        fw: usize,
+    },
+    /// y = a ⊙ b, with `b` per channel (`hw` = H·W, an SE block's scale)
+    /// or of `a`'s shape (`hw` = 1, Swish).
+    Mul {
+        a: usize,
+        b: usize,
+        y: usize,
+        hw: usize,
     },
     /// Per channel of a conv's output: params gamma, beta, running mean, var.
     BatchNorm {
@@ -203,6 +272,7 @@ impl Builder<'_> {
             "Conv" if self.with_bn => return self.conv_bn(ix, x, &x_name, &out),
             "Conv" => self.conv(ix, x, &x_name, &out)?,
             "Relu" => Step::Relu { x, y: self.value(&out)? },
+            "Add" | "Sub" | "Mul" | "Div" if self.constant_operand(ix).is_some() => self.affine(ix, &out)?,
             "Add" => {
                 let b_name = node.input(1).unwrap_or_default().to_string();
                 let b = self.input_value(&b_name, name, op)?;
@@ -218,11 +288,103 @@ impl Builder<'_> {
             }
             "Flatten" if node.attr_int("axis").unwrap_or(1) == 1 => Step::Flatten { x, y: self.value(&out)? },
             "Gemm" => self.gemm(ix, x, &x_name, &out)?,
+            "Clip" | "Sigmoid" | "HardSigmoid" | "HardSwish" => Step::Act { x, y: self.value(&out)?, f: self.act(ix)? },
+            "Mul" => self.mul(ix, &out)?,
+            "Resize" | "Upsample" => self.upsample(ix, x, &x_name, &out)?,
             "BatchNormalization" => return Err(unsupported(name, op, "fold it first (put `fold` before `distill`)")),
             _ => return Err(unsupported(name, op, "op not supported by the training engine")),
         };
         self.net.steps.push(step);
         Ok(())
+    }
+
+    fn act(&self, ix: petgraph::stable_graph::NodeIndex) -> Result<Act> {
+        let node = self.graph.node(ix);
+        let bound = |slot: usize, attr: &str, default: f32| -> Result<f32> {
+            match node.input(slot) {
+                Some(t) => match self.graph.constant_f32(t) {
+                    Some(a) if a.len() == 1 => Ok(a.iter().next().copied().unwrap_or(default)),
+                    _ => Err(unsupported(node.name(), node.op(), &format!("bound `{t}` is not a constant scalar"))),
+                },
+                None => Ok(node.attr_float(attr).unwrap_or(default)),
+            }
+        };
+        Ok(match node.op() {
+            "Clip" => Act::Clip { lo: bound(1, "min", f32::MIN)?, hi: bound(2, "max", f32::MAX)? },
+            "Sigmoid" => Act::Sigmoid,
+            "HardSigmoid" => {
+                Act::HardSigmoid { alpha: node.attr_float("alpha").unwrap_or(0.2), beta: node.attr_float("beta").unwrap_or(0.5) }
+            }
+            _ => Act::HardSwish,
+        })
+    }
+
+    /// The constant operand of a binary op: (its slot, its values).
+    fn constant_operand(&self, ix: petgraph::stable_graph::NodeIndex) -> Option<(usize, Vec<f32>)> {
+        let node = self.graph.node(ix);
+        (0..2).find_map(|slot| node.input(slot).and_then(|t| self.graph.constant_f32(t)).map(|w| (slot, w.iter().copied().collect())))
+    }
+
+    /// Add/Sub/Mul/Div of an activation and a scalar or per-channel constant.
+    fn affine(&mut self, ix: petgraph::stable_graph::NodeIndex, out: &str) -> Result<Step> {
+        let node = self.graph.node(ix);
+        let (name, op) = (node.name().to_string(), node.op().to_string());
+        let (slot, k) = self.constant_operand(ix).expect("checked by the caller");
+        let x_name = node.input(1 - slot).unwrap_or_default().to_string();
+        let x = self.input_value(&x_name, &name, &op)?;
+        let sy = self.shape(out)?;
+        let c = sy.first().copied().unwrap_or(1);
+        let k: Vec<f32> = match k.len() {
+            1 => vec![k[0]; c],
+            n if n == c && self.graph.constant_f32(node.input(slot).unwrap_or("")).is_some_and(|w| per_channel_shape(w.shape(), c)) => k,
+            _ => return Err(unsupported(&name, &op, "a constant operand must be a scalar or per channel ([C,1,1])")),
+        };
+        if self.shape(&x_name)? != sy {
+            return Err(unsupported(&name, &op, "the activation operand is broadcast"));
+        }
+        let ones = vec![1.0; c];
+        let zeros = vec![0.0; c];
+        let (scale, shift) = match (op.as_str(), slot) {
+            ("Add", _) => (ones, k),
+            ("Sub", 1) => (ones, k.iter().map(|v| -v).collect()),
+            ("Sub", _) => (ones.iter().map(|v| -v).collect(), k),
+            ("Mul", _) => (k, zeros),
+            ("Div", 1) => (k.iter().map(|v| 1.0 / v).collect(), zeros),
+            _ => return Err(unsupported(&name, &op, "dividing a constant by an activation is not supported")),
+        };
+        Ok(Step::Affine { x, y: self.value(out)?, scale, shift, hw: sy.iter().skip(1).product() })
+    }
+
+    fn upsample(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
+        let node = self.graph.node(ix);
+        let (name, op) = (node.name(), node.op());
+        if node.attr_str("mode").is_some_and(|m| m != "nearest") {
+            return Err(unsupported(name, op, "only mode `nearest` is supported"));
+        }
+        let (xs, ys) = (self.shape(x_name)?, self.shape(out)?);
+        let whole = xs.len() == 3 && ys.len() == 3 && xs[0] == ys[0] && ys[1] % xs[1] == 0 && ys[2] % xs[2] == 0;
+        if !whole {
+            return Err(unsupported(name, op, "only upsampling of H and W by integer factors is supported"));
+        }
+        Ok(Step::Upsample { x, y: self.value(out)?, h: xs[1], w: xs[2], fh: ys[1] / xs[1], fw: ys[2] / xs[2] })
+    }
+
+    /// Mul of two activations: same shape, or one per channel ([C,1,1]).
+    fn mul(&mut self, ix: petgraph::stable_graph::NodeIndex, out: &str) -> Result<Step> {
+        let node = self.graph.node(ix);
+        let (name, op) = (node.name().to_string(), node.op().to_string());
+        let (a_name, b_name) = (node.input(0).unwrap_or_default().to_string(), node.input(1).unwrap_or_default().to_string());
+        let (a, b) = (self.input_value(&a_name, &name, &op)?, self.input_value(&b_name, &name, &op)?);
+        let (sa, sb, sy) = (self.shape(&a_name)?, self.shape(&b_name)?, self.shape(out)?);
+        let per_channel = |s: &[usize]| s.len() == sy.len() && s.first() == sy.first() && s.iter().skip(1).all(|&d| d == 1);
+        let hw = sy.iter().skip(1).product();
+        let y = self.value(out)?;
+        match () {
+            _ if sa == sy && sb == sy => Ok(Step::Mul { a, b, y, hw: 1 }),
+            _ if sa == sy && per_channel(&sb) => Ok(Step::Mul { a, b, y, hw }),
+            _ if sb == sy && per_channel(&sa) => Ok(Step::Mul { a: b, b: a, y, hw }),
+            _ => Err(unsupported(&name, &op, "only same-shape or per-channel ([C,1,1]) products are supported")),
+        }
     }
 
     fn conv(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
@@ -516,6 +678,28 @@ impl Network {
             }
             Step::GlobalAvgPool { x, y, hw, .. } => (*y, vals[*x].par_chunks(*hw).map(|p| p.iter().sum::<f32>() / *hw as f32).collect()),
             Step::Flatten { x, y } => (*y, vals[*x].clone()),
+            Step::Act { x, y, f } => (*y, vals[*x].par_iter().map(|&v| f.apply(v)).collect()),
+            Step::Affine { x, y, scale, shift, hw } => {
+                let c = scale.len();
+                let out = vals[*x]
+                    .par_chunks(*hw)
+                    .enumerate()
+                    .flat_map_iter(|(i, chunk)| chunk.iter().map(move |&v| v * scale[i % c] + shift[i % c]))
+                    .collect();
+                (*y, out)
+            }
+            Step::Upsample { x, y, h, w, fh, fw } => {
+                let (h, w, fh, fw) = (*h, *w, *fh, *fw);
+                let out = vals[*x]
+                    .par_chunks(h * w)
+                    .flat_map_iter(|plane| (0..h * fh).flat_map(move |i| (0..w * fw).map(move |j| plane[(i / fh) * w + j / fw])))
+                    .collect();
+                (*y, out)
+            }
+            Step::Mul { a, b, y, hw } => {
+                let bv = &vals[*b];
+                (*y, vals[*a].par_chunks(*hw).zip(bv.par_iter()).flat_map_iter(|(chunk, &s)| chunk.iter().map(move |&v| v * s)).collect())
+            }
             Step::BatchNorm { x, y, c, hw, p, .. } => {
                 let (mean, var) = channel_stats(&vals[*x], *c, *hw);
                 let (m, v) = match acts.mode {
@@ -612,6 +796,37 @@ impl Network {
             }
             Step::GlobalAvgPool { x, hw, .. } => vec![(*x, dy.iter().flat_map(|&g| std::iter::repeat_n(g / *hw as f32, *hw)).collect())],
             Step::Flatten { x, .. } => vec![(*x, dy.to_vec())],
+            Step::Act { x, y, f } => {
+                let dx = dy.par_iter().zip(vals[*x].par_iter().zip(&vals[*y])).map(|(g, (&xv, &yv))| g * f.slope(xv, yv)).collect();
+                vec![(*x, dx)]
+            }
+            Step::Affine { x, scale, hw, .. } => {
+                if *x == self.input {
+                    return vec![];
+                }
+                let c = scale.len();
+                vec![(*x, dy.par_chunks(*hw).enumerate().flat_map_iter(|(i, g)| g.iter().map(move |&v| v * scale[i % c])).collect())]
+            }
+            Step::Upsample { x, h, w, fh, fw, .. } => {
+                let (h, w, fh, fw) = (*h, *w, *fh, *fw);
+                let mut dx = vec![0.0; vals[*x].len()];
+                dx.par_chunks_mut(h * w).zip(dy.par_chunks(h * fh * w * fw)).for_each(|(dxp, dyp)| {
+                    for i in 0..h * fh {
+                        for j in 0..w * fw {
+                            dxp[(i / fh) * w + j / fw] += dyp[i * w * fw + j];
+                        }
+                    }
+                });
+                vec![(*x, dx)]
+            }
+            Step::Mul { a, b, hw, .. } => {
+                let (av, bv) = (&vals[*a], &vals[*b]);
+                let da: Vec<f32> =
+                    dy.par_chunks(*hw).zip(bv.par_iter()).flat_map_iter(|(chunk, &s)| chunk.iter().map(move |&g| g * s)).collect();
+                let db: Vec<f32> =
+                    dy.par_chunks(*hw).zip(av.par_chunks(*hw)).map(|(g, x)| g.iter().zip(x).map(|(g, x)| g * x).sum()).collect();
+                vec![(*a, da), (*b, db)]
+            }
             Step::BatchNorm { x, c, hw, p, .. } => {
                 let stats = match acts.bn_batch.get(&i) {
                     Some((m, v)) => (m.as_slice(), v.as_slice(), true),
@@ -643,6 +858,12 @@ impl Network {
     }
 }
 
+/// Whether a constant of `shape` holds one value per channel of `c` (`[C]`
+/// broadcast as `[C,1,1]`, or `[1,C,1,1]`).
+fn per_channel_shape(shape: &[usize], c: usize) -> bool {
+    matches!(shape, [n, 1, 1] | [1, n, 1, 1] if *n == c)
+}
+
 fn step_output(step: &Step) -> usize {
     match step {
         Step::Conv { y, .. }
@@ -651,6 +872,10 @@ fn step_output(step: &Step) -> usize {
         | Step::MaxPool { y, .. }
         | Step::GlobalAvgPool { y, .. }
         | Step::Flatten { y, .. }
+        | Step::Act { y, .. }
+        | Step::Affine { y, .. }
+        | Step::Upsample { y, .. }
+        | Step::Mul { y, .. }
         | Step::BatchNorm { y, .. }
         | Step::Gemm { y, .. } => *y,
     }

@@ -86,3 +86,24 @@ pub fn smooth_images(count: usize, seed: u64) -> Vec<ndarray::Array3<f32>> {
         })
         .collect()
 }
+
+/// Writes `count` smooth random 80x72 PNG images into `dir`.
+pub fn write_images(dir: &std::path::Path, count: usize, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = Rng::new(seed);
+    for k in 0..count {
+        let (a, b, c) = (rng.uniform() * 0.3, rng.uniform() * 0.3, rng.uniform() * 6.0);
+        let img = image::RgbImage::from_fn(80, 72, |x, y| {
+            let v = |ch: f32| (128.0 + 100.0 * (a * x as f32 + b * y as f32 + c + ch).sin()) as u8;
+            image::Rgb([v(0.0), v(1.0), v(2.0)])
+        });
+        img.save(dir.join(format!("{k:03}.png"))).unwrap();
+    }
+}
+
+/// A 64x64 caffe-like preprocessing file.
+pub fn preprocess_file(dir: &std::path::Path) -> cresnet_opt::config::Preprocess {
+    let path = dir.join("pre.yaml");
+    std::fs::write(&path, "resize: 72\ncrop: 64\nmean: [100, 110, 120]\nstd: [60, 60, 60]\nscale: 1.0\nchannel_order: bgr\n").unwrap();
+    cresnet_opt::config::Preprocess::File(path)
+}
