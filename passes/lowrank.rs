@@ -23,6 +23,16 @@
 //! `min_resolution`/`max_resolution` as in `dw` (a Gemm's output counts as 1).
 //! Running the pass twice factorizes the factors again.
 //!
+//! `budget: b` (with `ratio`) makes a pipeline meet a promise whatever the
+//! layout of the model: the model must keep at most a share b of the
+//! weights the pipeline started with once this pass and the lossy passes
+//! after it have run (`distill` excluded). The pipeline tries the rest of
+//! itself data-free on a copy and lowers the ratio — never raises it —
+//! by bisection until the promise holds, and says what it chose; it fails,
+//! naming the pass, if not even ratio 0.001 meets it. (torchvision's
+//! ResNet-50 puts its strides on the 3x3 convs, so one more 1x1 conv falls
+//! in the 28-pixel stage than in the original layout.)
+//!
 //! With `calibration`, each 1x1 conv is factorized on data, one at a time
 //! in topological order on the compressed model's own activations
 //! (`src/refit/mod.rs`): reduced-rank regression — the ridge least-squares
@@ -61,6 +71,9 @@ pub struct LowrankOptions {
     pub energy: Option<f64>,
     /// Share of the graph's weights kept after the pass: one energy level for all layers, found by bisection.
     pub target_params: Option<f64>,
+    /// With `ratio`: share of the pipeline's starting weights the model may
+    /// keep after this and the later lossy passes; the ratio is lowered to fit.
+    pub budget: Option<f64>,
     pub min_gain: f64,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
@@ -85,6 +98,7 @@ impl Default for LowrankOptions {
             ratio: None,
             energy: None,
             target_params: None,
+            budget: None,
             min_gain: 0.1,
             include: vec![],
             exclude: vec![],
@@ -108,6 +122,10 @@ impl Pass for Lowrank {
         check_unit("lowrank", "energy", o.energy.filter(|&e| e != 1.0))?;
         check_unit("lowrank", "ratio", o.ratio)?;
         check_unit("lowrank", "target_params", o.target_params)?;
+        check_unit("lowrank", "budget", o.budget)?;
+        if o.budget.is_some() && o.ratio.is_none() {
+            return Err(Error::Config("`lowrank.budget` adjusts `ratio`: give `ratio` too".into()));
+        }
         if [o.rank.is_some(), o.ratio.is_some(), o.energy.is_some(), o.target_params.is_some()].iter().filter(|&&b| b).count() > 1 {
             return Err(Error::Config("`lowrank` takes only one of `rank`, `ratio`, `energy`, `target_params`".into()));
         }

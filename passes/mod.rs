@@ -322,6 +322,8 @@ pub fn run_pipeline_with(
     let mut reports = Vec::new();
     // Exporters' variants are canonicalized first (exact), before anything
     // is kept as a reference; it is reported only if it changed something.
+    // Budgets are shares of the weights of the model as given.
+    let start_params = crate::stats::from_shapes(&model.graph, &shapes).params;
     let implicit = !passes.is_empty() && !matches!(passes[0], PassSpec::Canonicalize(_));
     if implicit {
         let spec = PassSpec::Canonicalize(Default::default());
@@ -334,10 +336,14 @@ pub fn run_pipeline_with(
     let to_original = calibration.is_some_and(|c| c.reference == RefitReference::Original);
     let original = (passes.iter().any(PassSpec::needs_original) || to_original).then(|| model.clone());
     let original_shapes = to_original.then(|| shapes.clone());
-    for spec in passes {
+    for (i, spec) in passes.iter().enumerate() {
+        let (spec, budget_note) = fit_budget(model, &passes[i..], start_params, overrides).map_err(|e| after_pass(spec.name(), e))?;
         let lossy = calibration.is_some() && spec.lossy();
         let reference = lossy.then(|| refit_reference(model, &shapes, original.as_ref().zip(original_shapes.as_ref())));
-        let report = run_one(model, spec, &mut shapes, overrides, reference.as_deref(), calibration, original.as_ref(), progress)?;
+        let mut report = run_one(model, &spec, &mut shapes, overrides, reference.as_deref(), calibration, original.as_ref(), progress)?;
+        if let Some(note) = budget_note {
+            report.changed.insert(0, Change { node: "(budget)".into(), what: note });
+        }
         on_done(&report);
         reports.push(report);
     }
@@ -345,6 +351,55 @@ pub fn run_pipeline_with(
         sync_value_info(model, &shapes);
     }
     Ok(reports)
+}
+
+/// `rest[0]` with its ratio lowered so that the model, after `rest`'s
+/// lossy passes, keeps at most `lowrank.budget` of `start_params` weights
+/// (see the `lowrank` module), and a note of what was chosen; `rest[0]`
+/// itself when it has no budget.
+fn fit_budget(model: &Model, rest: &[PassSpec], start_params: u64, overrides: &InputShapes) -> Result<(PassSpec, Option<String>)> {
+    let PassSpec::Lowrank(o) = &rest[0] else { return Ok((rest[0].clone(), None)) };
+    let (Some(budget), Some(ratio)) = (o.budget, o.ratio) else { return Ok((rest[0].clone(), None)) };
+    let with = |r: f64| PassSpec::Lowrank(lowrank::LowrankOptions { ratio: Some(r), budget: None, ..o.clone() });
+    let kept = |r: f64| -> Result<u64> {
+        let mut trial = model.clone();
+        let mut steps: Vec<PassSpec> = rest.iter().filter(|p| p.lossy() && !matches!(p, PassSpec::Distill(_))).cloned().collect();
+        steps[0] = with(r);
+        let reports = run_pipeline(&mut trial, &steps, overrides, |_| {})?;
+        Ok(reports.last().map_or(start_params, |r| r.params_after))
+    };
+    let limit = (budget * start_params as f64).floor() as u64;
+    let share = |p: u64| 100.0 * p as f64 / start_params.max(1) as f64;
+    let at_ratio = kept(ratio)?;
+    if at_ratio <= limit {
+        return Ok((rest[0].clone(), Some(format!("budget {:.2} %: ratio {ratio} keeps {:.2} %", 100.0 * budget, share(at_ratio)))));
+    }
+    let floor = 0.001;
+    let at_floor = kept(floor)?;
+    if at_floor > limit {
+        return Err(Error::Config(format!(
+            "`lowrank.budget` {budget} cannot be met: even at ratio {floor} the model keeps {:.2} % of its weights",
+            share(at_floor)
+        )));
+    }
+    // Largest ratio that fits: kept(lo) <= limit < kept(hi).
+    let (mut lo, mut hi, mut at_lo) = (floor, ratio, at_floor);
+    while hi - lo > 1e-4 {
+        let mid = 0.5 * (lo + hi);
+        let at_mid = kept(mid)?;
+        if at_mid <= limit {
+            (lo, at_lo) = (mid, at_mid);
+        } else {
+            hi = mid;
+        }
+    }
+    let note = format!(
+        "budget {:.2} %: ratio {ratio} would keep {:.2} %; lowered to {lo:.4}: {:.2} %",
+        100.0 * budget,
+        share(at_ratio),
+        share(at_lo)
+    );
+    Ok((with(lo), Some(note)))
 }
 
 /// Runs one pass, drops the weights it orphaned, validates, and fills in

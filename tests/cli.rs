@@ -101,7 +101,10 @@ fn unknown_pass_lists_the_valid_ones() {
     let o = optimize(&fixture_path(), &out, "fold,squash");
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
-    assert!(err.contains("unknown pass `squash` (valid: none, fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize)"), "{err}");
+    assert!(
+        err.contains("unknown pass `squash` (valid: none, fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize)"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 
@@ -120,7 +123,10 @@ fn bad_yaml_is_named() {
         ("passes:\n  - prune: { ratio: 1.5 }\n", "`prune.ratio` is 1.5, but must lie strictly between 0 and 1"),
         ("passes:\n  - prune: { ration: 0.5 }\n", "unknown field `ration`"),
         ("passes:\n  - prune: { ratio: lots }\n", "invalid type"),
-        ("passes:\n  - squash\n", "unknown pass `squash` (valid passes: fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize)"),
+        (
+            "passes:\n  - squash\n",
+            "unknown pass `squash` (valid passes: fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize)",
+        ),
         ("pipeline: nosuch\n", "unknown pipeline `nosuch` (shipped pipelines: fold, cresnet)"),
         (
             "passes:\n  - dw: { min_resolution: 28, max_resolution: 14 }\n",

@@ -309,3 +309,83 @@ fn distill_trains_through_every_head_and_activation() {
         assert!(!report(&reports, "distill").changed.is_empty(), "{name}");
     }
 }
+
+fn lowrank_budget(ratio: f64, budget: f64) -> PassSpec {
+    PassSpec::Lowrank(cresnet_opt::passes::lowrank::LowrankOptions { ratio: Some(ratio), budget: Some(budget), ..Default::default() })
+}
+
+#[test]
+fn a_budget_lowers_the_ratio_until_the_whole_pipeline_fits() {
+    for name in ["resnet50-classic-op17", "resnet50-dynamo-op18"] {
+        let mut model = load(name);
+        let reports = passes(&mut model, &[fold(), lowrank_budget(0.5, 0.3), dw(1)], &Default::default());
+        let start = reports[0].params_before;
+        let end = reports.last().unwrap().params_after;
+        assert!(end as f64 <= 0.3 * start as f64, "{name}: {end} of {start}");
+        let note = &report(&reports, "lowrank").changed[0];
+        assert!(note.node == "(budget)" && note.what.contains("lowered to"), "{note:?}");
+        // Without the budget the same ratio keeps more than 30 %.
+        let mut free = load(name);
+        let reports = passes(
+            &mut free,
+            &[fold(), PassSpec::Lowrank(cresnet_opt::passes::lowrank::LowrankOptions { ratio: Some(0.5), ..Default::default() }), dw(1)],
+            &Default::default(),
+        );
+        assert!(reports.last().unwrap().params_after as f64 > 0.3 * start as f64);
+    }
+}
+
+#[test]
+fn a_budget_within_reach_keeps_the_ratio_and_one_out_of_reach_fails() {
+    let mut model = load("resnet50-classic-op17");
+    let reports = passes(&mut model, &[lowrank_budget(0.5, 0.95)], &Default::default());
+    assert!(report(&reports, "lowrank").changed[0].what.starts_with("budget 95.00 %: ratio 0.5 keeps"), "{:?}", reports[0].changed[0]);
+    let mut model = load("resnet50-classic-op17");
+    let err = cresnet_opt::passes::run_pipeline(&mut model, &[lowrank_budget(0.5, 0.01)], &Default::default(), |_| {}).unwrap_err();
+    let text = chain(&err);
+    assert!(text.contains("`lowrank.budget` 0.01 cannot be met: even at ratio 0.001"), "{text}");
+}
+
+#[test]
+fn the_cresnet_pipeline_keeps_its_promise_on_torchvision_layouts() {
+    for name in ["resnet50-classic-op17", "resnet50-dynamo-op18", "resnet18-dynamo-op18"] {
+        let mut model = load(name);
+        let spec = cresnet_opt::config::shipped_pipeline("cresnet").unwrap().passes.unwrap();
+        let reports = passes(&mut model, &spec, &Default::default());
+        let start = reports[0].params_before;
+        let end = reports.last().unwrap().params_after;
+        assert!(end as f64 <= 0.2 * start as f64, "{name}: {end} of {start} weights");
+    }
+}
+
+#[test]
+fn an_op_without_a_shape_rule_leaves_shapes_unknown_and_only_the_passes_that_need_them_decline() {
+    let mut model = load("resnet18-classic-op17");
+    // An op of another domain before the head: its output's shape is unknown.
+    let ix = model.graph.topo_order().unwrap().into_iter().rfind(|&ix| model.graph.node(ix).op() == "Relu").unwrap();
+    model.graph.update_node(ix, |n| n.proto.domain = Some("com.example".into())).unwrap();
+    let mystery = model.graph.node(ix).output(0).unwrap().to_string();
+    let shapes = cresnet_opt::validate::validate(&model.graph, &Default::default()).expect("loads");
+    assert_eq!(shapes[&mystery].shape, None);
+    let stats = cresnet_opt::stats::compute(&model.graph, &Default::default()).unwrap();
+    assert!(stats.macs > 0 && stats.macs < manifest()["resnet18-classic-op17"].macs);
+    let bytes = cresnet_opt::io::to_bytes(&model).unwrap();
+    let back = cresnet_opt::io::from_bytes(bytes.clone().into(), "mystery", None).unwrap();
+    assert!(cresnet_opt::io::to_bytes(&back).unwrap() == bytes);
+    let reports = passes(&mut model, &[prune(PruneOptions::default())], &Default::default());
+    let r = report(&reports, "prune");
+    assert!(r.declined.iter().any(|d| d.reason.contains("not understood")), "{:?}", r.declined);
+    assert!(!r.changed.is_empty(), "the rest still prunes");
+}
+
+#[test]
+fn check_and_bench_take_an_input_shape() {
+    let p = path("resnet18-dynamo-op18-dynhw");
+    let shape = ["--input-shape", "input:1,3,64,64"];
+    let out = bin().arg("check").arg(&p).arg("--reference").arg(&p).args(["--random", "1", "--quiet"]).args(shape).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin().arg("bench").arg(&p).args(["--runs", "1", "--threads", "1", "--json"]).args(shape).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("symbolic height/width"), "an explicit shape needs no note: {stderr}");
+}
