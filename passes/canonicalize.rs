@@ -22,6 +22,8 @@
 //!    `Concat(batch of Shape(·), [-1 | C·H·W])` — `x.view(x.size(0), -1)`,
 //!    the dynamo exporter's `view` — computes `Flatten(x, 1)` for every
 //!    batch (the batch being the leading axis, as in every NCHW model).
+//!    So does `Squeeze(x, axes={2,3})` of an `[N, C, 1, 1]` pooled map
+//!    (tf2onnx's Keras head: GlobalAveragePool → Squeeze → MatMul).
 //! 5. **Spatial mean → `GlobalAveragePool`**: `ReduceMean(x, axes={2,3})` of
 //!    a 4-d `x` (the dynamo exporter's `adaptive_avg_pool2d(x, 1)`), plus a
 //!    `Flatten` when `keepdims` is 0.
@@ -31,8 +33,11 @@
 //!    `F.pad`), is merged into that conv.
 //! 7. **`Add(Conv(x), b)` with a per-channel constant `b`** (`[1,C,1,1]` or
 //!    `[C,1,1]`: paddle2onnx's conv bias) becomes the conv's bias, when the
-//!    conv's output has no other reader.
-//! 8. Nodes left without readers by the rewrites above are removed.
+//!    conv's output has no other reader; likewise `Add(Gemm(x), b)` with `b`
+//!    of `[M]` or `[1, M]` (a Dense layer's bias).
+//! 8. **`MatMul(x, W)` with a 2-d `x` and a 2-d f32 weight → `Gemm`**
+//!    (tf2onnx's Dense), so it may take a bias.
+//! 9. Nodes left without readers by the rewrites above are removed.
 //!
 //! Before:  W → Shape → Expand(CastLike(0, x), ·) → Conv.B;  x → ReduceMean{2,3} → Reshape(·, [-1, 512]) → Gemm
 //! After:   Conv with an initializer bias;                   x → GlobalAveragePool → Flatten(axis=1) → Gemm
@@ -72,6 +77,7 @@ impl Pass for Canonicalize {
         flatten_reshapes(graph, ctx.shapes, &mut report)?;
         spatial_means(graph, ctx.shapes, &mut report)?;
         pads_into_convs(graph, &mut report)?;
+        matmuls_into_gemms(graph, ctx.shapes, &mut report)?;
         biases_into_convs(graph, ctx.shapes, &mut report)?;
         // Outer-scope reads from subgraphs are not wires: only prune dead nodes without them.
         let dead = if graph.nodes().any(Node::has_subgraph) { 0 } else { remove_dead(graph)? };
@@ -239,18 +245,38 @@ fn is_flatten(graph: &Graph, shapes: &Shapes, node: &Node) -> bool {
     e.len() == 2 && lead && tail && e != [Elem::Int(-1), Elem::Int(-1)]
 }
 
+/// Whether Squeeze `node` drops exactly the unit H, W axes of a 4-d tensor.
+fn is_pooled_squeeze(graph: &Graph, shapes: &Shapes, node: &Node) -> bool {
+    let Some(xs) = node.input(0).and_then(|x| shape_of(shapes, x)) else { return false };
+    let axes = match node.attr_ints("axes") {
+        Some(a) => Some(a.to_vec()),
+        None => node.input(1).and_then(|a| constant::value_of(graph, a)).and_then(|v| v.ints()),
+    };
+    let Some(mut axes) = axes.map(|a| a.iter().map(|&v| if v < 0 { v + 4 } else { v }).collect::<Vec<_>>()) else { return false };
+    axes.sort_unstable();
+    xs.len() == 4 && xs[2] == 1 && xs[3] == 1 && axes == [2, 3]
+}
+
 fn flatten_reshapes(graph: &mut Graph, shapes: &Shapes, report: &mut PassReport) -> Result<()> {
     let found: Vec<NodeIndex> = graph
         .topo_order()?
         .into_iter()
-        .filter(|&ix| graph.node(ix).op() == "Reshape" && graph.node(ix).is_standard() && is_flatten(graph, shapes, graph.node(ix)))
+        .filter(|&ix| {
+            let node = graph.node(ix);
+            node.is_standard()
+                && match node.op() {
+                    "Reshape" => is_flatten(graph, shapes, node),
+                    "Squeeze" => is_pooled_squeeze(graph, shapes, node),
+                    _ => false,
+                }
+        })
         .collect();
     for ix in found {
         let old = graph.node(ix).clone();
         let mut flat = Node::new("Flatten", old.name(), &[old.input(0).expect("checked")], &[old.output(0).expect("checked")]);
         flat.set_attr_int("axis", 1);
         graph.replace_node(ix, vec![flat])?;
-        report.change(old.name(), "Reshape to [batch, -1] is Flatten(axis=1)");
+        report.change(old.name(), format!("{} to [batch, -1] is Flatten(axis=1)", old.op()));
     }
     Ok(())
 }
@@ -352,10 +378,16 @@ fn conv_bias(graph: &Graph, shapes: &Shapes, add: &Node) -> Option<(NodeIndex, S
         let (x, b) = (add.input(a)?, add.input(b)?);
         let Some((conv, 0)) = graph.producer(x) else { continue };
         let c = graph.node(conv);
-        let explicit = c.op() == "Conv" && c.is_standard() && graph.constant_f32(c.input(1).unwrap_or("")).is_some();
-        let channels = shape_of(shapes, x).filter(|s| s.len() == 4)?[1];
+        let gemm = c.op() == "Gemm" && c.attr_float("beta").unwrap_or(1.0) == 1.0;
+        let explicit = (c.op() == "Conv" || gemm) && c.is_standard() && graph.constant_f32(c.input(1).unwrap_or("")).is_some();
+        let rank = if gemm { 2 } else { 4 };
+        let channels = shape_of(shapes, x).filter(|s| s.len() == rank)?[1];
         let Some(bias) = graph.constant_f32(b) else { continue };
-        let per_channel = matches!(bias.shape(), [1, n, 1, 1] | [n, 1, 1] if *n == channels);
+        let per_channel = if gemm {
+            matches!(bias.shape(), [n] | [1, n] if *n == channels)
+        } else {
+            matches!(bias.shape(), [1, n, 1, 1] | [n, 1, 1] if *n == channels)
+        };
         let bias_ok = c.input(2).is_none_or(|old| graph.constant_f32(old).is_some_and(|o| o.len() == channels));
         if explicit && per_channel && bias_ok && graph.use_count(x) == 1 {
             return Some((conv, x.to_string(), bias.iter().copied().collect()));
@@ -374,6 +406,22 @@ fn biases_into_convs(graph: &mut Graph, shapes: &Shapes, report: &mut PassReport
         graph.remove_node(ix)?;
         graph.update_node(conv, |c| c.proto.output[0] = y.clone())?;
         report.change(graph.node(conv).name(), format!("the constant added by `{add_name}` became its bias"));
+    }
+    Ok(())
+}
+
+fn matmuls_into_gemms(graph: &mut Graph, shapes: &Shapes, report: &mut PassReport) -> Result<()> {
+    for ix in graph.topo_order()? {
+        let node = graph.node(ix);
+        let (Some(x), Some(w), Some(y)) = (node.input(0), node.input(1), node.output(0)) else { continue };
+        let weight_2d = graph.constant_f32(w).is_some_and(|a| a.ndim() == 2);
+        if node.op() != "MatMul" || !node.is_standard() || !weight_2d || shape_of(shapes, x).is_none_or(|s| s.len() != 2) {
+            continue;
+        }
+        let gemm = Node::new("Gemm", node.name(), &[x, w], &[y]);
+        let name = node.name().to_string();
+        graph.replace_node(ix, vec![gemm])?;
+        report.change(&name, "MatMul of a 2-d input by a weight is Gemm");
     }
     Ok(())
 }

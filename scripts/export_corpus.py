@@ -258,14 +258,75 @@ def main():
     ext_dir = os.path.join(OUT, "external")
     os.makedirs(ext_dir, exist_ok=True)
     path = os.path.join(ext_dir, "resnet18-external.onnx")
+    if os.path.exists(path + ".data"):
+        os.remove(path + ".data")  # onnx.save appends to an existing data file
     m = onnx.load(os.path.join(OUT, "resnet18-dynamo-op18.onnx"))
     onnx.save(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location="resnet18-external.onnx.data", size_threshold=1024)
     manifest["external/resnet18-external"] = entry(r18, path, x, False)
+    manifest.update(keras_exports())
     with open(os.path.join(OUT, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.write("\n")
     for k, v in sorted(manifest.items()):
         print(f"{k:40s} {v['bytes']:>9d} B  params {v['params']:>8d}  MACs {v['macs']:>11d}")
+
+
+def keras_exports():
+    """Keras (tf.keras 3) through tf2onnx, opset 13: the NHWC input as Keras
+    has it (tf2onnx puts one Transpose after it) and with `inputs_as_nchw`.
+    Skipped, keeping the files already written, when tensorflow is absent
+    (`pip install tensorflow-cpu tf2onnx`)."""
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import tensorflow as tf
+        import tf2onnx
+    except ImportError:
+        print("tensorflow/tf2onnx not installed: Keras exports not rewritten", file=sys.stderr)
+        with open(os.path.join(OUT, "manifest.json")) as f:
+            return {k: v for k, v in json.load(f).items() if k.startswith("keras-")}
+    L = tf.keras.layers
+
+    def block(x, c, stride):
+        s = x
+        y = L.ReLU()(L.BatchNormalization()(L.Conv2D(c, 3, strides=stride, padding="same", use_bias=False)(x)))
+        y = L.BatchNormalization()(L.Conv2D(c, 3, padding="same", use_bias=False)(y))
+        if stride != 1 or s.shape[-1] != c:
+            s = L.BatchNormalization()(L.Conv2D(c, 1, strides=stride, use_bias=False)(s))
+        return L.ReLU()(L.Add()([y, s]))
+
+    tf.keras.utils.set_random_seed(0)
+    inp = tf.keras.Input((SIZE, SIZE, 3), name="input")
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 7, strides=2, padding="same", use_bias=False)(inp)))
+    x = L.MaxPooling2D(3, 2, padding="same")(x)
+    for c, stride in [(8, 1), (16, 2), (32, 2), (64, 2)]:
+        x = block(x, c, stride)
+    model = tf.keras.Model(inp, L.Dense(10, name="logits")(L.GlobalAveragePooling2D()(x)))
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([(rng.random(n) + 0.5).astype("f4"), (rng.standard_normal(n) * 0.1).astype("f4"),
+                               (rng.standard_normal(n) * 0.1).astype("f4"), (rng.random(n) + 0.5).astype("f4")])
+    macs = 0
+    for layer in model.layers:
+        if isinstance(layer, L.Conv2D):
+            _, h, w, c = layer.output.shape
+            macs += h * w * c * layer.kernel_size[0] * layer.kernel_size[1] * layer.input.shape[-1]
+        elif isinstance(layer, L.Dense):
+            macs += layer.units * layer.input.shape[-1]
+    spec = (tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32, name="input"),)
+    out = {}
+    for name, nchw in (("keras-nhwc-op13", False), ("keras-nchw-op13", True)):
+        path = os.path.join(OUT, name + ".onnx")
+        tf2onnx.convert.from_keras(model, input_signature=spec, opset=13, output_path=path, inputs_as_nchw=["input"] if nchw else None)
+        shape = [1, 3, SIZE, SIZE] if nchw else [1, SIZE, SIZE, 3]
+        x = np.sin(np.arange(3 * SIZE * SIZE, dtype=np.float64) * 0.37).astype(np.float32).reshape(shape)
+        want = model(np.transpose(x, (0, 2, 3, 1)) if nchw else x).numpy()
+        got = run_ort(path, x)
+        assert float(np.abs(got - want).max()) < 1e-4, name
+        out[name] = {"params": int(model.count_params()), "macs": int(macs), "input": shape, "dynamic_hw": False,
+                     "bytes": os.path.getsize(path), "output": [float(v) for v in got.reshape(-1)], "torch": "tf " + tf.__version__}
+    return out
 
 
 def test_input(size):

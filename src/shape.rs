@@ -148,18 +148,29 @@ pub fn input_info(vi: &ValueInfoProto, over: Option<&Vec<usize>>) -> TensorInfo 
         return TensorInfo { dtype, shape: Some(shape.clone()) };
     }
     let shape = declared_dims(vi).and_then(|dims| {
-        let rank = dims.len();
+        let spatial = spatial_axes(&dims);
         dims.iter()
             .enumerate()
             .map(|(i, d)| match (d, i) {
                 (Some(n), _) => Some(*n),
                 (None, 0) => Some(1),
-                (None, 2 | 3) if rank == 4 => Some(DEFAULT_RESOLUTION),
+                (None, i) if spatial.contains(&i) => Some(DEFAULT_RESOLUTION),
                 (None, _) => None,
             })
             .collect()
     });
     TensorInfo { dtype, shape }
+}
+
+/// The height and width axes of a 4-d image input: 2, 3 (NCHW), or 1, 2
+/// when the last dim is a concrete channel count of 1, 3 or 4 and the
+/// second is not (NHWC, as Keras models have it).
+fn spatial_axes(dims: &[Option<usize>]) -> [usize; 2] {
+    match dims {
+        [_, None, _, Some(1 | 3 | 4)] => [1, 2],
+        [_, _, _, _] => [2, 3],
+        _ => [usize::MAX; 2],
+    }
 }
 
 /// One line per graph input whose symbolic height/width took the default
@@ -168,10 +179,11 @@ pub fn input_notes(graph: &Graph, overrides: &InputShapes) -> Vec<String> {
     let mut notes = vec![];
     for input in graph.meta.input.iter().filter(|i| !graph.weights().contains_key(i.name()) && !overrides.contains_key(i.name())) {
         let Some(dims) = declared_dims(input) else { continue };
-        if dims.len() == 4 && (dims[2].is_none() || dims[3].is_none()) {
+        let [h, w] = spatial_axes(&dims);
+        if dims.len() == 4 && (dims[h].is_none() || dims[w].is_none()) {
             let shape = input_info(input, None).shape.unwrap_or_default();
             notes.push(format!(
-                "input `{}` has a symbolic height/width: using {shape:?} (give --input-shape {}:N,C,H,W for another size)",
+                "input `{}` has a symbolic height/width: using {shape:?} (give --input-shape {}:DIMS for another size)",
                 input.name(),
                 input.name()
             ));

@@ -4,6 +4,11 @@
 //! digests were taken before the pass registry was introduced (commit
 //! d10e541), so a refactoring that changes any output fails here; a change
 //! meant to alter outputs updates them and says why in its commit.
+//!
+//! Changed since: the fixture's `--pipeline cresnet` (session 8): the
+//! pipeline's `budget: 0.2` now holds its promise on the 1/8-width fixture
+//! too, which the fixed ratios kept at 21.97 % of the weights (19.83 % now);
+//! the shared ResNet-50's outputs are unchanged.
 mod common;
 use common::*;
 use sha2::{Digest, Sha256};
@@ -34,7 +39,7 @@ fn calibrated_dw(dir: &Path, bounds: &str) -> std::path::PathBuf {
 fn fixture_outputs_are_unchanged() {
     let m = fixture_path();
     assert_eq!(digest_of(&m, &["--passes", "fold,prune,dw"]), "1669fa149d7b1a20feb5857a567a20e275db30124e82b528711e2f5feffe4b93");
-    assert_eq!(digest_of(&m, &["--pipeline", "cresnet"]), "2cdb3912d77f94956f5d5f264878799566efe128b228c9ba140275e1279c0efb");
+    assert_eq!(digest_of(&m, &["--pipeline", "cresnet"]), "92f477ed7dee7f696d2145eb3105e600b22db4ad0023cbb60c5996064acaa5d3");
 }
 
 #[test]

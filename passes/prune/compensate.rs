@@ -7,6 +7,10 @@ pub(super) fn compensate(graph: &mut Graph, cg: &ChannelGraph, removed: &[Vec<us
     let consumers: Vec<NodeIndex> = cg.roles.iter().filter(|(_, &r)| r == Role::Dense).map(|(&ix, _)| ix).collect();
     for ix in consumers {
         let node = graph.node(ix).clone();
+        // MatMul has no bias input to fold into (canonicalize makes a weight's MatMul a Gemm).
+        if node.op() == "MatMul" {
+            continue;
+        }
         let Some(&t) = node.input(0).and_then(|x| cg.index.get(x)) else { continue };
         let shift: Vec<(usize, f64)> =
             removed[t].iter().map(|&c| (c, values[cg.base[t] + c])).filter(|(_, v)| v.is_finite() && *v != 0.0).collect();
