@@ -130,6 +130,7 @@ registry! {
     Distill => distill::Distill,
     EliminateIdentity => eliminate_identity::EliminateIdentity,
     Canonicalize => canonicalize::Canonicalize,
+    Retarget => retarget::Retarget,
 }
 
 /// Pipelines shipped in the binary: (name, one-line summary, YAML).
@@ -333,10 +334,18 @@ pub fn run_pipeline_with(
             reports.push(report);
         }
     }
+    // Leading `retarget` (and `canonicalize`) passes make the model the
+    // others start from: the teacher of `distill` is the retargeted model.
+    let lead = passes.iter().take_while(|p| matches!(p, PassSpec::Retarget(_) | PassSpec::Canonicalize(_))).count();
+    for spec in &passes[..lead] {
+        let report = run_one(model, spec, &mut shapes, overrides, None, calibration, None, progress)?;
+        on_done(&report);
+        reports.push(report);
+    }
     let to_original = calibration.is_some_and(|c| c.reference == RefitReference::Original);
     let original = (passes.iter().any(PassSpec::needs_original) || to_original).then(|| model.clone());
     let original_shapes = to_original.then(|| shapes.clone());
-    for (i, spec) in passes.iter().enumerate() {
+    for (i, spec) in passes.iter().enumerate().skip(lead) {
         let (spec, budget_note) = fit_budget(model, &passes[i..], start_params, overrides).map_err(|e| after_pass(spec.name(), e))?;
         let lossy = calibration.is_some() && spec.lossy();
         let reference = lossy.then(|| refit_reference(model, &shapes, original.as_ref().zip(original_shapes.as_ref())));

@@ -36,7 +36,7 @@ fn teacher() -> Model {
 
 fn options(dir: &Path, epochs: usize) -> DistillOptions {
     DistillOptions {
-        data: vec![DataSource { dir: dir.join("train"), images: None }],
+        data: vec![DataSource { dir: dir.join("train"), images: None, classes: None }],
         preprocess: Some(preprocess_file(dir)),
         epochs,
         batch: 8,

@@ -302,7 +302,7 @@ fn distill_trains_through_every_head_and_activation() {
     ] {
         let mut model = load(name);
         let opts = cresnet_opt::passes::distill::DistillOptions {
-            data: vec![cresnet_opt::config::DataSource { dir: dir.path().join("train"), images: None }],
+            data: vec![cresnet_opt::config::DataSource { dir: dir.path().join("train"), images: None, classes: None }],
             preprocess: Some(preprocess_file(dir.path())),
             epochs: 1,
             batch: 4,

@@ -6,6 +6,7 @@ mod check;
 mod optimize;
 mod pipelines;
 mod progress;
+mod retarget;
 mod stats;
 
 use anyhow::{Context, Result};
@@ -36,6 +37,8 @@ enum Command {
     Pipelines,
     /// tract latency of models at a fixed batch (median of several runs).
     Bench(bench::BenchArgs),
+    /// A task model: the classifier replaced by one for the classes of a labelled folder.
+    Retarget(retarget::RetargetArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -46,6 +49,7 @@ pub fn main() -> ExitCode {
         Some(Command::Check(args)) => check::run(&args),
         Some(Command::Pipelines) => pipelines::run().map(|_| ExitCode::SUCCESS),
         Some(Command::Bench(args)) => bench::run(&args).map(|_| ExitCode::SUCCESS),
+        Some(Command::Retarget(args)) => retarget::run(&args).map(|_| ExitCode::SUCCESS),
         None => optimize::run(&cli.optimize),
     };
     result.unwrap_or_else(|e| {

@@ -331,19 +331,54 @@ impl<'de> Deserialize<'de> for Preprocess {
 }
 
 /// An image folder for training: every image below `dir` (sorted by path),
-/// or the first `images` of them.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+/// or the first `images` of them. With `classes` (a class list, line k =
+/// output k) the folder is labelled, `DIR/<class>/<image>`, and the
+/// `images` are picked class by class in turn (balanced).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSource {
     pub dir: PathBuf,
     pub images: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<PathBuf>,
 }
 
 impl DataSource {
     /// The images of `dir` sorted by path, the first `images` of them.
     pub fn paths(&self) -> Result<Vec<PathBuf>> {
-        let mut found = list_images(&self.dir)?;
-        found.truncate(self.images.unwrap_or(usize::MAX));
-        Ok(found)
+        Ok(self.samples()?.into_iter().map(|(p, _)| p).collect())
     }
+
+    /// The images and, for a labelled source, their labels.
+    pub fn samples(&self) -> Result<Vec<(PathBuf, Option<usize>)>> {
+        let cap = self.images.unwrap_or(usize::MAX);
+        match &self.classes {
+            None => {
+                let mut found = list_images(&self.dir)?;
+                found.truncate(cap);
+                Ok(found.into_iter().map(|p| (p, None)).collect())
+            }
+            Some(list) => {
+                let mut picked = balanced(labelled(&self.dir, Some(list), 0)?);
+                picked.truncate(cap);
+                Ok(picked.into_iter().map(|s| (s.path, Some(s.label))).collect())
+            }
+        }
+    }
+}
+
+/// The samples class by class in turn (each class in path order): any
+/// prefix of the result is as balanced as the classes allow, where "the
+/// first N by path" of a class-sorted folder is a few classes only.
+pub fn balanced(samples: Vec<Sample>) -> Vec<Sample> {
+    let classes = samples.iter().map(|s| s.label + 1).max().unwrap_or(0);
+    let mut by_class: Vec<std::collections::VecDeque<Sample>> = vec![Default::default(); classes];
+    for s in samples {
+        by_class[s.label].push_back(s);
+    }
+    let mut out = Vec::new();
+    while by_class.iter().any(|c| !c.is_empty()) {
+        out.extend(by_class.iter_mut().filter_map(|c| c.pop_front()));
+    }
+    out
 }

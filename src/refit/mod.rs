@@ -442,8 +442,9 @@ impl Calibration {
     /// The first `images` images (sorted by path) of the configured folder, preprocessed.
     pub fn load(cfg: &settings::Calibration) -> Result<Calibration> {
         let pre = crate::data::Preprocessing::from_choice(&cfg.preprocess)?;
-        let mut paths = crate::data::list_images(&cfg.data)?;
-        paths.truncate(cfg.images);
+        // Labelled (`classes`): the classes in turn, not the first N by path.
+        let source = crate::data::DataSource { dir: cfg.data.clone(), images: Some(cfg.images), classes: cfg.classes.clone() };
+        let paths = source.paths()?;
         let mut extras = Vec::new();
         for extra in &cfg.extra {
             extras.extend(extra.paths()?);

@@ -19,6 +19,8 @@ pub struct State {
     pub best_epoch: usize,
     pub best_agreement: f64,
     pub best_kl: f64,
+    /// Hold-out top-1 against labels at the best epoch, when the hold-out is labelled.
+    pub best_top1: Option<f64>,
     pub best_params: Vec<Vec<f32>>,
     pub optimizer: Optimizer,
 }
@@ -30,6 +32,8 @@ struct Header {
     best_epoch: usize,
     best_agreement: f64,
     best_kl: f64,
+    #[serde(default)]
+    best_top1: Option<f64>,
     optimizer: Kind,
     tensors: Vec<(String, usize)>,
 }
@@ -42,6 +46,7 @@ pub fn save(path: &Path, net: &Network, state: &State) -> Result<()> {
         best_epoch: state.best_epoch,
         best_agreement: state.best_agreement,
         best_kl: state.best_kl,
+        best_top1: state.best_top1,
         optimizer: opt.kind,
         tensors: net.params.iter().map(|p| (p.name.clone(), p.data.len())).collect(),
     };
@@ -101,6 +106,7 @@ pub fn load(path: &Path, net: &mut Network, kind: Kind, weight_decay: f32) -> Re
         best_epoch: header.best_epoch,
         best_agreement: header.best_agreement,
         best_kl: header.best_kl,
+        best_top1: header.best_top1,
         best_params,
         optimizer,
     }))

@@ -1,0 +1,187 @@
+//! The `retarget` pass and command: a task model from a classifier and labelled photos.
+mod common;
+use common::*;
+use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
+use cresnet_opt::passes::retarget::RetargetOptions;
+use cresnet_opt::passes::PassSpec;
+use std::path::Path;
+
+/// `count` photos per class in `dir/<class>/`: class k is tinted towards channel k.
+fn write_classes(dir: &Path, classes: &[&str], count: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    for (k, class) in classes.iter().enumerate() {
+        let folder = dir.join(class);
+        std::fs::create_dir_all(&folder).unwrap();
+        for i in 0..count {
+            let (a, b, c) = (rng.uniform() * 0.3, rng.uniform() * 0.3, rng.uniform() * 6.0);
+            let img = image::RgbImage::from_fn(80, 72, |x, y| {
+                let wave = 60.0 * (a * x as f32 + b * y as f32 + c).sin();
+                let v = |ch: usize| (if ch == k { 170.0 } else { 90.0 } + wave).clamp(0.0, 255.0) as u8;
+                image::Rgb([v(0), v(1), v(2)])
+            });
+            img.save(folder.join(format!("{i:03}.png"))).unwrap();
+        }
+    }
+}
+
+fn setup(dir: &Path) -> (std::path::PathBuf, RetargetOptions) {
+    let model = resnet50(&FixtureSpec { width_div: 8, input_size: 64, classes: 10, ..Default::default() }).unwrap();
+    let path = dir.join("imagenet.onnx");
+    cresnet_opt::io::save(&model, &path, false).unwrap();
+    write_classes(&dir.join("train"), &["red", "green", "blue"], 12, 3);
+    // The class list's order, not the folders', sets the outputs.
+    std::fs::write(dir.join("classes.txt"), "blue\nred the first folder\ngreen\n").unwrap();
+    let opts = RetargetOptions {
+        data: dir.join("train"),
+        classes: dir.join("classes.txt"),
+        preprocess: preprocess_file(dir),
+        folds: 3,
+        ..Default::default()
+    };
+    (path, opts)
+}
+
+#[test]
+fn retarget_fits_a_classifier_whose_output_k_is_line_k_of_the_class_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, opts) = setup(dir.path());
+    let mut model = cresnet_opt::io::load(&path).unwrap();
+    let reports = run_passes(&mut model, &[PassSpec::Retarget(opts)]);
+    let r = reports.iter().find(|r| r.pass == "retarget").unwrap();
+    assert_eq!(r.changed.iter().filter(|c| c.what.contains("-fold CV accuracy")).count(), 9, "{:?}", r.changed);
+    let last = &r.changed.last().unwrap().what;
+    assert!(last.starts_with("classifier for 3 classes fitted on 36 photos (256 features)"), "{last}");
+    // Every training photo of class c gets output classes.txt's line of c.
+    let pre = cresnet_opt::data::Preprocessing::from_choice(&preprocess_file(dir.path())).unwrap();
+    for (class, k) in [("blue", 0), ("red", 1), ("green", 2)] {
+        let paths = cresnet_opt::data::list_images(&dir.path().join("train").join(class)).unwrap();
+        let images: Vec<_> = paths.iter().map(|p| pre.load(p).unwrap()).collect();
+        let x = cresnet_opt::data::stack(&images, images.len()).into_dyn();
+        let y = run(&model, &x);
+        assert_eq!(y.shape(), &[images.len(), 3]);
+        let hits = y.rows().into_iter().filter(|row| cresnet_opt::evaluate::top_k(row.as_slice().unwrap(), 1)[0] == k).count();
+        assert!(hits >= images.len() - 1, "{class}: {hits} of {} right", images.len());
+    }
+}
+
+#[test]
+fn a_pipeline_that_starts_with_retarget_distills_from_the_task_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, opts) = setup(dir.path());
+    let mut model = cresnet_opt::io::load(&path).unwrap();
+    let distill = cresnet_opt::passes::distill::DistillOptions {
+        data: vec![cresnet_opt::config::DataSource { dir: dir.path().join("train"), images: None, classes: None }],
+        preprocess: Some(preprocess_file(dir.path())),
+        epochs: 1,
+        batch: 4,
+        threads: Some(2),
+        ..Default::default()
+    };
+    let passes = [PassSpec::Retarget(opts), fold(), dw(1), PassSpec::Distill(distill)];
+    // A 1000-class teacher could not teach a 3-class student: this runs only with the retargeted one.
+    let reports = run_passes(&mut model, &passes);
+    assert!(!reports.last().unwrap().changed.is_empty());
+}
+
+#[test]
+fn retarget_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, opts) = setup(dir.path());
+    std::fs::write(dir.path().join("short.txt"), "blue\nred\n").unwrap();
+    let out = dir.path().join("task.onnx");
+    let o = bin()
+        .arg("retarget")
+        .arg(&path)
+        .arg("--data")
+        .arg(&opts.data)
+        .arg("--classes")
+        .arg(dir.path().join("short.txt"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("class folder `green`") && err.contains("is not in the class list"), "{err}");
+    assert!(!out.exists());
+    let mut bad = opts.clone();
+    bad.folds = 1;
+    let e = PassSpec::Retarget(bad).check().unwrap_err().to_string();
+    assert!(e.contains("`retarget.folds` is 1, but must be at least 2"), "{e}");
+}
+
+#[test]
+fn balanced_selection_takes_the_classes_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    write_classes(dir.path(), &["a", "b"], 3, 1);
+    std::fs::write(dir.path().join("c.txt"), "a\nb\n").unwrap();
+    let samples = cresnet_opt::data::labelled(dir.path(), Some(&dir.path().join("c.txt")), 2).unwrap();
+    let picked = cresnet_opt::passes::retarget::balanced(samples, Some(2));
+    let labels: Vec<usize> = picked.iter().map(|s| s.label).collect();
+    assert_eq!(labels, [0, 1, 0, 1]);
+}
+
+#[test]
+fn label_loss_gradient_matches_finite_differences() {
+    let mut rng = Rng::new(5);
+    let s: Vec<f32> = (0..12).map(|_| 2.0 * rng.normal()).collect();
+    let labels = [Some(2), None, Some(0)];
+    let (loss, grad) = cresnet_opt::train::distill::label_loss(&s, &labels, 4, 0.7);
+    assert!(loss > 0.0);
+    assert!(grad[4..8].iter().all(|&g| g == 0.0), "an unlabelled row adds nothing");
+    for i in 0..s.len() {
+        let eps = 1e-2;
+        let (mut up, mut down) = (s.clone(), s.clone());
+        up[i] += eps;
+        down[i] -= eps;
+        let l = |v: &[f32]| cresnet_opt::train::distill::label_loss(v, &labels, 4, 0.7).0;
+        let numeric = (l(&up) - l(&down)) / (2.0 * eps as f64);
+        assert!((numeric - grad[i] as f64).abs() < 1e-4, "logit {i}: analytic {} vs numeric {numeric}", grad[i]);
+    }
+}
+
+#[test]
+fn distill_with_labels_trains_on_them_and_keeps_the_best_top1() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, opts) = setup(dir.path());
+    let mut model = cresnet_opt::io::load(&path).unwrap();
+    let distill = cresnet_opt::passes::distill::DistillOptions {
+        data: vec![cresnet_opt::config::DataSource {
+            dir: dir.path().join("train"),
+            images: None,
+            classes: Some(dir.path().join("classes.txt")),
+        }],
+        preprocess: Some(preprocess_file(dir.path())),
+        epochs: 2,
+        batch: 4,
+        lr: 1e-3,
+        label_weight: 1.0,
+        holdout: 0.25,
+        threads: Some(2),
+        ..Default::default()
+    };
+    let reports = run_passes(&mut model, &[PassSpec::Retarget(opts), fold(), dw(1), PassSpec::Distill(distill)]);
+    let log: Vec<&str> = reports.last().unwrap().changed.iter().map(|c| c.what.as_str()).collect();
+    assert!(log[0].starts_with("epoch 0 (before training): hold-out top-1"), "{log:?}");
+    let kept = log.last().unwrap();
+    // 36 photos, 3 classes: 3 of each class held out (stratified), 27 trained on.
+    assert!(
+        kept.starts_with("kept epoch") && kept.contains("hold-out top-1") && kept.contains("27 training / 9 hold-out images"),
+        "{kept}"
+    );
+}
+
+#[test]
+fn a_labelled_source_picks_its_images_class_by_class() {
+    let dir = tempfile::tempdir().unwrap();
+    write_classes(dir.path(), &["a", "b", "c"], 4, 2);
+    std::fs::write(dir.path().join("classes.txt"), "c\nb\na\n").unwrap();
+    let source =
+        cresnet_opt::config::DataSource { dir: dir.path().to_path_buf(), images: Some(5), classes: Some(dir.path().join("classes.txt")) };
+    let labels: Vec<Option<usize>> = source.samples().unwrap().into_iter().map(|(_, l)| l).collect();
+    // Folders a, b, c = outputs 2, 1, 0; taken in turn in output order.
+    assert_eq!(labels, [Some(0), Some(1), Some(2), Some(0), Some(1)]);
+    let unlabelled = cresnet_opt::config::DataSource { dir: dir.path().to_path_buf(), images: Some(5), classes: None };
+    let paths = unlabelled.paths().unwrap();
+    assert!(paths.iter().all(|p| p.parent().unwrap().ends_with("a") || p.parent().unwrap().ends_with("b")), "first 5 by path");
+}
