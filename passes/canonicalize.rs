@@ -189,8 +189,10 @@ enum Elem {
     Batch,
 }
 
-/// The symbolic elements of a 1-d int tensor, following shape arithmetic.
-fn elems(graph: &Graph, tensor: &str, depth: usize) -> Option<Vec<Elem>> {
+/// The symbolic elements of a 1-d int tensor, following shape arithmetic;
+/// the batch is the leading dim of `x` or of a graph input (exporters take
+/// it from either).
+fn elems(graph: &Graph, x: &str, tensor: &str, depth: usize) -> Option<Vec<Elem>> {
     if let Some(v) = constant::value_of(graph, tensor) {
         return Some(v.ints()?.into_iter().map(Elem::Int).collect());
     }
@@ -199,19 +201,20 @@ fn elems(graph: &Graph, tensor: &str, depth: usize) -> Option<Vec<Elem>> {
     if depth > 8 || !node.is_standard() {
         return None;
     }
-    let input = |slot: usize| node.input(slot).and_then(|n| elems(graph, n, depth + 1));
+    let input = |slot: usize| node.input(slot).and_then(|n| elems(graph, x, n, depth + 1));
     match node.op() {
         "Identity" | "Cast" | "Squeeze" | "Unsqueeze" | "Reshape" => input(0).filter(|e| e.len() == 1),
-        "Concat" => node.inputs().iter().map(|n| elems(graph, n, depth + 1)).collect::<Option<Vec<_>>>().map(|v| v.concat()),
+        "Concat" => node.inputs().iter().map(|n| elems(graph, x, n, depth + 1)).collect::<Option<Vec<_>>>().map(|v| v.concat()),
         "Shape" => {
             let (start, end) = (node.attr_int("start").unwrap_or(0), node.attr_int("end"));
-            (start == 0 && end == Some(1)).then(|| vec![Elem::Batch])
+            (start == 0 && end == Some(1) && batch_source(graph, x, node)).then(|| vec![Elem::Batch])
         }
         "Gather" => {
             let (ps, _) = graph.producer(node.input(0)?)?;
             let shape_node = graph.node(ps);
             let idx = constant::value_of(graph, node.input(1)?)?.ints()?;
-            let plain_shape = shape_node.op() == "Shape" && shape_node.attr_int("start").unwrap_or(0) == 0;
+            let plain_shape =
+                shape_node.op() == "Shape" && shape_node.attr_int("start").unwrap_or(0) == 0 && batch_source(graph, x, shape_node);
             (plain_shape && idx == [0] && node.attr_int("axis").unwrap_or(0) == 0).then(|| vec![Elem::Batch])
         }
         "Slice" => {
@@ -230,6 +233,11 @@ fn elems(graph: &Graph, tensor: &str, depth: usize) -> Option<Vec<Elem>> {
     }
 }
 
+/// Whether Shape node `shape` reads `x` itself or a graph input.
+fn batch_source(graph: &Graph, x: &str, shape: &Node) -> bool {
+    shape.input(0).is_some_and(|s| s == x || graph.is_graph_input(s))
+}
+
 /// Whether Reshape `node` computes `Flatten(x, axis=1)` for every batch.
 fn is_flatten(graph: &Graph, shapes: &Shapes, node: &Node) -> bool {
     let (Some(x), Some(t), Some(y)) = (node.input(0), node.input(1), node.output(0)) else { return false };
@@ -239,7 +247,7 @@ fn is_flatten(graph: &Graph, shapes: &Shapes, node: &Node) -> bool {
         return false;
     }
     let allow_zero = node.attr_int("allowzero").unwrap_or(0) == 1;
-    let Some(e) = elems(graph, t, 0) else { return false };
+    let Some(e) = elems(graph, x, t, 0) else { return false };
     let lead = matches!(e.first(), Some(Elem::Batch | Elem::Int(-1))) || (e.first() == Some(&Elem::Int(0)) && !allow_zero);
     let tail = matches!(e.get(1), Some(Elem::Int(v)) if *v == -1 || *v == rest as i64);
     e.len() == 2 && lead && tail && e != [Elem::Int(-1), Elem::Int(-1)]
@@ -388,7 +396,9 @@ fn conv_bias(graph: &Graph, shapes: &Shapes, add: &Node) -> Option<(NodeIndex, S
         } else {
             matches!(bias.shape(), [1, n, 1, 1] | [n, 1, 1] if *n == channels)
         };
-        let bias_ok = c.input(2).is_none_or(|old| graph.constant_f32(old).is_some_and(|o| o.len() == channels));
+        // The old bias must be this node's own: another reader would see the sum too.
+        let bias_ok =
+            c.input(2).is_none_or(|old| graph.constant_f32(old).is_some_and(|o| o.len() == channels) && graph.use_count(old) == 1);
         if explicit && per_channel && bias_ok && graph.use_count(x) == 1 {
             return Some((conv, x.to_string(), bias.iter().copied().collect()));
         }

@@ -8,6 +8,13 @@
 //! `--passes`, validation and dispatch all come from it. The pipeline
 //! validates the graph after every pass and names the pass in any error.
 //!
+//! Before the listed passes the pipeline runs `canonicalize` (exact; only
+//! reported when it changed something) unless the list starts with it, and
+//! leading `retarget` passes run before the model is kept as the teacher of
+//! `distill` and the reference of calibrated refits. A `lowrank` with a
+//! `budget` has its ratio fitted to the rest of the pipeline first
+//! ([`fit_budget`]).
+//!
 //! Adding a pass: write `passes/NAME.rs` (spec in `//!`, options, `impl
 //! Pass`) and add one line `Variant => NAME::Type` to the registry.
 //! The pipelines shipped in the binary are the YAML files in
@@ -323,8 +330,9 @@ pub fn run_pipeline_with(
     let mut reports = Vec::new();
     // Exporters' variants are canonicalized first (exact), before anything
     // is kept as a reference; it is reported only if it changed something.
-    // Budgets are shares of the weights of the model as given.
-    let start_params = crate::stats::from_shapes(&model.graph, &shapes).params;
+    // Budgets are shares of the weights of the model as given (or as a
+    // leading `retarget` made it: the task model).
+    let mut start_params = crate::stats::from_shapes(&model.graph, &shapes).params;
     let implicit = !passes.is_empty() && !matches!(passes[0], PassSpec::Canonicalize(_));
     if implicit {
         let spec = PassSpec::Canonicalize(Default::default());
@@ -339,6 +347,9 @@ pub fn run_pipeline_with(
     let lead = passes.iter().take_while(|p| matches!(p, PassSpec::Retarget(_) | PassSpec::Canonicalize(_))).count();
     for spec in &passes[..lead] {
         let report = run_one(model, spec, &mut shapes, overrides, None, calibration, None, progress)?;
+        if matches!(spec, PassSpec::Retarget(_)) {
+            start_params = report.params_after;
+        }
         on_done(&report);
         reports.push(report);
     }

@@ -118,8 +118,10 @@ impl Pass for Retarget {
         }
         let std = Standardizer::fit(&x);
         let xs = std.apply(&x);
-        let mut best = (f64::NEG_INFINITY, o.lambdas[0]);
-        for &lambda in &o.lambdas {
+        let mut lambdas = o.lambdas.clone();
+        lambdas.sort_by(f64::total_cmp);
+        let mut best = (f64::NEG_INFINITY, lambdas[0]);
+        for &lambda in &lambdas {
             let acc = cross_validate(&xs, &y, names.len(), lambda, o.folds);
             report.change("(classifier)", format!("λ {lambda:e}: {}-fold CV accuracy {acc:.4}", o.folds));
             if acc >= best.0 {
@@ -171,7 +173,8 @@ fn head(graph: &Graph, ctx: &PassContext) -> std::result::Result<(NodeIndex, Str
 
 fn class_names(path: &Path) -> Result<Vec<String>> {
     let ids = crate::data::read_classes(path)?;
-    let mut names = vec![String::new(); ids.len()];
+    // Labels are line numbers (blank lines leave gaps): one output per line up to the last.
+    let mut names = vec![String::new(); ids.values().max().map_or(0, |&k| k + 1)];
     for (id, k) in ids {
         if let Some(slot) = names.get_mut(k) {
             *slot = id;
@@ -281,9 +284,10 @@ fn objective(x: &Array2<f64>, y: &[usize], k: usize, lambda: f64, theta: &[f64])
     let mut loss = 0.0;
     for (mut row, &label) in p.rows_mut().into_iter().zip(y) {
         let m = row.fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+        let z = row[label] - m;
         row.mapv_inplace(|v| (v - m).exp());
         let sum = row.sum();
-        loss += sum.ln() - (row[label].ln());
+        loss += sum.ln() - z;
         row /= sum;
         row[label] -= 1.0;
     }
@@ -352,10 +356,14 @@ fn lbfgs(theta: &mut [f64], f: impl Fn(&[f64]) -> (f64, Vec<f64>), max_iter: usi
         let (next, f_next, g_next) = loop {
             let cand: Vec<f64> = theta.iter().zip(&dir).map(|(t, d)| t + step * d).collect();
             let (fc, gc) = f(&cand);
-            if fc <= fx + 1e-4 * step * slope || step < 1e-10 {
+            if fc <= fx + 1e-4 * step * slope {
                 break (cand, fc, gc);
             }
             step *= 0.5;
+            if step < 1e-10 {
+                // No descent left along this direction: stay where we are.
+                return;
+            }
         };
         let s: Vec<f64> = next.iter().zip(theta.iter()).map(|(a, b)| a - b).collect();
         let yv: Vec<f64> = g_next.iter().zip(&g).map(|(a, b)| a - b).collect();

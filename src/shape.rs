@@ -95,6 +95,11 @@ fn evaluate(graph: &Graph, node: &Node, shapes: &Shapes, values: &HashMap<String
         })
     };
     let inputs: Vec<Option<Value>> = if node.op() == "Shape" { vec![None] } else { node.inputs().iter().map(value).collect() };
+    // A present input without a value is not an omitted one (CastLike reads only input 1's type).
+    let needed = if node.op() == "CastLike" { 1 } else { node.inputs().len() };
+    if node.op() != "Shape" && node.inputs().iter().zip(&inputs).take(needed).any(|(n, v)| !n.is_empty() && v.is_none()) {
+        return None;
+    }
     let in_shapes: Vec<Option<Vec<usize>>> = node.inputs().iter().map(|n| shapes.get(n).and_then(|t| t.shape.clone())).collect();
     let dtypes: Vec<i32> = node.inputs().iter().map(|n| shapes.get(n).map_or(0, |t| t.dtype)).collect();
     let out = constant::eval(node, &inputs, &in_shapes, &dtypes)?.into_iter().next()?;
@@ -282,10 +287,13 @@ fn infer_node(graph: &Graph, node: &Node, shapes: &Shapes, values: &HashMap<Stri
 }
 
 fn reduce(node: &Node, x: &[usize], axes_input: Option<Vec<i64>>) -> Dims {
+    let noop = node.attr_int("noop_with_empty_axes").unwrap_or(0) == 1;
     let axes = match node.attr_ints("axes").map(<[i64]>::to_vec).or(axes_input) {
+        Some(a) if a.is_empty() && noop => return Ok(Some(x.to_vec())),
+        Some(a) if a.is_empty() => (0..x.len() as i64).collect(),
         Some(a) => a,
         None if node.input(1).is_some() => return Ok(None),
-        None if node.attr_int("noop_with_empty_axes").unwrap_or(0) == 1 => return Ok(Some(x.to_vec())),
+        None if noop => return Ok(Some(x.to_vec())),
         None => (0..x.len() as i64).collect(),
     };
     let axes: Vec<usize> = axes.iter().map(|&a| axis(a, x.len(), false)).collect::<std::result::Result<_, _>>()?;
@@ -441,16 +449,7 @@ fn pool(node: &Node, x: &[usize]) -> std::result::Result<Vec<usize>, String> {
 }
 
 fn broadcast(a: &[usize], b: &[usize]) -> std::result::Result<Vec<usize>, String> {
-    let n = a.len().max(b.len());
-    let at = |s: &[usize], i: usize| if i + s.len() >= n { s[i + s.len() - n] } else { 1 };
-    (0..n)
-        .map(|i| match (at(a, i), at(b, i)) {
-            (x, y) if x == y => Ok(x),
-            (1, y) => Ok(y),
-            (x, 1) => Ok(x),
-            _ => Err(format!("shapes {a:?} and {b:?} do not broadcast")),
-        })
-        .collect()
+    constant::broadcast_shape(a, b).ok_or_else(|| format!("shapes {a:?} and {b:?} do not broadcast"))
 }
 
 fn broadcast_all(node: &Node, shapes: &Shapes) -> Dims {

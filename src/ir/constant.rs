@@ -314,7 +314,10 @@ fn slice_indices(n: i64, start: i64, end: i64, step: i64) -> Option<Vec<usize>> 
             }
         }
         s => {
-            let (mut i, e) = (norm(start).clamp(-1, n - 1), norm(end).clamp(-1, n - 1));
+            if n == 0 {
+                return Some(picks);
+            }
+            let (mut i, e) = (norm(start).clamp(0, n - 1), norm(end).clamp(-1, n - 1));
             while i > e {
                 picks.push(i as usize);
                 i += s;
@@ -339,7 +342,8 @@ fn constant_of_shape(node: &Node, dims: &[i64]) -> Option<Value> {
     })
 }
 
-fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+/// The numpy-style broadcast of two shapes, if they broadcast.
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
     let at = |s: &[usize], i: usize| if i + s.len() >= n { s[i + s.len() - n] } else { 1 };
     (0..n)
@@ -374,16 +378,18 @@ fn binary(op: &str, a: Value, b: Value) -> Option<Value> {
             _ => &a / &b,
         }),
         (Value::I64(a), Value::I64(b)) => {
-            if op == "Div" && b.iter().any(|&x| x == 0) {
-                return None;
-            }
-            Value::I64(match op {
-                "Add" => &a + &b,
-                "Sub" => &a - &b,
-                "Mul" => &a * &b,
+            // Overflow (a crafted model) leaves the node to the runtime.
+            let f: fn(i64, i64) -> Option<i64> = match op {
+                "Add" => i64::checked_add,
+                "Sub" => i64::checked_sub,
+                "Mul" => i64::checked_mul,
                 // ONNX integer division truncates, like Rust's.
-                _ => &a / &b,
-            })
+                _ => i64::checked_div,
+            };
+            let shape = broadcast_shape(a.shape(), b.shape())?;
+            let (a, b) = (a.broadcast(IxDyn(&shape))?, b.broadcast(IxDyn(&shape))?);
+            let out: Option<Vec<i64>> = a.iter().zip(b.iter()).map(|(&x, &y)| f(x, y)).collect();
+            Value::I64(ArrayD::from_shape_vec(IxDyn(&shape), out?).ok()?)
         }
         _ => return None,
     })

@@ -122,7 +122,15 @@ pub fn distill(
         BatchNormMode::Off => Network::from_graph(graph, shapes)?,
         _ => Network::with_batchnorm(graph, shapes)?,
     };
-    let (paths, labels, pre) = training_images(defaults, o)?;
+    let (paths, mut labels, pre) = training_images(defaults, o)?;
+    let outputs = net.output_len();
+    if let Some(l) = labels.iter().flatten().find(|&&l| l >= outputs) {
+        return Err(fail(format!("a label is line {} of the class list, but the student has {outputs} outputs", l + 1)));
+    }
+    // Labels only count where they are trained on: otherwise the teacher decides.
+    if o.label_weight == 0.0 {
+        labels.iter_mut().for_each(|l| *l = None);
+    }
     let threads = o.threads.unwrap_or_else(rayon::current_num_threads);
     let pool =
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().map_err(|e| fail(format!("cannot start {threads} threads: {e}")))?;
@@ -173,6 +181,10 @@ fn training_images(defaults: Option<DefaultImages>, o: &DistillOptions) -> Resul
     }
     if o.label_weight > 0.0 && samples.iter().all(|(_, l)| l.is_none()) {
         return Err(fail("`label_weight` needs labelled images: give a `data` entry with `classes`"));
+    }
+    let lists: std::collections::BTreeSet<_> = o.data.iter().filter_map(|d| d.classes.as_ref()).collect();
+    if lists.len() > 1 {
+        return Err(fail("labelled `data` entries must share one `classes` list (labels are its line numbers)"));
     }
     let (paths, labels) = samples.into_iter().unzip();
     Ok((paths, labels, pre))
@@ -433,7 +445,8 @@ impl Trainer<'_> {
             // rank-1 student with KL 2.36 / agreement 0.397 over its start
             // (2.67 / 0.452), and top-1 fell 0.426 -> 0.310.
             let best = Score { agreement: state.best_agreement, kl: state.best_kl, top1: state.best_top1 };
-            if score.better_than(&best) {
+            // Without a hold-out there is nothing to choose by: the last epoch stays.
+            if hold.is_empty() || score.better_than(&best) {
                 (state.best_epoch, state.best_agreement, state.best_kl, state.best_top1) = (epoch, score.agreement, score.kl, score.top1);
                 state.best_params = self.net.params.iter().map(|p| p.data.clone()).collect();
             }
@@ -633,12 +646,24 @@ fn split(labels: &[Option<usize>], holdout: f64, seed: u64) -> (Vec<usize>, Vec<
     for (i, l) in labels.iter().enumerate() {
         groups.entry(*l).or_default().push(i);
     }
+    // round(n · holdout) in all, spread over the groups by largest remainder
+    // (rounding each small group alone could hold out nothing).
+    let total = ((n as f64 * holdout).round() as usize).min(n.saturating_sub(1));
+    let mut groups: Vec<Vec<usize>> = groups.into_values().collect();
+    let exact: Vec<f64> = groups.iter().map(|g| g.len() as f64 * holdout).collect();
+    let mut take: Vec<usize> = exact.iter().map(|e| e.floor() as usize).collect();
+    let mut by_remainder: Vec<usize> = (0..groups.len()).collect();
+    by_remainder.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())));
+    for &g in &by_remainder {
+        if take.iter().sum::<usize>() < total && take[g] < groups[g].len() {
+            take[g] += 1;
+        }
+    }
     let (mut train, mut hold) = (vec![], vec![]);
-    for (k, mut members) in groups.into_values().enumerate() {
-        shuffle(&mut members, seed ^ (k as u64) << 16);
-        let h = ((members.len() as f64 * holdout).round() as usize).min(members.len().saturating_sub(1));
-        hold.extend_from_slice(&members[..h]);
-        train.extend_from_slice(&members[h..]);
+    for (k, members) in groups.iter_mut().enumerate() {
+        shuffle(members, seed ^ (k as u64) << 16);
+        hold.extend_from_slice(&members[..take[k]]);
+        train.extend_from_slice(&members[take[k]..]);
     }
     shuffle(&mut train, seed);
     hold.sort_unstable();

@@ -361,6 +361,17 @@ impl Builder<'_> {
         if node.attr_str("mode").is_some_and(|m| m != "nearest") {
             return Err(unsupported(name, op, "only mode `nearest` is supported"));
         }
+        // Integer upsampling picks x[i / f] only for these coordinate/rounding pairs.
+        let coord = node.attr_str("coordinate_transformation_mode").unwrap_or_else(|| "half_pixel".into());
+        let round = node.attr_str("nearest_mode").unwrap_or_else(|| "round_prefer_floor".into());
+        let plain = match coord.as_str() {
+            "half_pixel" | "pytorch_half_pixel" => matches!(round.as_str(), "round_prefer_floor" | "round_prefer_ceil"),
+            "asymmetric" | "tf_half_pixel_for_nn" => round == "floor",
+            _ => false,
+        };
+        if op == "Resize" && !plain {
+            return Err(unsupported(name, op, &format!("nearest mode `{round}` with coordinates `{coord}` is not supported")));
+        }
         let (xs, ys) = (self.shape(x_name)?, self.shape(out)?);
         let whole = xs.len() == 3 && ys.len() == 3 && xs[0] == ys[0] && ys[1] % xs[1] == 0 && ys[2] % xs[2] == 0;
         if !whole {
