@@ -75,6 +75,9 @@ impl Pass for Distill {
         if o.label_weight > 0.0 && o.mixup > 0.0 {
             return Err(Error::Config("`distill.label_weight` and `distill.mixup` do not combine (a blend has no one label)".into()));
         }
+        if o.resolution.is_some_and(|r| r < 8) {
+            return Err(Error::Config("`distill.resolution` must be at least 8 pixels".into()));
+        }
         if !(0.0..1.0).contains(&o.holdout) {
             return Err(Error::Config(format!("`distill.holdout` is {}, but must lie in [0, 1)", o.holdout)));
         }

@@ -52,6 +52,10 @@ pub struct DistillOptions {
     /// Weight of the cross-entropy on the labels of labelled images
     /// (`data` entries with `classes`), beside the KD loss.
     pub label_weight: f64,
+    /// Train (and pick the epoch) at this input size instead of the model's:
+    /// a ResNet is convolutional up to its global pooling, so a student
+    /// trained on 160-px crops of 150-px photos runs at 224 px afterwards.
+    pub resolution: Option<usize>,
 }
 
 /// How `distill` trains: see `passes/distill.rs`.
@@ -90,6 +94,7 @@ impl Default for DistillOptions {
             teacher: None,
             batchnorm: BatchNormMode::default(),
             label_weight: 0.0,
+            resolution: None,
         }
     }
 }
@@ -118,11 +123,27 @@ pub fn distill(
     progress: &dyn Progress,
 ) -> Result<Vec<String>> {
     let mut log = Vec::new();
+    let (paths, mut labels, mut pre) = training_images(defaults, o)?;
+    let resized;
+    let shapes = match o.resolution {
+        Some(r) => {
+            let mut input = student_input(graph, shapes)?;
+            (input[2], input[3]) = (r, r);
+            let name = graph.meta.input.iter().find(|i| !graph.weights().contains_key(i.name())).map(|i| i.name().to_string());
+            let overrides: crate::shape::InputShapes = name.into_iter().map(|n| (n, input.clone())).collect();
+            resized = crate::shape::infer(graph, &overrides)?;
+            // Same crop share as the preprocessing's (e.g. 224 of 256).
+            pre.resize = ((r as f64) * pre.resize as f64 / pre.crop.max(1) as f64).round() as u32;
+            pre.crop = r as u32;
+            log.push(format!("training at {r}x{r} px (resize {}, crop {r})", pre.resize));
+            &resized
+        }
+        None => shapes,
+    };
     let mut net = match o.batchnorm {
         BatchNormMode::Off => Network::from_graph(graph, shapes)?,
         _ => Network::with_batchnorm(graph, shapes)?,
     };
-    let (paths, mut labels, pre) = training_images(defaults, o)?;
     let outputs = net.output_len();
     if let Some(l) = labels.iter().flatten().find(|&&l| l >= outputs) {
         return Err(fail(format!("a label is line {} of the class list, but the student has {outputs} outputs", l + 1)));
