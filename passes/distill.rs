@@ -4,7 +4,8 @@
 //! images (`data: [{dir, classes}]`) and `label_weight: w` the loss adds
 //! w × the cross-entropy on the labels, the hold-out is stratified by
 //! class, and the epoch kept is the one with the best hold-out top-1
-//! against the labels (then agreement, then KL).
+//! against the labels (then agreement, then KL). `resolution: r` trains
+//! (and scores the hold-out) on r×r crops; the student keeps its input size.
 //!
 //! Before: a compressed graph of Conv (any group) / Relu / Add / MaxPool /
 //!         GlobalAveragePool / Flatten / Gemm, BN folded.
