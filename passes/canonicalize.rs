@@ -147,25 +147,10 @@ fn fold_constants(graph: &mut Graph, shapes: &Shapes, report: &mut PassReport) -
                 continue;
             }
         }
-        let value = |n: &String| if n.is_empty() { None } else { values.get(n).cloned().or_else(|| constant::value_of(graph, n)) };
-        let inputs: Vec<Option<Value>> = if node.op() == "Shape" { vec![None] } else { node.inputs().iter().map(value).collect() };
-        // CastLike reads only its second input's type, Shape only its input's
-        // shape; every other op needs all its inputs.
-        let needed = match node.op() {
-            "CastLike" => 1,
-            "Shape" => 0,
-            _ => node.inputs().len(),
-        };
-        let missing = node.inputs().iter().zip(&inputs).take(needed).any(|(n, v)| !n.is_empty() && v.is_none());
-        if missing {
-            continue;
-        }
-        let info = |n: &String| shapes.get(n);
-        let in_shapes: Vec<Option<Vec<usize>>> = node.inputs().iter().map(|n| info(n).and_then(|t| t.shape.clone())).collect();
-        let dtypes: Vec<i32> = node.inputs().iter().map(|n| info(n).map_or(0, |t| t.dtype)).collect();
-        let Some(mut outs) = constant::eval(node, &inputs, &in_shapes, &dtypes) else { continue };
+        let value = |n: &str| values.get(n).cloned().or_else(|| constant::value_of(graph, n));
+        let info = |n: &str| shapes.get(n).map_or((None, 0), |t| (t.shape.clone(), t.dtype));
+        let Some(value) = constant::eval_with(node, value, info) else { continue };
         let out = node.output(0).expect("checked").to_string();
-        let value = outs.remove(0);
         graph.remove_node(ix)?;
         graph.insert_weight(out.clone(), value.clone().into_weight(&out))?;
         values.insert(out, value);
@@ -256,13 +241,7 @@ fn is_flatten(graph: &Graph, shapes: &Shapes, node: &Node) -> bool {
 /// Whether Squeeze `node` drops exactly the unit H, W axes of a 4-d tensor.
 fn is_pooled_squeeze(graph: &Graph, shapes: &Shapes, node: &Node) -> bool {
     let Some(xs) = node.input(0).and_then(|x| shape_of(shapes, x)) else { return false };
-    let axes = match node.attr_ints("axes") {
-        Some(a) => Some(a.to_vec()),
-        None => node.input(1).and_then(|a| constant::value_of(graph, a)).and_then(|v| v.ints()),
-    };
-    let Some(mut axes) = axes.map(|a| a.iter().map(|&v| if v < 0 { v + 4 } else { v }).collect::<Vec<_>>()) else { return false };
-    axes.sort_unstable();
-    xs.len() == 4 && xs[2] == 1 && xs[3] == 1 && axes == [2, 3]
+    xs.len() == 4 && xs[2] == 1 && xs[3] == 1 && over_height_and_width(graph, node)
 }
 
 fn flatten_reshapes(graph: &mut Graph, shapes: &Shapes, report: &mut PassReport) -> Result<()> {
@@ -289,12 +268,16 @@ fn flatten_reshapes(graph: &mut Graph, shapes: &Shapes, report: &mut PassReport)
     Ok(())
 }
 
-/// The axes of ReduceMean `node` (attribute before opset 18, input after).
-fn reduce_axes(graph: &Graph, node: &Node) -> Option<Vec<i64>> {
-    match node.attr_ints("axes") {
+/// Whether the `axes` of Squeeze/ReduceMean `node` (an attribute before
+/// opset 13/18, a constant input after) are exactly H and W of a 4-d tensor.
+fn over_height_and_width(graph: &Graph, node: &Node) -> bool {
+    let axes = match node.attr_ints("axes") {
         Some(a) => Some(a.to_vec()),
-        None => constant::value_of(graph, node.input(1)?)?.ints(),
-    }
+        None => node.input(1).and_then(|a| constant::value_of(graph, a)).and_then(|v| v.ints()),
+    };
+    let Some(mut axes) = axes.map(|a| a.iter().map(|&v| if v < 0 { v + 4 } else { v }).collect::<Vec<_>>()) else { return false };
+    axes.sort_unstable();
+    axes == [2, 3]
 }
 
 fn spatial_means(graph: &mut Graph, shapes: &Shapes, report: &mut PassReport) -> Result<()> {
@@ -304,9 +287,7 @@ fn spatial_means(graph: &mut Graph, shapes: &Shapes, report: &mut PassReport) ->
         .filter(|&ix| {
             let node = graph.node(ix);
             let rank4 = node.input(0).and_then(|x| shape_of(shapes, x)).is_some_and(|s| s.len() == 4);
-            let mut axes: Vec<i64> = reduce_axes(graph, node).unwrap_or_default().iter().map(|&a| if a < 0 { a + 4 } else { a }).collect();
-            axes.sort_unstable();
-            node.op() == "ReduceMean" && node.is_standard() && rank4 && axes == [2, 3] && node.output(0).is_some()
+            node.op() == "ReduceMean" && node.is_standard() && rank4 && over_height_and_width(graph, node) && node.output(0).is_some()
         })
         .collect();
     for ix in found {

@@ -55,9 +55,7 @@ impl Runner {
     }
 
     fn input_override(model: &Model, shape: &[usize]) -> Result<InputShapes> {
-        let g = &model.graph;
-        let input =
-            g.meta.input.iter().find(|i| !g.weights().contains_key(i.name())).ok_or_else(|| Error::invalid("the model has no input"))?;
+        let input = model.graph.data_input().ok_or_else(|| Error::invalid("the model has no input"))?;
         Ok([(input.name().to_string(), shape.to_vec())].into())
     }
 
@@ -163,9 +161,7 @@ pub fn model_input_shape(model: &Model) -> Result<Vec<usize>> {
 
 /// [`model_input_shape`] with `--input-shape` overrides.
 pub fn model_input_shape_with(model: &Model, overrides: &InputShapes) -> Result<Vec<usize>> {
-    let g = &model.graph;
-    let input =
-        g.meta.input.iter().find(|i| !g.weights().contains_key(i.name())).ok_or_else(|| Error::invalid("the model has no input"))?;
+    let input = model.graph.data_input().ok_or_else(|| Error::invalid("the model has no input"))?;
     let info = crate::shape::input_info(input, overrides.get(input.name()));
     match info.shape {
         Some(s) if !s.is_empty() => Ok(s),

@@ -82,27 +82,14 @@ pub fn infer(graph: &Graph, overrides: &InputShapes) -> Result<Shapes> {
 
 /// A small integer tensor's value (shape arithmetic), if its inputs' are known.
 fn evaluate(graph: &Graph, node: &Node, shapes: &Shapes, values: &HashMap<String, Value>) -> Option<Value> {
-    if !constant::FOLDABLE.contains(&node.op()) || node.outputs().len() != 1 {
-        return None;
-    }
-    let value = |n: &String| -> Option<Value> {
-        if n.is_empty() {
-            return None;
-        }
+    let value = |n: &str| -> Option<Value> {
         values.get(n).cloned().or_else(|| {
             let small = shapes.get(n).and_then(|t| t.shape.as_ref()).is_some_and(|s| s.iter().product::<usize>() <= MAX_TRACKED);
             small.then(|| constant::value_of(graph, n)).flatten()
         })
     };
-    let inputs: Vec<Option<Value>> = if node.op() == "Shape" { vec![None] } else { node.inputs().iter().map(value).collect() };
-    // A present input without a value is not an omitted one (CastLike reads only input 1's type).
-    let needed = if node.op() == "CastLike" { 1 } else { node.inputs().len() };
-    if node.op() != "Shape" && node.inputs().iter().zip(&inputs).take(needed).any(|(n, v)| !n.is_empty() && v.is_none()) {
-        return None;
-    }
-    let in_shapes: Vec<Option<Vec<usize>>> = node.inputs().iter().map(|n| shapes.get(n).and_then(|t| t.shape.clone())).collect();
-    let dtypes: Vec<i32> = node.inputs().iter().map(|n| shapes.get(n).map_or(0, |t| t.dtype)).collect();
-    let out = constant::eval(node, &inputs, &in_shapes, &dtypes)?.into_iter().next()?;
+    let info = |n: &str| shapes.get(n).map_or((None, 0), |t| (t.shape.clone(), t.dtype));
+    let out = constant::eval_with(node, value, info)?;
     (matches!(out, Value::I64(_)) && out.len() <= MAX_TRACKED).then_some(out)
 }
 

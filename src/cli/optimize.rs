@@ -105,7 +105,6 @@ pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
             "note: no calibration images: lossy passes run data-free, so accuracy will suffer (add `calibration:` to a pipeline file)"
         );
     }
-    let stats_before = cresnet_opt::stats::compute(&model.graph, &overrides)?;
     let reports = cresnet_opt::passes::run_pipeline_with(
         &mut model,
         &passes,
@@ -127,17 +126,24 @@ pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
         eprintln!("error: --strict: {} pass(es) changed nothing; {} not written", idle.len(), output.display());
         return Ok(ExitCode::from(1));
     }
-    let stats_after = cresnet_opt::stats::compute(&model.graph, &overrides)?;
     cresnet_opt::io::save(&model, output, args.external_data).with_context(|| format!("cannot write {}", output.display()))?;
     if let Some(path) = &args.report {
+        // The passes counted before and after; a round trip (no pass) is counted here.
+        let (params, macs) = match (reports.first(), reports.last()) {
+            (Some(first), Some(last)) => ((first.params_before, last.params_after), (first.macs_before, last.macs_after)),
+            _ => {
+                let s = cresnet_opt::stats::compute(&model.graph, &overrides)?;
+                ((s.params, s.params), (s.macs, s.macs))
+            }
+        };
         let report = RunReport {
             input,
             output,
             passes: &reports,
-            params_before: stats_before.params,
-            params_after: stats_after.params,
-            macs_before: stats_before.macs,
-            macs_after: stats_after.macs,
+            params_before: params.0,
+            params_after: params.1,
+            macs_before: macs.0,
+            macs_after: macs.1,
             seconds: started.elapsed().as_secs_f64(),
         };
         cresnet_opt::io::write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())

@@ -163,6 +163,30 @@ pub fn eval(node: &Node, inputs: &[Option<Value>], shapes: &[Option<Vec<usize>>]
     (out.len() <= MAX_FOLDED_ELEMENTS).then_some(vec![out])
 }
 
+/// [`eval`] of a single-output `node` from what the caller knows of its
+/// inputs: `value` of a tensor, if constant, and `info` its (shape, dtype).
+/// Shape reads only its input's shape and CastLike only its second input's
+/// type; any other present input without a value leaves the node alone.
+pub fn eval_with(node: &Node, value: impl Fn(&str) -> Option<Value>, info: impl Fn(&str) -> (Option<Vec<usize>>, i32)) -> Option<Value> {
+    if !FOLDABLE.contains(&node.op()) || node.outputs().len() != 1 {
+        return None;
+    }
+    let inputs: Vec<Option<Value>> = match node.op() {
+        "Shape" => vec![None],
+        _ => node.inputs().iter().map(|n| if n.is_empty() { None } else { value(n) }).collect(),
+    };
+    let needed = match node.op() {
+        "CastLike" => 1,
+        "Shape" => 0,
+        _ => node.inputs().len(),
+    };
+    if node.inputs().iter().zip(&inputs).take(needed).any(|(n, v)| !n.is_empty() && v.is_none()) {
+        return None;
+    }
+    let (shapes, dtypes): (Vec<_>, Vec<_>) = node.inputs().iter().map(|n| info(n)).unzip();
+    eval(node, &inputs, &shapes, &dtypes)?.into_iter().next()
+}
+
 fn cast(v: Value, to: i32) -> Option<Value> {
     Some(match (v, DataType::try_from(to).ok()?) {
         (Value::F32(a), DataType::Float) => Value::F32(a),

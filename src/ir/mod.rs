@@ -258,6 +258,11 @@ impl Graph {
     pub fn is_graph_output(&self, tensor: &str) -> bool {
         self.meta.output.iter().any(|o| o.name() == tensor)
     }
+    /// The first graph input that is not a weight: the image a classifier
+    /// reads (old models also list their initializers as inputs).
+    pub fn data_input(&self) -> Option<&crate::onnx::ValueInfoProto> {
+        self.meta.input.iter().find(|i| !self.weights.contains_key(i.name()))
+    }
     pub fn is_graph_input(&self, tensor: &str) -> bool {
         self.meta.input.iter().any(|o| o.name() == tensor)
     }

@@ -129,7 +129,7 @@ pub fn distill(
         Some(r) => {
             let mut input = student_input(graph, shapes)?;
             (input[2], input[3]) = (r, r);
-            let name = graph.meta.input.iter().find(|i| !graph.weights().contains_key(i.name())).map(|i| i.name().to_string());
+            let name = graph.data_input().map(|i| i.name().to_string());
             let overrides: crate::shape::InputShapes = name.into_iter().map(|n| (n, input.clone())).collect();
             resized = crate::shape::infer(graph, &overrides)?;
             // Same crop share as the preprocessing's (e.g. 224 of 256).
@@ -253,10 +253,7 @@ fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64)
 /// The shape of the graph's (first non-weight) input, as the pipeline inferred it.
 fn student_input(graph: &Graph, shapes: &Shapes) -> Result<Vec<usize>> {
     graph
-        .meta
-        .input
-        .iter()
-        .find(|i| !graph.weights().contains_key(i.name()))
+        .data_input()
         .and_then(|i| shapes.get(i.name()))
         .and_then(|t| t.shape.clone())
         .filter(|s| s.len() == 4)
