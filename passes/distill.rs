@@ -33,7 +33,8 @@
 //! Data: random resized crops + flips of the training images (`data`, else
 //! the calibration images), and with `mixup: p` a share p of them blended
 //! with another image of the batch; the teacher (tract) sees the same
-//! augmented batch. Schedule: cosine from `lr` to 0 over all steps; LAMB, Adam with
+//! augmented batch. Schedule: cosine from `lr` to 0 over all steps (after
+//! `warmup` epochs of linear warm-up, when given); LAMB, Adam with
 //! decoupled weight decay, or SGD with momentum 0.9. A seeded share
 //! (`holdout`) of the images is never trained on: after every epoch the
 //! student's top-1 agreement with the teacher and KL (T = 1) on their centre
@@ -76,6 +77,12 @@ impl Pass for Distill {
         if o.label_weight > 0.0 && o.mixup > 0.0 {
             return Err(Error::Config("`distill.label_weight` and `distill.mixup` do not combine (a blend has no one label)".into()));
         }
+        if !(o.warmup >= 0.0 && o.warmup <= o.epochs as f64) {
+            return Err(Error::Config(format!("`distill.warmup` is {} epochs, but must lie in [0, epochs]", o.warmup)));
+        }
+        if o.views == Some(0) {
+            return Err(Error::Config("`distill.views` must be at least 1".into()));
+        }
         if o.resolution.is_some_and(|r| r < 8) {
             return Err(Error::Config("`distill.resolution` must be at least 8 pixels".into()));
         }
@@ -91,6 +98,9 @@ impl Pass for Distill {
             d.classes = d.classes.as_ref().map(|c| dir.join(c));
         });
         o.checkpoint = o.checkpoint.as_ref().map(|c| dir.join(c));
+        if let Some(p) = o.preprocess.as_mut() {
+            p.resolve(dir);
+        }
         o.teacher = o.teacher.as_ref().map(|c| dir.join(c));
     }
 
@@ -112,7 +122,8 @@ impl Pass for Distill {
             .as_ref()
             .or(ctx.original)
             .ok_or_else(|| Error::Pass { pass: "distill".into(), reason: "the pipeline kept no teacher model".into() })?;
-        let defaults = ctx.calibration.map(|c| DefaultImages { sources: &c.sources, preprocessing: &c.preprocessing });
+        let defaults =
+            ctx.calibration.map(|c| DefaultImages { sources: &c.sources, preprocessing: &c.preprocessing, labelled: c.labelled.as_ref() });
         for line in distill(&mut model.graph, ctx.shapes, teacher, defaults, o, ctx.progress)? {
             report.change("student", line);
         }

@@ -11,7 +11,11 @@
 //! names mapped to outputs through `classes` (line k = output k, first word
 //! = folder name), at most `images` photos per class (class-balanced), each
 //! preprocessed as `preprocess` says and run once through the backbone
-//! (tract, all cores).
+//! (tract, all cores). Without `data` and `classes` the pass takes every
+//! photo of a labelled `calibration:` folder (`classes` given there) with
+//! its preprocessing — that is how a task recipe refits the head of a
+//! pruned backbone (linear probe, then fine-tuning: Kumar et al. 2022,
+//! "LP-FT"); with neither, it declines (the head stays).
 //!
 //! The classifier is a multinomial logistic regression on the features,
 //! standardized (mean 0, variance 1 per feature; folded back into the Gemm):
@@ -23,7 +27,7 @@
 //! classifier is refit on all of them. The report gives the CV accuracy of
 //! every λ and the training accuracy.
 use super::{Pass, PassContext, PassReport};
-use crate::data::{labelled, Preprocess, Preprocessing, Sample};
+use crate::data::{labelled, DataSource, Preprocess, Preprocessing, Sample};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Weight};
 use crate::runner::Runner;
@@ -69,8 +73,8 @@ impl Pass for Retarget {
     type Options = RetargetOptions;
 
     fn validate(o: &RetargetOptions) -> Result<()> {
-        if o.data.as_os_str().is_empty() || o.classes.as_os_str().is_empty() {
-            return Err(Error::Config("`retarget` needs `data` (DIR/<class>/<image>) and `classes` (a class list)".into()));
+        if o.data.as_os_str().is_empty() != o.classes.as_os_str().is_empty() {
+            return Err(Error::Config("`retarget` needs both `data` (DIR/<class>/<image>) and `classes` (a class list), or neither (then a labelled `calibration:`)".into()));
         }
         if o.folds < 2 {
             return Err(Error::Config(format!("`retarget.folds` is {}, but must be at least 2", o.folds)));
@@ -87,11 +91,7 @@ impl Pass for Retarget {
                 *p = dir.join(&*p);
             }
         }
-        if let Preprocess::File(p) = &mut o.preprocess {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
-        }
+        o.preprocess.resolve(dir);
     }
 
     fn run(model: &mut Model, ctx: &PassContext, o: &RetargetOptions) -> Result<PassReport> {
@@ -103,16 +103,24 @@ impl Pass for Retarget {
                 return Ok(report);
             }
         };
-        let names = class_names(&o.classes)?;
-        let samples = balanced(labelled(&o.data, Some(&o.classes), names.len())?, o.images);
-        let (x, y) = extract(model, &features, &samples, &o.preprocess)?;
+        // A shipped recipe must also run data-free: then the head stays as it is.
+        let Some((data, classes, pre)) = source(o, ctx)? else {
+            report.decline(
+                "(classifier)",
+                "no labelled photos: give `retarget: {data: DIR, classes: FILE}` or a `calibration:` with `classes`",
+            );
+            return Ok(report);
+        };
+        let names = class_names(&classes)?;
+        let samples = balanced(labelled(&data, Some(&classes), names.len())?, o.images);
+        let (x, y) = extract(model, &features, &samples, &pre)?;
         let counts = (0..names.len()).map(|k| y.iter().filter(|&&l| l == k).count()).collect::<Vec<_>>();
         if let Some(k) = counts.iter().position(|&c| c < o.folds) {
             return Err(Error::Data(format!(
                 "class `{}` has {} photos in {}: fewer than the {} folds",
                 names[k],
                 counts[k],
-                o.data.display(),
+                data.display(),
                 o.folds
             )));
         }
@@ -171,6 +179,19 @@ fn head(graph: &Graph, ctx: &PassContext) -> std::result::Result<(NodeIndex, Str
     }
 }
 
+/// The labelled folder, class list and preprocessing to fit on: the
+/// options', else the labelled calibration folder's, else none.
+fn source(o: &RetargetOptions, ctx: &PassContext) -> Result<Option<(PathBuf, PathBuf, Preprocessing)>> {
+    if !o.data.as_os_str().is_empty() {
+        return Ok(Some((o.data.clone(), o.classes.clone(), Preprocessing::from_choice(&o.preprocess)?)));
+    }
+    let calibration = ctx.calibration.and_then(|c| c.labelled.as_ref().map(|l| (l, &c.preprocessing)));
+    Ok(match calibration {
+        Some((DataSource { dir, classes: Some(classes), .. }, pre)) => Some((dir.clone(), classes.clone(), pre.clone())),
+        _ => None,
+    })
+}
+
 fn class_names(path: &Path) -> Result<Vec<String>> {
     let ids = crate::data::read_classes(path)?;
     // Labels are line numbers (blank lines leave gaps): one output per line up to the last.
@@ -198,8 +219,7 @@ pub fn balanced(samples: Vec<Sample>, per_class: Option<usize>) -> Vec<Sample> {
 }
 
 /// The feature vector of every sample (one tract run per photo, on all cores).
-fn extract(model: &Model, features: &str, samples: &[Sample], preprocess: &Preprocess) -> Result<(Array2<f64>, Vec<usize>)> {
-    let pre = Preprocessing::from_choice(preprocess)?;
+fn extract(model: &Model, features: &str, samples: &[Sample], pre: &Preprocessing) -> Result<(Array2<f64>, Vec<usize>)> {
     let shape = [1, 3, pre.crop as usize, pre.crop as usize];
     let runner = Runner::truncated_at(model, &shape, &[features.to_string()])?;
     let rows: Vec<Vec<f32>> = samples

@@ -51,11 +51,17 @@ impl PipelineFile {
             cal.data = dir.join(&cal.data);
             cal.classes = cal.classes.as_ref().map(|c| dir.join(c));
             cal.extra.iter_mut().for_each(|d| d.dir = dir.join(&d.dir));
+            cal.preprocess.resolve(dir);
         }
         for spec in file.passes.iter_mut().flatten() {
             spec.resolve_paths(dir);
         }
         Ok(file)
+    }
+
+    /// The shipped pipeline this file runs, when it names one and lists no passes of its own.
+    pub fn shipped(&self) -> Option<&str> {
+        self.passes.is_none().then_some(self.pipeline.as_deref()).flatten()
     }
 
     /// The passes to run: the file's own list, else its shipped pipeline's.
@@ -78,4 +84,27 @@ pub fn shipped_pipeline(name: &str) -> Result<PipelineFile> {
         Error::Config(format!("unknown pipeline `{name}` (shipped pipelines: {})", names.join(", ")))
     })?;
     PipelineFile::from_yaml(text, &format!("shipped pipeline `{name}`"))
+}
+
+/// A classifier with at most this many outputs is a task model (a handful
+/// of the user's classes, not ImageNet's 1000).
+pub const TASK_CLASSES: usize = 100;
+
+/// The shipped pipeline that `name` stands for on a classifier with
+/// `classes` outputs: `cresnet` on a task model is `cresnet-task` (the
+/// ImageNet recipe factorizes a 6-way head to rank 1 and trains on too few
+/// photos; see `passes/pipelines/cresnet-task.yaml`).
+pub fn pipeline_for(name: &str, classes: Option<usize>) -> &str {
+    match classes {
+        Some(k) if name == "cresnet" && (1..=TASK_CLASSES).contains(&k) => "cresnet-task",
+        _ => name,
+    }
+}
+
+/// The number of classes of a classifier: the last dimension of its first
+/// output, when the output is 2-d [N, K] with K known.
+pub fn class_count(graph: &crate::ir::Graph, shapes: &crate::shape::Shapes) -> Option<usize> {
+    let out = graph.meta.output.first()?;
+    let shape = shapes.get(out.name())?.shape.clone()?;
+    (shape.len() == 2).then(|| shape[1])
 }

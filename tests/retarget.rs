@@ -185,3 +185,135 @@ fn a_labelled_source_picks_its_images_class_by_class() {
     let paths = unlabelled.paths().unwrap();
     assert!(paths.iter().all(|p| p.parent().unwrap().ends_with("a") || p.parent().unwrap().ends_with("b")), "first 5 by path");
 }
+
+/// A 3-class task model (the fixture's backbone with a 3-way head), its
+/// labelled photos (12 per class) and a pipeline file naming `cresnet` with
+/// a labelled calibration of `images` photos.
+fn task_setup(dir: &Path, images: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let model = resnet50(&FixtureSpec { width_div: 8, input_size: 64, classes: 3, ..Default::default() }).unwrap();
+    let path = dir.join("task.onnx");
+    cresnet_opt::io::save(&model, &path, false).unwrap();
+    write_classes(&dir.join("train"), &["red", "green", "blue"], 12, 3);
+    std::fs::write(dir.join("classes.txt"), "blue\nred\ngreen\n").unwrap();
+    let _ = preprocess_file(dir);
+    let cfg = dir.join("cfg.yaml");
+    std::fs::write(
+        &cfg,
+        format!("pipeline: cresnet\ncalibration: {{ data: train, classes: classes.txt, preprocess: pre.yaml, images: {images} }}\n"),
+    )
+    .unwrap();
+    (path, cfg)
+}
+
+fn report_of(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn pass<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["passes"].as_array().unwrap().iter().find(|p| p["pass"] == name).unwrap()
+}
+
+fn changes(pass: &serde_json::Value) -> Vec<String> {
+    pass["changed"].as_array().unwrap().iter().map(|c| c["what"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn the_cresnet_pipeline_runs_its_task_recipe_on_a_task_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, cfg) = task_setup(dir.path(), 12);
+    let (out, report) = (dir.path().join("small.onnx"), dir.path().join("r.json"));
+    let o = bin().arg(&path).arg("-o").arg(&out).arg("--config").arg(&cfg).arg("--report").arg(&report).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("note: pipeline `cresnet`: the model has 3 classes (at most 100): running its task recipe `cresnet-task`"),
+        "{err}"
+    );
+    let r = report_of(&report);
+    let names: Vec<&str> = r["passes"].as_array().unwrap().iter().map(|p| p["pass"].as_str().unwrap()).collect();
+    assert_eq!(names, ["fold", "prune", "retarget", "distill"]);
+    assert!(r["params_after"].as_f64().unwrap() <= 0.2 * r["params_before"].as_f64().unwrap(), "{}", r["params_after"]);
+    // The head is refit on every labelled photo, not only the 12 the refits use.
+    let head = changes(pass(&r, "retarget"));
+    assert!(head.last().unwrap().starts_with("classifier for 3 classes fitted on 36 photos"), "{head:?}");
+    // distill trains on all 36 as well: 4 held out (stratified, 10 %), 32 trained on.
+    let log = changes(pass(&r, "distill"));
+    assert!(log.iter().any(|l| l.starts_with("training at 160x160 px")), "{log:?}");
+    let kept = log.last().unwrap();
+    assert!(kept.starts_with("kept epoch") && kept.contains("; 32 training / 4 hold-out images)"), "{kept}");
+    let small = cresnet_opt::io::load(&out).unwrap();
+    let y = run(&small, &random_input(&small, 2, 50.0, 1));
+    assert_eq!(y.shape(), &[2, 3]);
+}
+
+#[test]
+fn the_task_recipe_without_labelled_photos_prunes_and_says_what_it_could_not_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = task_setup(dir.path(), 12);
+    let (out, report) = (dir.path().join("small.onnx"), dir.path().join("r.json"));
+    let o = bin().arg(&path).arg("-o").arg(&out).args(["--pipeline", "cresnet", "--report"]).arg(&report).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("running its task recipe `cresnet-task`"), "{err}");
+    assert!(err.contains("warning: pass `retarget` changed nothing (1 declined; first: `(classifier)`: no labelled photos"), "{err}");
+    assert!(err.contains("warning: pass `distill` changed nothing"), "{err}");
+    let r = report_of(&report);
+    assert!(r["params_after"].as_f64().unwrap() <= 0.2 * r["params_before"].as_f64().unwrap());
+}
+
+#[test]
+fn a_model_with_many_classes_keeps_the_imagenet_recipe() {
+    assert_eq!(cresnet_opt::config::pipeline_for("cresnet", Some(6)), "cresnet-task");
+    assert_eq!(cresnet_opt::config::pipeline_for("cresnet", Some(100)), "cresnet-task");
+    assert_eq!(cresnet_opt::config::pipeline_for("cresnet", Some(101)), "cresnet");
+    assert_eq!(cresnet_opt::config::pipeline_for("cresnet", Some(1000)), "cresnet");
+    assert_eq!(cresnet_opt::config::pipeline_for("cresnet", None), "cresnet");
+    assert_eq!(cresnet_opt::config::pipeline_for("fold", Some(6)), "fold");
+}
+
+/// distill with `views: 1`: the teacher runs on each training image once
+/// (epoch 1) and its logits are reused in epoch 2; without views it runs
+/// on every image of every epoch.
+#[test]
+fn distill_views_reuse_the_teachers_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, opts) = setup(dir.path());
+    let taught = |views: Option<usize>| -> Vec<String> {
+        let mut model = cresnet_opt::io::load(&path).unwrap();
+        let distill = cresnet_opt::passes::distill::DistillOptions {
+            data: vec![cresnet_opt::config::DataSource { dir: dir.path().join("train"), images: None, classes: None }],
+            preprocess: Some(preprocess_file(dir.path())),
+            epochs: 2,
+            batch: 4,
+            holdout: 0.0,
+            views,
+            threads: Some(2),
+            ..Default::default()
+        };
+        let reports = run_passes(&mut model, &[PassSpec::Retarget(opts.clone()), fold(), dw(1), PassSpec::Distill(distill)]);
+        let log: Vec<String> = reports.last().unwrap().changed.iter().map(|c| c.what.clone()).collect();
+        log.iter()
+            .filter(|l| l.starts_with("epoch ") && !l.starts_with("epoch 0"))
+            .map(|l| l.split("s on ").nth(1).unwrap().to_string())
+            .collect()
+    };
+    // 36 images, batch 4: 9 steps of 4 = every image once per epoch.
+    let cached = taught(Some(1));
+    assert!(cached[0].starts_with("36 images") && cached[1].starts_with("0 images"), "{cached:?}");
+    let fresh = taught(None);
+    assert!(fresh[0].starts_with("36 images") && fresh[1].starts_with("36 images"), "{fresh:?}");
+}
+
+#[test]
+fn prune_target_params_above_one_is_a_weight_count() {
+    let mut model = cresnet_opt::io::load(&fixture_path()).unwrap();
+    let opts = cresnet_opt::passes::prune::PruneOptions { target_params: Some(150_000.0), ..Default::default() };
+    let reports = run_passes(&mut model, &[fold(), prune(opts)]);
+    let after = reports.last().unwrap().params_after;
+    assert!((145_000..=150_000).contains(&after), "{after} weights");
+    for bad in [1.5, f64::INFINITY] {
+        let spec = prune(cresnet_opt::passes::prune::PruneOptions { target_params: Some(bad), ..Default::default() });
+        let e = spec.check().unwrap_err().to_string();
+        assert!(e.contains("a share in (0, 1] or a whole number of weights"), "{bad}: {e}");
+    }
+}

@@ -128,7 +128,8 @@ pub(super) fn select(
             p
         }
     };
-    let goal = target * metric(&[]);
+    // Above 1: a weight count (the cost model counts the whole model's).
+    let goal = if target > 1.0 { target } else { target * metric(&[]) };
     let global = |t: f64| -> Vec<usize> {
         by_group
             .iter()

@@ -13,7 +13,9 @@
 //!    summed over the class's producers, then divided by the group's mean.
 //! 3. Allocation. `ratio: r` removes ⌊r·n⌋ of each group's n classes.
 //!    `target_macs`/`target_params: f` removes channels until MACs/params
-//!    are at most f of the original, costed exactly by per-layer formulas:
+//!    are at most f of the original (`target_params` above 1: until the
+//!    whole model has at most that many weights, e.g. the paper's 4.08 M as
+//!    `4080000`), costed exactly by per-layer formulas:
 //!    `allocation: global` (default) removes the globally least important
 //!    classes (by the normalized score above; a bisection on one score
 //!    threshold), `allocation: uniform` the same share r of every group
@@ -147,7 +149,14 @@ impl Pass for Prune {
     fn validate(o: &PruneOptions) -> Result<()> {
         check_unit("prune", "ratio", o.ratio)?;
         check_unit("prune", "target_macs", o.target_macs)?;
-        check_unit("prune", "target_params", o.target_params)?;
+        // `target_params` above 1 is a weight count (the paper's 4.08 M: 4080000).
+        match o.target_params {
+            Some(p) if p > 1.0 && p.is_finite() && p.fract() == 0.0 => {}
+            Some(p) if p > 1.0 => {
+                return Err(Error::Config(format!("`prune.target_params` is {p}: a share in (0, 1] or a whole number of weights")))
+            }
+            other => check_unit("prune", "target_params", other)?,
+        }
         let set = [o.ratio, o.target_macs, o.target_params].iter().filter(|v| v.is_some()).count();
         if set > 1 {
             return Err(Error::Config("`prune` takes only one of `ratio`, `target_macs`, `target_params`".into()));

@@ -5,6 +5,7 @@ use clap::Args;
 use cresnet_opt::config::{shipped_pipeline, PipelineFile};
 use cresnet_opt::passes::PassReport;
 use cresnet_opt::passes::{PassSpec, PASS_NAMES};
+use cresnet_opt::shape::InputShapes;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -67,25 +68,57 @@ struct RunReport<'a> {
     seconds: f64,
 }
 
-/// The passes to run and, from a pipeline file, the calibration settings.
-fn pipeline_passes(args: &OptimizeArgs) -> Result<(Vec<PassSpec>, Option<cresnet_opt::config::Calibration>)> {
+/// What a run was asked to do: its passes, the calibration settings (from
+/// a pipeline file) and, when the passes are a shipped pipeline's, its name.
+struct Plan {
+    passes: Vec<PassSpec>,
+    calibration: Option<cresnet_opt::config::Calibration>,
+    shipped: Option<String>,
+}
+
+fn pipeline_passes(args: &OptimizeArgs) -> Result<Plan> {
     if let Some(path) = &args.config {
         let file = PipelineFile::load(path).with_context(|| format!("cannot use pipeline file {}", path.display()))?;
-        return Ok((file.resolve_passes()?, file.calibration));
+        let shipped = file.shipped().map(str::to_string);
+        return Ok(Plan { passes: file.resolve_passes()?, calibration: file.calibration, shipped });
     }
     if let Some(name) = &args.pipeline {
-        return Ok((shipped_pipeline(name)?.passes.unwrap_or_default(), None));
+        return Ok(Plan { passes: shipped_pipeline(name)?.passes.unwrap_or_default(), calibration: None, shipped: Some(name.clone()) });
     }
     if args.passes.is_empty() {
         bail!("nothing to do: give --passes LIST (or `none`), --pipeline NAME or --config FILE");
     }
-    Ok((args.passes.iter().flatten().cloned().collect(), None))
+    Ok(Plan { passes: args.passes.iter().flatten().cloned().collect(), calibration: None, shipped: None })
+}
+
+/// A shipped pipeline that has a recipe for task models (`cresnet` →
+/// `cresnet-task`) switches to it when the model has few classes, and says so.
+fn for_the_model(plan: &mut Plan, model: &cresnet_opt::ir::Model, overrides: &InputShapes, quiet: bool) -> Result<()> {
+    let Some(name) = plan.shipped.as_deref() else { return Ok(()) };
+    let shapes = cresnet_opt::validate::validate(&model.graph, overrides)?;
+    let classes = cresnet_opt::config::class_count(&model.graph, &shapes);
+    let chosen = cresnet_opt::config::pipeline_for(name, classes);
+    if chosen != name {
+        if !quiet {
+            eprintln!(
+                "note: pipeline `{name}`: the model has {} classes (at most {}): running its task recipe `{chosen}`",
+                classes.unwrap_or(0),
+                cresnet_opt::config::TASK_CLASSES
+            );
+        }
+        plan.passes = shipped_pipeline(chosen)?.passes.unwrap_or_default();
+    }
+    Ok(())
 }
 
 pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
     let started = std::time::Instant::now();
     let (input, output) = (args.input.as_deref().expect("required"), args.output.as_deref().expect("required"));
-    let (mut passes, calibration) = pipeline_passes(args)?;
+    let mut plan = pipeline_passes(args)?;
+    let overrides = input_shapes(&args.input_shape)?;
+    let mut model = load_shaped(input, &overrides)?;
+    for_the_model(&mut plan, &model, &overrides, args.quiet)?;
+    let Plan { mut passes, calibration, .. } = plan;
     if let Some(path) = &args.checkpoint {
         let mut distills = passes.iter_mut().filter_map(|p| if let PassSpec::Distill(o) = p { Some(o) } else { None }).peekable();
         if distills.peek().is_none() {
@@ -93,8 +126,6 @@ pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
         }
         distills.for_each(|o| o.checkpoint = Some(path.clone()));
     }
-    let overrides = input_shapes(&args.input_shape)?;
-    let mut model = load_shaped(input, &overrides)?;
     let calibration = calibration
         .map(|c| {
             cresnet_opt::refit::Calibration::load(&c).with_context(|| format!("cannot load calibration images from {}", c.data.display()))

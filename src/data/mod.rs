@@ -312,6 +312,17 @@ pub enum Preprocess {
     File(PathBuf),
 }
 
+impl Preprocess {
+    /// A relative preprocessing file is relative to `dir` (the pipeline file's folder).
+    pub fn resolve(&mut self, dir: &Path) {
+        if let Preprocess::File(p) = self {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
+}
+
 impl std::str::FromStr for Preprocess {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

@@ -50,6 +50,10 @@ pub struct Calibration {
     /// The image files, `extra` included (the default training data of `distill`).
     pub sources: Vec<std::path::PathBuf>,
     pub preprocessing: crate::data::Preprocessing,
+    /// The whole calibration folder when it is labelled (`classes`): what a
+    /// task recipe's `retarget` and `distill` train on, while the refits
+    /// take only the first `images` of it (their memory grows per image).
+    pub labelled: Option<crate::data::DataSource>,
 }
 
 /// A conv to refit: its output should match the reference tensor of the
@@ -462,6 +466,11 @@ impl Calibration {
             through_relu: cfg.through_relu,
             sources,
             preprocessing: pre,
+            labelled: cfg.classes.as_ref().map(|c| crate::data::DataSource {
+                dir: cfg.data.clone(),
+                images: None,
+                classes: Some(c.clone()),
+            }),
         })
     }
 
@@ -476,6 +485,7 @@ impl Calibration {
             through_relu: true,
             sources: vec![],
             preprocessing: crate::data::Preprocessing::caffe(),
+            labelled: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! teacher model on augmented images, keeping the best epoch on a hold-out.
 //! Progress goes to a [`Progress`] the caller renders.
 use super::checkpoint::{self, State};
-use super::optim::{cosine, Optimizer};
+use super::optim::{warm_cosine, Optimizer};
 use super::{Mode, Network};
 use crate::data::augment::ImagePool;
 use crate::data::Preprocessing;
@@ -52,6 +52,14 @@ pub struct DistillOptions {
     /// Weight of the cross-entropy on the labels of labelled images
     /// (`data` entries with `classes`), beside the KD loss.
     pub label_weight: f64,
+    /// Epochs of linear learning-rate warm-up before the cosine decay.
+    pub warmup: f64,
+    /// Augmented views per image: epoch e shows image i its view
+    /// (e − 1) mod `views` (fixed crops and flips), so the teacher's logits
+    /// of a view are computed once and reused from then on (without feature
+    /// distillation or mixup, whose targets are not per view). None: a new
+    /// crop every epoch, the teacher run on every batch.
+    pub views: Option<usize>,
     /// Train (and pick the epoch) at this input size instead of the model's:
     /// a ResNet is convolutional up to its global pooling, so a student
     /// trained on 160-px crops of 150-px photos runs at 224 px afterwards.
@@ -94,6 +102,8 @@ impl Default for DistillOptions {
             teacher: None,
             batchnorm: BatchNormMode::default(),
             label_weight: 0.0,
+            views: None,
+            warmup: 0.0,
             resolution: None,
         }
     }
@@ -110,6 +120,9 @@ use std::time::Instant;
 pub struct DefaultImages<'a> {
     pub sources: &'a [PathBuf],
     pub preprocessing: &'a Preprocessing,
+    /// The whole calibration folder with its labels, when it is labelled:
+    /// trained on in full (the refits take only `images` of it).
+    pub labelled: Option<&'a DataSource>,
 }
 
 /// Trains `graph` (the student, with `shapes`) to reproduce `teacher`;
@@ -171,6 +184,7 @@ pub fn distill(
             progress,
             features,
             adapters: vec![],
+            cached: Default::default(),
         }
         .run(&train, &hold)
     })?;
@@ -195,7 +209,7 @@ fn training_images(defaults: Option<DefaultImages>, o: &DistillOptions) -> Resul
         samples.extend(source.samples()?);
     }
     if o.data.is_empty() {
-        samples = defaults.map(|d| d.sources.iter().map(|p| (p.clone(), None)).collect()).unwrap_or_default();
+        samples = default_samples(defaults)?;
     }
     if samples.len() < 2 {
         return Err(fail("needs at least 2 training images: give `distill: {data: [{dir: DIR}]}` or a `calibration:` folder"));
@@ -209,6 +223,19 @@ fn training_images(defaults: Option<DefaultImages>, o: &DistillOptions) -> Resul
     }
     let (paths, labels) = samples.into_iter().unzip();
     Ok((paths, labels, pre))
+}
+
+/// The calibration's images: with a labelled calibration folder, every
+/// photo of it with its label, then the (unlabelled) `extra` images.
+fn default_samples(defaults: Option<DefaultImages>) -> Result<Vec<(PathBuf, Option<usize>)>> {
+    let Some(d) = defaults else { return Ok(vec![]) };
+    let mut samples = match d.labelled {
+        Some(source) => source.samples()?,
+        None => vec![],
+    };
+    let known: std::collections::HashSet<PathBuf> = samples.iter().map(|(p, _)| p.clone()).collect();
+    samples.extend(d.sources.iter().filter(|p| !known.contains(*p)).map(|p| (p.clone(), None)));
+    Ok(samples)
 }
 
 /// A stage output matched between student and teacher.
@@ -410,6 +437,8 @@ struct Trainer<'a> {
     features: Vec<Feature>,
     /// Per feature, the adapter's output value.
     adapters: Vec<usize>,
+    /// Teacher logits per (image, view), with `views`.
+    cached: std::collections::HashMap<(usize, usize), Vec<f32>>,
 }
 
 impl Trainer<'_> {
@@ -450,11 +479,11 @@ impl Trainer<'_> {
         };
         for epoch in state.epoch + 1..=self.o.epochs {
             let started = Instant::now();
-            let (loss, [data, teach, student]) = self.epoch(epoch, train, &mut state.optimizer, total)?;
+            let (loss, [data, teach, student], taught) = self.epoch(epoch, train, &mut state.optimizer, total)?;
             let secs = started.elapsed().as_secs_f64();
             let score = self.holdout(hold, &hold_teacher)?;
             self.note(format!(
-                "epoch {epoch}/{}: loss {loss:.4}, {score}; {secs:.0} s, {:.1} img/s (data {data:.0} s, teacher {teach:.0} s, student {student:.0} s)",
+                "epoch {epoch}/{}: loss {loss:.4}, {score}; {secs:.0} s, {:.1} img/s (data {data:.0} s, teacher {teach:.0} s on {taught} images, student {student:.0} s)",
                 self.o.epochs,
                 (steps_per_epoch * batch) as f64 / secs
             ));
@@ -539,32 +568,67 @@ impl Trainer<'_> {
         self.log.push(line);
     }
 
-    /// One pass over the training images; returns the mean loss and the
-    /// seconds spent on data, teacher and student.
-    fn epoch(&mut self, epoch: usize, train: &[usize], opt: &mut Optimizer, total: usize) -> Result<(f64, [f64; 3])> {
+    /// One pass over the training images; returns the mean loss, the
+    /// seconds spent on data, teacher and student, and how many images the
+    /// teacher ran on (fewer than the epoch's when views are cached).
+    fn epoch(&mut self, epoch: usize, train: &[usize], opt: &mut Optimizer, total: usize) -> Result<(f64, [f64; 3], usize)> {
         let batch = self.teacher.batch();
         let mut order = train.to_vec();
         shuffle(&mut order, self.o.seed ^ (epoch as u64) << 32);
         let steps = order.len() / batch;
         self.progress.start(&format!("distill epoch {epoch}"), steps as u64);
-        let (mut sum, mut times) = (0.0, [0.0f64; 3]);
+        let (mut sum, mut times, mut taught) = (0.0, [0.0f64; 3], 0usize);
+        let view = self.cacheable().then(|| (epoch - 1) % self.o.views.unwrap_or(1));
         for (k, chunk) in order.chunks_exact(batch).enumerate() {
-            let seed = |slot: usize| self.o.seed ^ ((epoch as u64) << 40) ^ ((k * batch + slot) as u64) << 8;
+            let seed = |slot: usize, i: usize| match view {
+                Some(v) => view_seed(self.o.seed, i, v),
+                None => self.o.seed ^ ((epoch as u64) << 40) ^ ((k * batch + slot) as u64) << 8,
+            };
             let t = Instant::now();
-            let mut x = self.images.batch(chunk, |slot, i| self.images.augmented(i, seed(slot), self.o.min_scale));
-            mixup(&mut x, batch, self.o.mixup, seed(batch));
+            let mut x = self.images.batch(chunk, |slot, i| self.images.augmented(i, seed(slot, i), self.o.min_scale));
+            mixup(&mut x, batch, self.o.mixup, seed(batch, 0));
             times[0] += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let targets = self.teacher.run(&x)?;
+            let targets = match view {
+                Some(v) => vec![self.cached_teacher(&x, chunk, v, &mut taught)?],
+                None => {
+                    taught += chunk.len();
+                    self.teacher.run(&x)?
+                }
+            };
             times[1] += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let labels: Vec<Option<usize>> = chunk.iter().map(|&i| self.labels[i]).collect();
-            sum += self.step(x, &targets, &labels, opt, cosine(self.o.lr, (epoch - 1) * steps + k, total))?;
+            let lr = warm_cosine(self.o.lr, (epoch - 1) * steps + k, total, (self.o.warmup * steps as f64).round() as usize);
+            sum += self.step(x, &targets, &labels, opt, lr)?;
             times[2] += t.elapsed().as_secs_f64();
             self.progress.advance(k as u64 + 1, &format!("loss {:.4}", sum / (k + 1) as f64));
         }
         self.progress.finish();
-        Ok((sum / steps.max(1) as f64, times))
+        Ok((sum / steps.max(1) as f64, times, taught))
+    }
+
+    /// Whether teacher logits can be kept per view: only logits are
+    /// targets (no features) and no image is blended with another.
+    fn cacheable(&self) -> bool {
+        self.o.views.is_some() && self.features.is_empty() && self.o.mixup == 0.0
+    }
+
+    /// The teacher's logits for a batch of views `v` of `chunk`'s images
+    /// (`x`): those seen before from the cache, the others computed now.
+    fn cached_teacher(&mut self, x: &[f32], chunk: &[usize], v: usize, taught: &mut usize) -> Result<Vec<f32>> {
+        let per_image = x.len() / chunk.len().max(1);
+        let missing: Vec<usize> = (0..chunk.len()).filter(|&slot| !self.cached.contains_key(&(chunk[slot], v))).collect();
+        *taught += missing.len();
+        if !missing.is_empty() {
+            let sub: Vec<f32> = missing.iter().flat_map(|&slot| x[slot * per_image..(slot + 1) * per_image].iter().copied()).collect();
+            let logits = self.teacher.run(&sub)?.swap_remove(0);
+            let classes = logits.len() / missing.len();
+            for (&slot, row) in missing.iter().zip(logits.chunks(classes)) {
+                self.cached.insert((chunk[slot], v), row.to_vec());
+            }
+        }
+        Ok(chunk.iter().flat_map(|&i| self.cached[&(i, v)].iter().copied()).collect())
     }
 
     /// Forward, loss, backward, update; returns the loss.
@@ -686,6 +750,12 @@ fn split(labels: &[Option<usize>], holdout: f64, seed: u64) -> (Vec<usize>, Vec<
     shuffle(&mut train, seed);
     hold.sort_unstable();
     (train, hold)
+}
+
+/// The augmentation seed of view `v` of image `i`: the same in every epoch
+/// that shows that view, whatever the batch it falls in.
+fn view_seed(seed: u64, i: usize, v: usize) -> u64 {
+    seed ^ 0x7669_6577_0000_0000 ^ ((i as u64) << 16) ^ v as u64
 }
 
 fn shuffle(v: &mut [usize], seed: u64) {
