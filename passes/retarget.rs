@@ -112,6 +112,20 @@ impl Pass for Retarget {
             return Ok(report);
         };
         let names = class_names(&classes)?;
+        // From the calibration (a recipe's head refit), the head keeps its
+        // outputs: the teacher and the user's labels are in that order.
+        let outputs = crate::config::class_count(&model.graph, ctx.shapes);
+        if o.data.as_os_str().is_empty() && outputs.is_some_and(|k| k != names.len()) {
+            return Err(Error::Pass {
+                pass: "retarget".into(),
+                reason: format!(
+                    "the calibration's class list {} has {} classes, but the model has {} outputs: give the list the model was trained on",
+                    classes.display(),
+                    names.len(),
+                    outputs.unwrap_or(0)
+                ),
+            });
+        }
         let samples = balanced(labelled(&data, Some(&classes), names.len())?, o.images);
         let (x, y) = extract(model, &features, &samples, &pre)?;
         let counts = (0..names.len()).map(|k| y.iter().filter(|&&l| l == k).count()).collect::<Vec<_>>();

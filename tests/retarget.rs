@@ -317,3 +317,40 @@ fn prune_target_params_above_one_is_a_weight_count() {
         assert!(e.contains("a share in (0, 1] or a whole number of weights"), "{bad}: {e}");
     }
 }
+
+/// The same command on a task model made elsewhere: torch's dynamo export
+/// of a ResNet-18 with a 10-way head (ReduceMean + Reshape head, value_info
+/// everywhere), 10 labelled classes of 6 photos.
+#[test]
+fn a_task_model_from_another_exporter_takes_the_same_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..10).map(|k| format!("class{k}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    write_classes(&dir.path().join("train"), &refs, 6, 4);
+    std::fs::write(dir.path().join("classes.txt"), names.join("\n") + "\n").unwrap();
+    let _ = preprocess_file(dir.path());
+    let cfg = dir.path().join("cfg.yaml");
+    std::fs::write(&cfg, "pipeline: cresnet\ncalibration: { data: train, classes: classes.txt, preprocess: pre.yaml }\n").unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/exports/resnet18-dynamo-op18.onnx");
+    let (out, report) = (dir.path().join("small.onnx"), dir.path().join("r.json"));
+    let o = bin().arg(&model).arg("-o").arg(&out).arg("--config").arg(&cfg).arg("--report").arg(&report).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("the model has 10 classes (at most 100): running its task recipe `cresnet-task`"), "{err}");
+    let r = report_of(&report);
+    assert!(r["params_after"].as_f64().unwrap() <= 0.2 * r["params_before"].as_f64().unwrap(), "{}", r["params_after"]);
+    let head = changes(pass(&r, "retarget"));
+    assert!(head.last().unwrap().starts_with("classifier for 10 classes fitted on 60 photos"), "{head:?}");
+    assert!(changes(pass(&r, "distill")).last().unwrap().starts_with("kept epoch"));
+    let small = cresnet_opt::io::load(&out).unwrap();
+    assert_eq!(run(&small, &random_input(&small, 1, 1.0, 2)).shape(), &[1, 10]);
+    // A class list that is not the model's own: the head refit says so, and nothing is written.
+    std::fs::write(dir.path().join("classes.txt"), names[..9].join("\n") + "\n").unwrap();
+    std::fs::remove_dir_all(dir.path().join("train/class9")).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let o = bin().arg(&model).arg("-o").arg(&out).arg("--config").arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("has 9 classes, but the model has 10 outputs"), "{err}");
+    assert!(!out.exists());
+}

@@ -171,7 +171,12 @@ pub fn distill(
     pool.install(|| -> Result<()> {
         let images = ImagePool::load(&paths, pre)?;
         let (train, hold) = split(&labels, o.holdout, o.seed);
-        let features = stage_outputs(graph, shapes, &crate::validate::validate(&teacher.graph, &Default::default())?, o.feature_weight);
+        let teacher_shapes = crate::validate::validate(&teacher.graph, &Default::default())?;
+        // KD compares the logits class by class: a head refit to another class list cannot learn from this teacher.
+        if let Some(k) = crate::config::class_count(&teacher.graph, &teacher_shapes).filter(|&k| k != outputs) {
+            return Err(fail(format!("the teacher has {k} outputs, the student {outputs}: KD needs the same classes in the same order")));
+        }
+        let features = stage_outputs(graph, shapes, &teacher_shapes, o.feature_weight);
         let names = features.iter().map(|f| f.name.clone()).collect();
         let teacher = Teacher::new(teacher, o.batch.min(train.len()), names, &student_input(graph, shapes)?)?;
         Trainer {
