@@ -127,7 +127,7 @@ fn bad_yaml_is_named() {
             "passes:\n  - squash\n",
             "unknown pass `squash` (valid passes: fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize, retarget)",
         ),
-        ("pipeline: nosuch\n", "unknown pipeline `nosuch` (shipped pipelines: fold, cresnet)"),
+        ("pipeline: nosuch\n", "unknown pipeline `nosuch` (shipped pipelines: fold, cresnet, cresnet-task)"),
         (
             "passes:\n  - dw: { min_resolution: 28, max_resolution: 14 }\n",
             "`dw.min_resolution` is 28, above `dw.max_resolution` (14): no layer can match",
