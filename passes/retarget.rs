@@ -104,7 +104,7 @@ impl Pass for Retarget {
             }
         };
         // A shipped recipe must also run data-free: then the head stays as it is.
-        let Some((data, classes, pre)) = source(o, ctx)? else {
+        let Some(Source { data, classes, pre, from_calibration }) = source(o, ctx)? else {
             report.decline(
                 "(classifier)",
                 "no labelled photos: give `retarget: {data: DIR, classes: FILE}` or a `calibration:` with `classes`",
@@ -115,7 +115,7 @@ impl Pass for Retarget {
         // From the calibration (a recipe's head refit), the head keeps its
         // outputs: the teacher and the user's labels are in that order.
         let outputs = crate::config::class_count(&model.graph, ctx.shapes);
-        if o.data.as_os_str().is_empty() && outputs.is_some_and(|k| k != names.len()) {
+        if from_calibration && outputs.is_some_and(|k| k != names.len()) {
             return Err(Error::Pass {
                 pass: "retarget".into(),
                 reason: format!(
@@ -193,15 +193,26 @@ fn head(graph: &Graph, ctx: &PassContext) -> std::result::Result<(NodeIndex, Str
     }
 }
 
-/// The labelled folder, class list and preprocessing to fit on: the
-/// options', else the labelled calibration folder's, else none.
-fn source(o: &RetargetOptions, ctx: &PassContext) -> Result<Option<(PathBuf, PathBuf, Preprocessing)>> {
+/// The labelled photos to fit on.
+struct Source {
+    data: PathBuf,
+    classes: PathBuf,
+    pre: Preprocessing,
+    /// Taken from the labelled calibration folder (a recipe's head refit).
+    from_calibration: bool,
+}
+
+/// The options' labelled folder, else the labelled calibration folder, else none.
+fn source(o: &RetargetOptions, ctx: &PassContext) -> Result<Option<Source>> {
     if !o.data.as_os_str().is_empty() {
-        return Ok(Some((o.data.clone(), o.classes.clone(), Preprocessing::from_choice(&o.preprocess)?)));
+        let pre = Preprocessing::from_choice(&o.preprocess)?;
+        return Ok(Some(Source { data: o.data.clone(), classes: o.classes.clone(), pre, from_calibration: false }));
     }
     let calibration = ctx.calibration.and_then(|c| c.labelled.as_ref().map(|l| (l, &c.preprocessing)));
     Ok(match calibration {
-        Some((DataSource { dir, classes: Some(classes), .. }, pre)) => Some((dir.clone(), classes.clone(), pre.clone())),
+        Some((DataSource { dir, classes: Some(classes), .. }, pre)) => {
+            Some(Source { data: dir.clone(), classes: classes.clone(), pre: pre.clone(), from_calibration: true })
+        }
         _ => None,
     })
 }

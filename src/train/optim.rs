@@ -90,9 +90,9 @@ impl Optimizer {
 
 /// Linear warm-up from 0 over the first `warmup` steps, times [`cosine`]:
 /// Adam's second moments are estimated from a handful of gradients at
-/// first, and a fine-tuned student diverged there at a peak lr it trains
-/// well at later (1-epoch runs on the pruned task model: LAMB 3e-4 without
-/// warm-up, loss 5.3 and hold-out top-1 0.750 -> 0.717; 2e-4: 1.9, 0.792).
+/// first, where a fine-tuned student is most fragile (1-epoch runs on the
+/// pruned task model without warm-up: LAMB 3e-4 gave loss 5.3 and hold-out
+/// top-1 0.750 -> 0.717, 2e-4 gave 1.9 and 0.792).
 pub fn warm_cosine(base: f64, step: usize, total: usize, warmup: usize) -> f32 {
     let ramp = if step < warmup { (step + 1) as f32 / warmup as f32 } else { 1.0 };
     ramp * cosine(base, step, total)
