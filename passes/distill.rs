@@ -6,6 +6,11 @@
 //! class, and the epoch kept is the one with the best hold-out top-1
 //! against the labels (then agreement, then KL). `resolution: r` trains
 //! (and scores the hold-out) on r×r crops; the student keeps its input size.
+//! With `teacher_at_model_size` the teacher labels the same views scaled to
+//! the model's own size (where it is more accurate); with `batchnorm: train`
+//! the BN statistics are re-estimated at the model's size after training
+//! (`recalibrate`: FixRes, Touvron et al. 2019), kept unless the hold-out,
+//! scored at that size, gets worse.
 //!
 //! Before: a compressed graph of Conv (any group) / Relu / Add / MaxPool /
 //!         GlobalAveragePool / Flatten / Gemm, BN folded.

@@ -118,7 +118,7 @@ impl Pass for Dw {
 
     fn run(model: &mut Model, ctx: &PassContext, options: &DwOptions) -> Result<PassReport> {
         match ctx.calibrated() {
-            Some(calibrated) => run_calibrated(model, ctx.shapes, calibrated, options),
+            Some(calibrated) => run_calibrated(model, ctx, calibrated, options),
             None => run_data_free(&mut model.graph, ctx.shapes, options),
         }
     }
@@ -183,7 +183,8 @@ fn run_data_free(graph: &mut Graph, shapes: &Shapes, opts: &DwOptions) -> Result
 /// then the pointwise weights and bias are a ridge least-squares fit of the
 /// conv's outputs. (Measured on ResNet-50 rank 2: weighting the per-channel
 /// SVD by the input patches' covariance gave lower top-1, 0.763 vs 0.804.)
-fn run_calibrated(model: &mut Model, shapes: &Shapes, calibrated: (&Calibration, &Model), opts: &DwOptions) -> Result<PassReport> {
+fn run_calibrated(model: &mut Model, ctx: &PassContext, calibrated: (&Calibration, &Model), opts: &DwOptions) -> Result<PassReport> {
+    let shapes = ctx.shapes;
     let mut report = PassReport::default();
     let graph = &model.graph;
     let mut layers = Vec::new();
@@ -208,7 +209,7 @@ fn run_calibrated(model: &mut Model, shapes: &Shapes, calibrated: (&Calibration,
         }
     }
     let calib = calibrated.0;
-    factorize::on_data(model, calibrated, &layers, &mut report, |g, layer, x, y| {
+    factorize::on_data(model, calibrated, &layers, &mut report, ctx.progress, |g, layer, x, y| {
         let fit = Fit::for_layer(calib, g, layer.node);
         if factorized.contains(&layer.node) {
             return factorize_on_data(g, layer.node, x, y, opts, fit);

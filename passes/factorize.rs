@@ -139,9 +139,10 @@ pub fn on_data(
     (calib, reference): (&Calibration, &Model),
     layers: &[Layer],
     report: &mut PassReport,
+    progress: &dyn crate::progress::Progress,
     solver: impl FnMut(&mut Graph, &Layer, &[f32], &[f32]) -> Result<Outcome>,
 ) -> Result<()> {
-    for outcome in crate::refit::refit_with(reference, model, layers, calib, solver)? {
+    for outcome in crate::refit::refit_with(reference, model, layers, calib, progress, solver)? {
         match outcome {
             Outcome::Done { name, what } => report.change(&name, what),
             Outcome::Declined { name, reason } => report.decline(&name, reason),

@@ -19,7 +19,10 @@
 //! graph within a share t of its weights; see `plan_for_target`). Default:
 //! `ratio: 0.5`. Declines when r would not save `min_gain` (default 0.1) of
 //! the layer's weights (= its MACs). `include`/`exclude` take name patterns
-//! as in `dw`; convs reading a graph input are skipped unless included.
+//! as in `dw`; convs reading a graph input are skipped unless included,
+//! and so is a task model's classifier (the layer writing a graph output,
+//! at most 100 outputs: a rank below its class count would put the logits
+//! on fewer dimensions).
 //! `min_resolution`/`max_resolution` as in `dw` (a Gemm's output counts as 1).
 //! Running the pass twice factorizes the factors again.
 //!
@@ -199,7 +202,7 @@ fn lowrank(model: &mut Model, ctx: &PassContext, opts: &LowrankOptions) -> Resul
     }
     if let (Some(calibrated), false) = (ctx.calibrated(), on_data.is_empty()) {
         let calib = calibrated.0;
-        factorize::on_data(model, calibrated, &on_data, &mut report, |g, layer, x, y| {
+        factorize::on_data(model, calibrated, &on_data, &mut report, ctx.progress, |g, layer, x, y| {
             factorize_on_data(g, layer.node, &weights[&layer.node], x, y, &layer_opts(layer.node), Fit::for_layer(calib, g, layer.node))
         })?;
     }
@@ -314,13 +317,30 @@ fn candidate(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &LowrankOption
         return Err("grouped conv".into());
     }
     factorize::shared_weight(graph, ix)?;
+    let transposed = gemm && node.attr_int("transB").unwrap_or(0) == 0;
+    few_class_head(graph, ix, if transposed { shape[1] } else { shape[0] }, included)?;
     let (rows, cols) = (shape[0], shape[1]);
     if rows == 0 || cols == 0 {
         return Err("empty weight".into());
     }
     let m = Array2::from_shape_vec((rows, cols), w.iter().copied().collect()).map_err(|e| e.to_string())?;
-    let transposed = gemm && node.attr_int("transB").unwrap_or(0) == 0;
     Ok(Some(Candidate { w: if transposed { m.t().to_owned() } else { m }, gemm }))
+}
+
+/// Declines the classifier of a task model (the layer writing a graph
+/// output, with at most `TASK_CLASSES` outputs) unless included by name:
+/// it is tiny (2048 × 6 weights in a 6-class ResNet-50), and any rank below
+/// its output count puts the logits on fewer dimensions — a ratio that is
+/// sane for a 1000-way head cut a 6-way one to rank 1 (issue #17).
+fn few_class_head(graph: &Graph, ix: NodeIndex, outputs: usize, included: bool) -> std::result::Result<(), String> {
+    let node = graph.node(ix);
+    let writes_output = node.outputs().iter().any(|t| graph.meta.output.iter().any(|o| o.name() == t));
+    if writes_output && outputs <= crate::config::TASK_CLASSES && !included {
+        return Err(format!(
+            "the classifier ({outputs} classes) stays whole: a rank below {outputs} would put its logits on fewer dimensions; name it in `include` to factorize it anyway"
+        ));
+    }
+    Ok(())
 }
 
 /// The rank the options ask for, given the squared singular values

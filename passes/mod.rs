@@ -273,7 +273,7 @@ impl PassContext<'_> {
     ) -> Result<()> {
         let (Some(calib), Some(reference)) = (self.calibration, self.reference) else { return Ok(()) };
         let layers = crate::refit::refittable(&model.graph, layers);
-        for (layer, before, after) in crate::refit::refit_with(reference, model, &layers, calib, solver)? {
+        for (layer, before, after) in crate::refit::refit_with(reference, model, &layers, calib, self.progress, solver)? {
             report.change(&layer, format!("refit: relative error {before:.4} -> {after:.4}"));
         }
         Ok(())

@@ -10,8 +10,8 @@
 # Usage: scripts/task_ablation.sh [NAME …]   (default: every variant below)
 #   REUSE=1  keep an existing OUT/NAME.onnx + report + time (re-measure only)
 # Appends one JSON line per variant to docs/task-ablation.jsonl.
-# The distilled rows (cresnet-task, cresnet-task-4.08m) take ~35 min each on
-# 2 cores; the others 1–6 min.
+# The distilled rows (cresnet-task, cresnet-task-4.08m, *-distill) take
+# ~45 min each on 2 cores; the others 1–6 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=$(realpath "${SHARED:-../shared}")
@@ -29,7 +29,7 @@ if [[ ! -f $TASK ]]; then
 fi
 CAL="calibration: { data: $TRAIN, classes: $CLASSES }"
 # The task recipe's training (passes/pipelines/cresnet-task.yaml).
-DISTILL="{distill: {epochs: 16, views: 8, resolution: 160, label_weight: 1.0, lr: 0.001}}"
+DISTILL="{distill: {epochs: 20, views: 12, resolution: 160, label_weight: 1.0, batchnorm: train, lr: 0.001, warmup: 1}}"
 
 declare -A PASSES=(
   # Pruned to 1/5, the head as it was (no labelled photos used at all).
@@ -44,12 +44,15 @@ declare -A PASSES=(
   [lr-dw-cal-head]="[fold, {lowrank: {ratio: 0.3, budget: 0.2, min_resolution: 7}}, {dw: {rank: 1}}, retarget]"
   # Prune + dw at 1/5 (the paper's combination): prune to 30 %, then dw rank 1.
   [prune-dw-cal-head]="[fold, {prune: {target_params: 0.3}}, {dw: {rank: 1}}, fold, retarget]"
+  # The factorizing-first and prune + dw students above, trained as the recipe trains.
+  [lr-dw-distill]="[fold, {lowrank: {ratio: 0.3, budget: 0.2, min_resolution: 7}}, {dw: {rank: 1}}, retarget, $DISTILL]"
+  [prune-dw-distill]="[fold, {prune: {target_params: 0.3}}, {dw: {rank: 1}}, fold, retarget, $DISTILL]"
   # The shipped recipe, as a user runs it (`pipeline: cresnet` on a task model).
   [cresnet-task]=""
   # The paper's budget, 4.08 M weights.
   [cresnet-task-4.08m]="[fold, {prune: {target_params: 4080000}}, retarget, $DISTILL]"
 )
-ORDER="task prune-free prune-free-head prune-cal-head dw-cal-head lr-dw-cal-head prune-dw-cal-head cresnet-task cresnet-task-4.08m"
+ORDER="task prune-free prune-free-head prune-cal-head dw-cal-head lr-dw-cal-head prune-dw-cal-head cresnet-task cresnet-task-4.08m lr-dw-distill prune-dw-distill"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
   if [[ $name == task ]]; then

@@ -12,6 +12,11 @@ fn fixture() -> Model {
     resnet50(&FixtureSpec { width_div: 8, input_size: 64, classes: 10, ..Default::default() }).unwrap()
 }
 
+/// The same with a 1000-way head, whose factorization is part of the plan.
+fn imagenet_fixture() -> Model {
+    resnet50(&FixtureSpec { width_div: 8, input_size: 64, classes: 1000, ..Default::default() }).unwrap()
+}
+
 fn lowrank(opts: LowrankOptions) -> PassSpec {
     PassSpec::Lowrank(opts)
 }
@@ -34,7 +39,7 @@ fn pointwise_convs(model: &Model) -> Vec<(usize, usize)> {
 
 #[test]
 fn full_rank_lowrank_is_exact() {
-    let original = fixture();
+    let original = imagenet_fixture();
     let mut m = original.clone();
     let opts = LowrankOptions { rank: Some(100_000), min_gain: -10.0, ..Default::default() };
     let r = run_passes(&mut m, &[fold(), lowrank(opts)]);
@@ -48,15 +53,15 @@ fn full_rank_lowrank_is_exact() {
 
 #[test]
 fn ratio_sets_each_layers_rank_and_the_params_follow_exactly() {
-    let original = fixture();
+    let original = imagenet_fixture();
     let mut m = original.clone();
     run_passes(&mut m, &[fold()]);
     let folded = cresnet_opt::stats::compute(&m.graph, &Default::default()).unwrap().params;
     let convs = pointwise_convs(&m);
     let r = run_passes(&mut m, &[lowrank(LowrankOptions { ratio: Some(0.5), min_gain: 0.0, ..Default::default() })]);
     let rank = |o: usize, i: usize| ((0.5 * (o * i) as f64 / (o + i) as f64).floor() as usize).max(1);
-    // Gemm of the fixture: 2048/8 = 256 inputs, 10 classes; plus its zero first bias.
-    let (gi, go) = (256usize, 10usize);
+    // Gemm of the fixture: 2048/8 = 256 inputs, 1000 classes; plus its zero first bias.
+    let (gi, go) = (256usize, 1000usize);
     let saved: i64 = convs.iter().map(|&(o, i)| (o * i) as i64 - (rank(o, i) * (o + i)) as i64).sum::<i64>() + (go * gi) as i64
         - (rank(go, gi) * (go + gi) + rank(go, gi)) as i64;
     assert_eq!(r[0].changed.len(), convs.len() + 1);
@@ -70,7 +75,9 @@ fn min_gain_declines_layers_that_would_not_shrink_and_names_them() {
     let r = run_passes(&mut m, &[fold(), lowrank(LowrankOptions { rank: Some(100_000), ..Default::default() })]);
     assert!(r[1].changed.is_empty());
     assert_eq!(r[1].declined.len(), pointwise_convs(&m).len() + 1);
-    assert!(r[1].declined[0].reason.contains("less than min_gain 10.0 %"), "{}", r[1].declined[0].reason);
+    // The convs by min_gain; the 10-way head stays whole anyway (its own reason).
+    let conv = r[1].declined.iter().find(|d| d.node != "fc").unwrap();
+    assert!(conv.reason.contains("less than min_gain 10.0 %"), "{}", conv.reason);
 }
 
 #[test]
@@ -82,6 +89,23 @@ fn include_and_exclude_choose_layers_by_name() {
     let r = run_passes(&mut m, &[fold(), lowrank(LowrankOptions { exclude: vec![gemm.clone()], ..Default::default() })]);
     assert!(r[1].changed.iter().all(|c| c.node != gemm));
     assert_eq!(count(&m, "Gemm"), 1);
+}
+
+/// A task model's head (at most 100 classes) is left whole unless named:
+/// issue #17 saw a 6-way head cut to rank 1 by a ratio meant for 1000 classes.
+#[test]
+fn a_few_class_head_stays_whole_unless_included() {
+    let mut m = fixture();
+    let gemm = m.graph.nodes().find(|n| n.op() == "Gemm").map(|n| n.name().to_string()).unwrap();
+    let r = run_passes(&mut m.clone(), &[fold(), lowrank(LowrankOptions { ratio: Some(0.5), min_gain: 0.0, ..Default::default() })]);
+    let declined: Vec<_> = r[1].declined.iter().filter(|d| d.node == gemm).collect();
+    assert_eq!(declined.len(), 1, "{:?}", r[1].declined);
+    assert!(declined[0].reason.starts_with("the classifier (10 classes) stays whole: a rank below 10"), "{}", declined[0].reason);
+    assert_eq!(r[1].changed.len(), pointwise_convs(&m).len());
+    let opts = LowrankOptions { ratio: Some(0.5), min_gain: 0.0, include: vec![gemm.clone()], ..Default::default() };
+    let r = run_passes(&mut m, &[fold(), lowrank(opts)]);
+    assert_eq!(r[1].changed.iter().map(|c| c.node.clone()).collect::<Vec<_>>(), vec![gemm]);
+    assert!(r[1].changed[0].what.starts_with("rank 4 "), "{}", r[1].changed[0].what);
 }
 
 #[test]
@@ -183,8 +207,9 @@ fn an_empty_weight_is_declined_not_a_panic() {
 
 #[test]
 fn resolution_bounds_select_stages_whatever_the_names() {
-    // The fixture's stages run at 16, 8, 4 and 2 pixels (input 64).
-    let m = fixture();
+    // The fixture's stages run at 16, 8, 4 and 2 pixels (input 64); a
+    // 1000-way head, which lowrank factorizes without being named.
+    let m = imagenet_fixture();
     let r = run_passes(&mut m.clone(), &[fold(), lowrank(LowrankOptions { min_resolution: Some(8), ..Default::default() })]);
     let early: Vec<&str> = r[1].changed.iter().map(|c| c.node.as_str()).collect();
     // res2*: 3 blocks x 2 + the shortcut; res3*: 4 x 2 + the shortcut.
@@ -225,7 +250,10 @@ fn with_classifier(classes: usize, transposed: bool) -> Model {
 #[test]
 fn calibrated_gemm_is_factorized_on_data_when_asked_whatever_its_weight_layout() {
     let calib = Calibration::from_images(images(24, 4), 24, 1e-3);
-    let passes = [lowrank(LowrankOptions { ratio: Some(0.3), max_resolution: Some(1), fit_gemm: true, ..Default::default() })];
+    // A 32-way head is a task model's: named, so that lowrank factorizes it.
+    let opts =
+        LowrankOptions { ratio: Some(0.3), max_resolution: Some(1), fit_gemm: true, include: vec!["fc".into()], ..Default::default() };
+    let passes = [lowrank(opts)];
     let compress = |m: &Model, c: Option<&Calibration>| {
         let mut m = m.clone();
         let r = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &passes, &Default::default(), c, |_| {}).unwrap();
@@ -248,8 +276,10 @@ fn calibrated_gemm_is_factorized_on_data_when_asked_whatever_its_weight_layout()
     let d = rel_diff(&run(&cal, &held), &run(&cal_t, &held));
     assert!(d < 1e-5, "{d}");
     // Without `fit_gemm` the Gemm is factorized data-free, calibration or not.
-    let (mut default_cal, plain) =
-        (original.clone(), [lowrank(LowrankOptions { ratio: Some(0.3), max_resolution: Some(1), ..Default::default() })]);
+    let (mut default_cal, plain) = (
+        original.clone(),
+        [lowrank(LowrankOptions { ratio: Some(0.3), max_resolution: Some(1), include: vec!["fc".into()], ..Default::default() })],
+    );
     let report = cresnet_opt::passes::run_pipeline_calibrated(&mut default_cal, &plain, &Default::default(), Some(&calib), |_| {}).unwrap();
     assert!(!report[0].changed[0].what.contains("on data"), "{}", report[0].changed[0].what);
     assert!(rel_diff(&run(&free, &held), &run(&default_cal, &held)) < 1e-6);

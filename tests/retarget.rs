@@ -239,8 +239,13 @@ fn the_cresnet_pipeline_runs_its_task_recipe_on_a_task_model() {
     // distill trains on all 36 as well: 4 held out (stratified, 10 %), 32 trained on.
     let log = changes(pass(&r, "distill"));
     assert!(log.iter().any(|l| l.starts_with("training at 160x160 px")), "{log:?}");
-    let kept = log.last().unwrap();
-    assert!(kept.starts_with("kept epoch") && kept.contains("; 32 training / 4 hold-out images)"), "{kept}");
+    let kept = log.iter().find(|l| l.starts_with("kept epoch")).unwrap();
+    assert!(kept.contains("; 32 training / 4 hold-out images)"), "{kept}");
+    // Trained at 160 px, the model runs at 64: BN statistics re-estimated at
+    // 64 px on the 32 training images (2 batches of 16), then judged on the hold-out.
+    let bn = log.last().unwrap();
+    assert!(bn.starts_with("BN statistics re-estimated at 64x64 px on 32 training images"), "{bn}");
+    assert!(bn.ends_with("kept") || bn.ends_with("not kept (the hold-out got worse)"), "{bn}");
     let small = cresnet_opt::io::load(&out).unwrap();
     let y = run(&small, &random_input(&small, 2, 50.0, 1));
     assert_eq!(y.shape(), &[2, 3]);
@@ -341,7 +346,9 @@ fn a_task_model_from_another_exporter_takes_the_same_command() {
     assert!(r["params_after"].as_f64().unwrap() <= 0.2 * r["params_before"].as_f64().unwrap(), "{}", r["params_after"]);
     let head = changes(pass(&r, "retarget"));
     assert!(head.last().unwrap().starts_with("classifier for 10 classes fitted on 60 photos"), "{head:?}");
-    assert!(changes(pass(&r, "distill")).last().unwrap().starts_with("kept epoch"));
+    let log = changes(pass(&r, "distill"));
+    assert!(log.iter().any(|l| l.starts_with("kept epoch")), "{log:?}");
+    assert!(log.last().unwrap().starts_with("BN statistics re-estimated at 64x64 px"), "{log:?}");
     let small = cresnet_opt::io::load(&out).unwrap();
     assert_eq!(run(&small, &random_input(&small, 1, 1.0, 2)).shape(), &[1, 10]);
     // A class list that is not the model's own: the head refit says so, and nothing is written.
@@ -353,4 +360,36 @@ fn a_task_model_from_another_exporter_takes_the_same_command() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("has 9 classes, but the model has 10 outputs"), "{err}");
     assert!(!out.exists());
+}
+
+/// `teacher_at_model_size`: the teacher labels the training views at the
+/// model's own size. A model distilled from itself agrees with a teacher
+/// that sees its own 48-px input (KL 0 before training), not with one that
+/// sees the same views at 64 px.
+#[test]
+fn the_teacher_can_see_the_views_at_the_models_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = setup(dir.path());
+    let kl_before_training = |at_model_size: bool| -> f64 {
+        let mut model = cresnet_opt::io::load(&path).unwrap();
+        let distill = cresnet_opt::passes::distill::DistillOptions {
+            data: vec![cresnet_opt::config::DataSource { dir: dir.path().join("train"), images: None, classes: None }],
+            preprocess: Some(preprocess_file(dir.path())),
+            epochs: 1,
+            batch: 4,
+            lr: 1e-12,
+            holdout: 0.25,
+            resolution: Some(48),
+            teacher_at_model_size: at_model_size,
+            threads: Some(2),
+            ..Default::default()
+        };
+        let reports = run_passes(&mut model, &[fold(), PassSpec::Distill(distill)]);
+        let log: Vec<String> = reports.last().unwrap().changed.iter().map(|c| c.what.clone()).collect();
+        let line = log.iter().find(|l| l.starts_with("epoch 0")).unwrap();
+        line.split("KL ").nth(1).unwrap().trim().parse().unwrap()
+    };
+    assert!(kl_before_training(false) < 1e-4);
+    let kl = kl_before_training(true);
+    assert!(kl > 1e-3, "{kl}");
 }

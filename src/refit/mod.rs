@@ -231,6 +231,7 @@ pub fn refit_with<T>(
     model: &mut Model,
     layers: &[Layer],
     calib: &Calibration,
+    progress: &dyn crate::progress::Progress,
     mut solver: impl FnMut(&mut Graph, &Layer, &[f32], &[f32]) -> Result<T>,
 ) -> Result<Vec<T>> {
     let layers: Vec<Layer> = layers.iter().filter(|l| geometry(&model.graph, l.node).is_some()).cloned().collect();
@@ -257,6 +258,8 @@ pub fn refit_with<T>(
     let mut cursor =
         Cursor { tensor: None, acts: calib.images.iter().map(|i| i.view().insert_axis(ndarray::Axis(0)).to_owned().into_dyn()).collect() };
     let mut report = Vec::new();
+    // Layers run minutes each on thousands of images: say which and when it ends.
+    progress.start(&format!("refit on {} images", calib.images.len()), layers.len() as u64);
     for (li, (layer, (input, geo, out_hw))) in layers.iter().zip(&plans).enumerate() {
         // The solver may restructure the graph: cut points are found anew.
         let cuts = cut_points(&model.graph);
@@ -274,8 +277,11 @@ pub fn refit_with<T>(
             .map(|(i, x)| as4(x).map(|x| patches(x, geo, *out_hw, count, seed(i, li))))
             .collect::<Result<Vec<_>>>()?
             .concat();
+        let name = model.graph.node(layer.node).name().to_string();
         report.push(solver(&mut model.graph, layer, &patches, &y)?);
+        progress.advance(li as u64 + 1, &name);
     }
+    progress.finish();
     Ok(report)
 }
 
