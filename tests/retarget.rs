@@ -64,20 +64,24 @@ fn retarget_fits_a_classifier_whose_output_k_is_line_k_of_the_class_list() {
     }
 }
 
+/// `distill` on the photos of `setup` as unlabelled images: 1 epoch, batch 4, 2 threads.
+fn distill_on_photos(dir: &Path) -> cresnet_opt::passes::distill::DistillOptions {
+    cresnet_opt::passes::distill::DistillOptions {
+        data: vec![cresnet_opt::config::DataSource { dir: dir.join("train"), images: None, classes: None }],
+        preprocess: Some(preprocess_file(dir)),
+        epochs: 1,
+        batch: 4,
+        threads: Some(2),
+        ..Default::default()
+    }
+}
+
 #[test]
 fn a_pipeline_that_starts_with_retarget_distills_from_the_task_model() {
     let dir = tempfile::tempdir().unwrap();
     let (path, opts) = setup(dir.path());
     let mut model = cresnet_opt::io::load(&path).unwrap();
-    let distill = cresnet_opt::passes::distill::DistillOptions {
-        data: vec![cresnet_opt::config::DataSource { dir: dir.path().join("train"), images: None, classes: None }],
-        preprocess: Some(preprocess_file(dir.path())),
-        epochs: 1,
-        batch: 4,
-        threads: Some(2),
-        ..Default::default()
-    };
-    let passes = [PassSpec::Retarget(opts), fold(), dw(1), PassSpec::Distill(distill)];
+    let passes = [PassSpec::Retarget(opts), fold(), dw(1), PassSpec::Distill(distill_on_photos(dir.path()))];
     // A 1000-class teacher could not teach a 3-class student: this runs only with the retargeted one.
     let reports = run_passes(&mut model, &passes);
     assert!(!reports.last().unwrap().changed.is_empty());
@@ -373,16 +377,11 @@ fn the_teacher_can_see_the_views_at_the_models_size() {
     let kl_before_training = |at_model_size: bool| -> f64 {
         let mut model = cresnet_opt::io::load(&path).unwrap();
         let distill = cresnet_opt::passes::distill::DistillOptions {
-            data: vec![cresnet_opt::config::DataSource { dir: dir.path().join("train"), images: None, classes: None }],
-            preprocess: Some(preprocess_file(dir.path())),
-            epochs: 1,
-            batch: 4,
             lr: 1e-12,
             holdout: 0.25,
             resolution: Some(48),
             teacher_at_model_size: at_model_size,
-            threads: Some(2),
-            ..Default::default()
+            ..distill_on_photos(dir.path())
         };
         let reports = run_passes(&mut model, &[fold(), PassSpec::Distill(distill)]);
         let log: Vec<String> = reports.last().unwrap().changed.iter().map(|c| c.what.clone()).collect();
