@@ -46,6 +46,10 @@ declare -A PASSES=(
   [lr-dw-cal-head-4.08m]="[fold, {lowrank: {ratio: 0.3, budget: 0.1728, min_resolution: 7}}, {dw: {rank: 1}}, retarget]"
   # Factorizing-first with the 56-px 3x3 convs left dense (tract's depthwise kernels are memory-bound there).
   [lr-dw28-cal-head]="[fold, {lowrank: {ratio: 0.3, budget: 0.2, min_resolution: 7}}, {dw: {rank: 1, max_resolution: 28}}, retarget]"
+  # Factorizing-first within 30 %, then pruning to 1/5 (fewer channels for tract's depthwise kernels).
+  [lr-dw-prune-cal-head]="[fold, {lowrank: {ratio: 0.3, budget: 0.3, min_resolution: 7}}, {dw: {rank: 1}}, {prune: {target_params: 4720000}}, retarget]"
+  # The same from a milder factorization (lowrank ratio 0.45): more of the 1/5 taken by pruning.
+  [lr45-dw-prune-cal-head]="[fold, {lowrank: {ratio: 0.45, min_resolution: 7}}, {dw: {rank: 1}}, {prune: {target_params: 4700000}}, retarget]"
   # Prune + dw at 1/5 (the paper's combination): prune to 30 %, then dw rank 1.
   [prune-dw-cal-head]="[fold, {prune: {target_params: 0.3}}, {dw: {rank: 1}}, fold, retarget]"
   # The factorizing-first and prune + dw students above, trained as the recipe trains.
@@ -56,7 +60,7 @@ declare -A PASSES=(
   # The paper's budget, 4.08 M weights.
   [cresnet-task-4.08m]="[fold, {prune: {target_params: 4080000}}, retarget, $DISTILL]"
 )
-ORDER="task prune-free prune-free-head prune-cal-head dw-cal-head lr-dw-cal-head lr-dw-cal-head-4.08m lr-dw28-cal-head prune-dw-cal-head cresnet-task cresnet-task-4.08m lr-dw-distill prune-dw-distill"
+ORDER="task prune-free prune-free-head prune-cal-head dw-cal-head lr-dw-cal-head lr-dw-cal-head-4.08m lr-dw28-cal-head lr-dw-prune-cal-head lr45-dw-prune-cal-head prune-dw-cal-head cresnet-task cresnet-task-4.08m lr-dw-distill prune-dw-distill"
 for name in ${@:-$ORDER}; do
   cfg=$OUT/$name.yaml
   if [[ $name == task ]]; then
