@@ -358,12 +358,22 @@ pub fn run_pipeline_with(
     let original = (passes.iter().any(PassSpec::needs_original) || to_original).then(|| model.clone());
     let original_shapes = to_original.then(|| shapes.clone());
     for (i, spec) in passes.iter().enumerate().skip(lead) {
-        let (spec, budget_note) = fit_budget(model, &passes[i..], start_params, overrides).map_err(|e| after_pass(spec.name(), e))?;
+        let promised = prune_limit(spec, start_params);
+        let (spec, budget_note) =
+            fit_budget(model, &passes[i..], start_params, overrides, calibration.is_some()).map_err(|e| after_pass(spec.name(), e))?;
         let lossy = calibration.is_some() && spec.lossy();
         let reference = lossy.then(|| refit_reference(model, &shapes, original.as_ref().zip(original_shapes.as_ref())));
         let mut report = run_one(model, &spec, &mut shapes, overrides, reference.as_deref(), calibration, original.as_ref(), progress)?;
         if let Some(note) = budget_note {
             report.changed.insert(0, Change { node: "(budget)".into(), what: note });
+        }
+        // The budget was fitted data-free; calibrated refits may add biases.
+        if let Some(limit) = promised.filter(|&l| report.params_after > l) {
+            let e = Error::Config(format!(
+                "`prune.budget` promised at most {limit} weights, the pruned model keeps {} (the refits added biases): lower `budget`",
+                report.params_after
+            ));
+            return Err(after_pass(spec.name(), e));
         }
         on_done(&report);
         reports.push(report);
@@ -378,17 +388,37 @@ pub fn run_pipeline_with(
 /// lossy passes, keeps at most `lowrank.budget` of `start_params` weights
 /// (see the `lowrank` module), and a note of what was chosen; `rest[0]`
 /// itself when it has no budget.
-fn fit_budget(model: &Model, rest: &[PassSpec], start_params: u64, overrides: &InputShapes) -> Result<(PassSpec, Option<String>)> {
+fn fit_budget(
+    model: &Model,
+    rest: &[PassSpec],
+    start_params: u64,
+    overrides: &InputShapes,
+    calibrated: bool,
+) -> Result<(PassSpec, Option<String>)> {
+    // The lossy passes from here on, data-free, later budgets resolved
+    // against this pipeline's start (not the trial's).
+    let trial_steps = |first: PassSpec| -> Vec<PassSpec> {
+        let mut steps: Vec<PassSpec> = rest.iter().filter(|p| p.lossy() && !matches!(p, PassSpec::Distill(_))).cloned().collect();
+        steps[0] = first;
+        for s in &mut steps[1..] {
+            *s = prune_at(s, prune_limit(s, start_params).unwrap_or(0));
+        }
+        steps
+    };
+    let kept_with = |first: PassSpec| -> Result<u64> {
+        let mut trial = model.clone();
+        let reports = run_pipeline(&mut trial, &trial_steps(first), overrides, |_| {})?;
+        Ok(reports.last().map_or(start_params, |r| r.params_after))
+    };
+    if let Some(limit) = prune_limit(&rest[0], start_params) {
+        // Calibrated refits give a bias to every conv they fit: room for those.
+        let room = if calibrated { missing_biases(&model.graph) } else { 0 };
+        return fit_prune_budget(&rest[0], limit, room, start_params, kept_with);
+    }
     let PassSpec::Lowrank(o) = &rest[0] else { return Ok((rest[0].clone(), None)) };
     let (Some(budget), Some(ratio)) = (o.budget, o.ratio) else { return Ok((rest[0].clone(), None)) };
     let with = |r: f64| PassSpec::Lowrank(lowrank::LowrankOptions { ratio: Some(r), budget: None, ..o.clone() });
-    let kept = |r: f64| -> Result<u64> {
-        let mut trial = model.clone();
-        let mut steps: Vec<PassSpec> = rest.iter().filter(|p| p.lossy() && !matches!(p, PassSpec::Distill(_))).cloned().collect();
-        steps[0] = with(r);
-        let reports = run_pipeline(&mut trial, &steps, overrides, |_| {})?;
-        Ok(reports.last().map_or(start_params, |r| r.params_after))
-    };
+    let kept = |r: f64| kept_with(with(r));
     let limit = (budget * start_params as f64).floor() as u64;
     let share = |p: u64| 100.0 * p as f64 / start_params.max(1) as f64;
     let at_ratio = kept(ratio)?;
@@ -421,6 +451,74 @@ fn fit_budget(model: &Model, rest: &[PassSpec], start_params: u64, overrides: &I
         share(at_lo)
     );
     Ok((with(lo), Some(note)))
+}
+
+/// The weight count a `prune: {budget: b}` promises: ⌊b · start⌋.
+fn prune_limit(spec: &PassSpec, start_params: u64) -> Option<u64> {
+    match spec {
+        PassSpec::Prune(o) => o.budget.map(|b| (b * start_params as f64).floor() as u64),
+        _ => None,
+    }
+}
+
+/// `spec` with its `budget` replaced by the weight count `target` (other passes as they are).
+fn prune_at(spec: &PassSpec, target: u64) -> PassSpec {
+    match spec {
+        PassSpec::Prune(o) if o.budget.is_some() => {
+            PassSpec::Prune(prune::PruneOptions { budget: None, target_params: Some(target as f64), ..o.clone() })
+        }
+        other => other.clone(),
+    }
+}
+
+/// Output channels of the Conv/Gemm layers without a bias: what refits may add.
+fn missing_biases(graph: &crate::ir::Graph) -> u64 {
+    let out_channels = |ix| {
+        let node = graph.node(ix);
+        node.input(1).and_then(|w| graph.constant(w)).map_or(0, |w| w.shape().first().copied().unwrap_or(0) as u64)
+    };
+    graph
+        .node_indices()
+        .into_iter()
+        .filter(|&ix| matches!(graph.node(ix).op(), "Conv" | "Gemm") && graph.node(ix).input(2).is_none_or(str::is_empty))
+        .map(out_channels)
+        .sum()
+}
+
+/// `prune: {budget}` as a weight count that keeps the promise: the limit
+/// less `room`, lowered by the overshoot of a data-free trial (biases added
+/// by `compensate` are outside prune's cost model) until the trial fits.
+fn fit_prune_budget(
+    spec: &PassSpec,
+    limit: u64,
+    room: u64,
+    start_params: u64,
+    kept_with: impl Fn(PassSpec) -> Result<u64>,
+) -> Result<(PassSpec, Option<String>)> {
+    let share = |p: u64| 100.0 * p as f64 / start_params.max(1) as f64;
+    let fit = limit.saturating_sub(room).max(2);
+    let (mut target, mut tried) = (fit, vec![]);
+    for _ in 0..12 {
+        let kept = kept_with(prune_at(spec, target))?;
+        tried.push(format!("{target} -> {kept}"));
+        if kept <= fit {
+            let room = if room > 0 { format!(", {room} left for the biases refits add") } else { String::new() };
+            let note = format!(
+                "budget {:.2} % of {start_params}: target_params {target} keeps {kept} ({:.2} %) data-free{room}",
+                share(limit),
+                share(kept)
+            );
+            return Ok((prune_at(spec, target), Some(note)));
+        }
+        // Lower by the overshoot, doubled on every try (removals come in steps).
+        let step = (kept - fit) << (tried.len() - 1).min(20);
+        target = target.saturating_sub(step).max(2);
+    }
+    Err(Error::Config(format!(
+        "`prune.budget` {:.2} % ({limit} weights) cannot be met (target_params -> weights kept: {})",
+        share(limit),
+        tried.join(", ")
+    )))
 }
 
 /// Runs one pass, drops the weights it orphaned, validates, and fills in

@@ -234,3 +234,43 @@ fn refits_fall_back_to_the_previous_pass_once_pruning_changed_shapes() {
     assert!(refits > 0, "{:?}", reports[2]);
     assert!(error_on_fresh_images(&original, &m).is_finite());
 }
+
+/// The refits' records (targets, cached activations) in a temporary file
+/// give the very same model as in memory (issue #18: calibration memory
+/// bounded whatever the image count): every weight bit for bit, with block
+/// targets (residual inputs subtracted at the sampled positions) and the
+/// three calibrated passes.
+#[test]
+fn refits_spilled_to_disk_give_the_same_weights_as_in_memory() {
+    use cresnet_opt::passes::lowrank::LowrankOptions;
+    let original = fixture();
+    let passes = [
+        fold(),
+        PassSpec::Lowrank(LowrankOptions { ratio: Some(0.5), ..Default::default() }),
+        PassSpec::Dw(DwOptions { rank: Some(1), ..Default::default() }),
+        prune(PruneOptions { ratio: Some(0.25), ..Default::default() }),
+    ];
+    let compressed = |spill_bytes: u64| {
+        let mut calib = Calibration::from_images(images(12, 7), 16, 1e-3);
+        (calib.target, calib.spill_bytes) = (cresnet_opt::config::RefitTarget::Block, spill_bytes);
+        compress(&original, &passes, Some(&calib))
+    };
+    let (memory, disk) = (compressed(u64::MAX), compressed(0));
+    let weights = |m: &Model| {
+        let mut w: Vec<(String, Vec<f32>)> = m
+            .graph
+            .weights()
+            .iter()
+            .filter_map(|(k, _)| m.graph.constant_f32(k).map(|a| (k.clone(), a.iter().copied().collect())))
+            .collect();
+        w.sort_by(|a, b| a.0.cmp(&b.0));
+        w
+    };
+    let (a, b) = (weights(&memory), weights(&disk));
+    assert!(a.len() > 50, "{} weights", a.len());
+    assert_eq!(a.iter().map(|w| &w.0).collect::<Vec<_>>(), b.iter().map(|w| &w.0).collect::<Vec<_>>());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "`{name}` differs");
+    }
+    assert!(error_on_fresh_images(&original, &memory).is_finite());
+}

@@ -327,6 +327,34 @@ fn prune_target_params_above_one_is_a_weight_count() {
     }
 }
 
+/// `prune: {budget}` is a share of the weights the pipeline started with,
+/// not of its own input: after `dw` removed weights, `budget: 0.3` still
+/// lands at (just under) 30 % of the folded model's weights, and says so.
+#[test]
+fn prune_budget_is_a_share_of_the_pipelines_start() {
+    use cresnet_opt::passes::prune::PruneOptions;
+    let mut model = cresnet_opt::io::load(&fixture_path()).unwrap();
+    let budget = |b: f64| prune(PruneOptions { budget: Some(b), ..Default::default() });
+    let reports = run_passes(&mut model, &[fold(), dw(1), budget(0.3)]);
+    let start = reports.iter().find(|r| r.pass == "fold").unwrap().params_before;
+    let after = reports.last().unwrap().params_after;
+    let limit = (0.3 * start as f64).floor() as u64;
+    assert!(after <= limit && after as f64 >= 0.97 * limit as f64, "{after} of {start} weights, limit {limit}");
+    let note = &reports.last().unwrap().changed[0];
+    assert_eq!(note.node, "(budget)");
+    assert!(note.what.starts_with("budget 30.00 % of ") && note.what.contains(&format!("keeps {after} ")), "{}", note.what);
+    for (spec, msg) in [
+        (budget(1.5), "`prune.budget` is 1.5, but must lie strictly between 0 and 1"),
+        (
+            prune(PruneOptions { budget: Some(0.2), ratio: Some(0.5), ..Default::default() }),
+            "`prune` takes only one of `ratio`, `target_macs`, `target_params`, `budget`",
+        ),
+    ] {
+        let e = spec.check().unwrap_err().to_string();
+        assert!(e.contains(msg), "{e}");
+    }
+}
+
 /// The same command on a task model made elsewhere: torch's dynamo export
 /// of a ResNet-18 with a 10-way head (ReduceMean + Reshape head, value_info
 /// everywhere), 10 labelled classes of 6 photos.
@@ -391,4 +419,32 @@ fn the_teacher_can_see_the_views_at_the_models_size() {
     assert!(kl_before_training(false) < 1e-4);
     let kl = kl_before_training(true);
     assert!(kl > 1e-3, "{kl}");
+}
+
+/// Calibration keeps 8-bit crops and makes tensors when the refits read
+/// them (issue #18): the very values `check` feeds the model, taken class
+/// by class in turn.
+#[test]
+fn calibration_images_are_the_preprocessed_photos() {
+    let dir = tempfile::tempdir().unwrap();
+    write_classes(&dir.path().join("train"), &["red", "green", "blue"], 3, 5);
+    std::fs::write(dir.path().join("classes.txt"), "blue\nred\ngreen\n").unwrap();
+    let pre = preprocess_file(dir.path());
+    let cfg = cresnet_opt::config::Calibration {
+        classes: Some(dir.path().join("classes.txt")),
+        images: 4,
+        preprocess: pre.clone(),
+        ..yaml_calibration(&dir.path().join("train"))
+    };
+    let calib = cresnet_opt::refit::Calibration::load(&cfg).unwrap();
+    assert_eq!(calib.images.len(), 4);
+    let expected = cresnet_opt::data::Preprocessing::from_choice(&pre).unwrap();
+    for (i, name) in ["blue/000.png", "red/000.png", "green/000.png", "blue/001.png"].iter().enumerate() {
+        let want = expected.load(&dir.path().join("train").join(name)).unwrap();
+        assert_eq!(calib.images.get(i), want, "image {i}: {name}");
+    }
+}
+
+fn yaml_calibration(data: &Path) -> cresnet_opt::config::Calibration {
+    yaml_serde::from_str(&format!("data: {}\n", data.display())).unwrap()
 }

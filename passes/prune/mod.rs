@@ -15,7 +15,14 @@
 //!    `target_macs`/`target_params: f` removes channels until MACs/params
 //!    are at most f of the original (`target_params` above 1: until the
 //!    whole model has at most that many weights, e.g. the paper's 4.08 M as
-//!    `4080000`), costed exactly by per-layer formulas:
+//!    `4080000`), costed exactly by per-layer formulas. `budget: b`
+//!    instead: the model keeps at most a share b of the weights the
+//!    *pipeline* started with (the task model, whatever passes ran before:
+//!    `dw` then `prune: {budget: 0.2}` lands on 1/5 of the original); the
+//!    pipeline turns it into a weight count, tries it data-free on a copy
+//!    and lowers the count until the pruned model holds the promise (the
+//!    biases `compensate` adds are not in the cost model), and reports
+//!    the count it chose. Allocation:
 //!    `allocation: global` (default) removes the globally least important
 //!    classes (by the normalized score above; a bisection on one score
 //!    threshold), `allocation: uniform` the same share r of every group
@@ -110,6 +117,8 @@ pub struct PruneOptions {
     pub ratio: Option<f64>,
     pub target_macs: Option<f64>,
     pub target_params: Option<f64>,
+    /// At most this share of the pipeline's starting weights (see module doc).
+    pub budget: Option<f64>,
     pub importance: Importance,
     pub allocation: Allocation,
     pub refit: Refit,
@@ -126,6 +135,7 @@ impl Default for PruneOptions {
             ratio: None,
             target_macs: None,
             target_params: None,
+            budget: None,
             importance: Importance::L1,
             allocation: Allocation::Global,
             refit: Refit::Changed,
@@ -157,9 +167,10 @@ impl Pass for Prune {
             }
             other => check_unit("prune", "target_params", other)?,
         }
-        let set = [o.ratio, o.target_macs, o.target_params].iter().filter(|v| v.is_some()).count();
+        check_unit("prune", "budget", o.budget)?;
+        let set = [o.ratio, o.target_macs, o.target_params, o.budget].iter().filter(|v| v.is_some()).count();
         if set > 1 {
-            return Err(Error::Config("`prune` takes only one of `ratio`, `target_macs`, `target_params`".into()));
+            return Err(Error::Config("`prune` takes only one of `ratio`, `target_macs`, `target_params`, `budget`".into()));
         }
         if o.round_to == 0 || o.min_channels == 0 {
             return Err(Error::Config("`prune.round_to` and `prune.min_channels` must be at least 1".into()));
@@ -173,6 +184,10 @@ impl Pass for Prune {
 }
 
 fn prune(model: &mut Model, ctx: &PassContext, opts: &PruneOptions) -> Result<PassReport> {
+    if opts.budget.is_some() {
+        // A pipeline turns it into `target_params` first (passes/mod.rs, fit_budget).
+        return Err(Error::Config("`prune.budget` is a share of a pipeline's starting weights: run `prune` in a pipeline".into()));
+    }
     let mut report = PassReport::default();
     let graph = &mut model.graph;
     let cg = ChannelGraph::build(graph, ctx.shapes);

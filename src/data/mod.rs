@@ -81,10 +81,15 @@ impl Preprocessing {
     }
 
     pub fn apply(&self, img: &image::RgbImage) -> Array3<f32> {
+        self.to_tensor(&self.centre_crop(img))
+    }
+
+    /// The resized image's centre `crop` x `crop` pixels (before [`Self::to_tensor`]).
+    pub fn centre_crop(&self, img: &image::RgbImage) -> image::RgbImage {
         let resized = self.resize_short(img);
         let (rw, rh) = resized.dimensions();
         let (x0, y0) = ((rw - self.crop) / 2, (rh - self.crop) / 2);
-        self.to_tensor(&image::imageops::crop_imm(&resized, x0, y0, self.crop, self.crop).to_image())
+        image::imageops::crop_imm(&resized, x0, y0, self.crop, self.crop).to_image()
     }
 
     /// The image scaled (bilinear) so its shorter side is `resize`, and

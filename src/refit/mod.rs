@@ -12,6 +12,11 @@
 //! so errors do not pile up. To keep that cheap, activations are cached at
 //! the last cut point (a tensor all later data flows through: a ResNet
 //! block output) and only the graph after it is re-run for the next layer.
+//! The images are kept as 8-bit crops; the cached activations and every
+//! layer's targets go to a temporary file once they pass
+//! `calibration.spill_mb` (512 MB; [`spill`]), and images stream through the graph (never all of their
+//! activations at once), so memory grows with the sampled rows of one
+//! layer, not with the image count.
 //!
 //! Solve: min ‖[X 1]·[Wᵀ; bᵀ] − Y‖² + λ‖W‖², λ = `ridge`·tr(XᵀX)/D, by Cholesky.
 //!
@@ -23,6 +28,7 @@
 pub(crate) mod obs;
 pub mod settings;
 mod solve;
+mod spill;
 
 pub use solve::{residual, solve_layer, Fit};
 // The pieces of the solves the factorizing passes build on.
@@ -37,10 +43,11 @@ use crate::runner::Runner;
 use ndarray::{Array3, ArrayD, ArrayView4};
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
+use spill::Spill;
 
 /// Calibration images (preprocessed) and sampling settings.
 pub struct Calibration {
-    pub images: Vec<Array3<f32>>,
+    pub images: Images,
     pub positions: usize,
     pub ridge: f64,
     pub target: settings::RefitTarget,
@@ -50,10 +57,51 @@ pub struct Calibration {
     /// The image files, `extra` included (the default training data of `distill`).
     pub sources: Vec<std::path::PathBuf>,
     pub preprocessing: crate::data::Preprocessing,
+    /// Past this many bytes the refits keep their records in a temporary file ([`spill`]).
+    pub spill_bytes: u64,
     /// The whole calibration folder when it is labelled (`classes`): what a
     /// task recipe's `retarget` and `distill` train on, while the refits
     /// take only the first `images` of it (their memory grows per image).
     pub labelled: Option<crate::data::DataSource>,
+}
+
+/// Calibration images: 8-bit centre crops made tensors when used (3 bytes
+/// a pixel instead of 12: 3,000 photos at 224 px take 450 MB), or tensors
+/// given as such.
+pub enum Images {
+    Tensors(Vec<Array3<f32>>),
+    Crops { crops: Vec<image::RgbImage>, preprocessing: crate::data::Preprocessing },
+}
+
+impl Images {
+    pub fn len(&self) -> usize {
+        match self {
+            Images::Tensors(t) => t.len(),
+            Images::Crops { crops, .. } => crops.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Image `i` as the model's input tensor (C, H, W).
+    pub fn get(&self, i: usize) -> Array3<f32> {
+        match self {
+            Images::Tensors(t) => t[i].clone(),
+            Images::Crops { crops, preprocessing } => preprocessing.to_tensor(&crops[i]),
+        }
+    }
+
+    /// Image `i` as a batch of one (N = 1, C, H, W).
+    fn batch(&self, i: usize) -> ArrayD<f32> {
+        self.get(i).insert_axis(ndarray::Axis(0)).into_dyn()
+    }
+
+    /// The (C, H, W) of the first image.
+    fn shape(&self) -> Option<Vec<usize>> {
+        (!self.is_empty()).then(|| self.get(0).shape().to_vec())
+    }
 }
 
 /// A conv to refit: its output should match the reference tensor of the
@@ -130,15 +178,12 @@ fn run_all<T: Send>(
     take: impl Fn(usize, &[ArrayD<f32>]) -> T + Sync,
 ) -> Result<Vec<T>> {
     let mut shape = vec![1];
-    shape.extend(calib.images.first().map_or(&[][..], |i| i.shape()));
+    shape.extend(calib.images.shape().unwrap_or_default());
     let runner = if shape.len() == 4 { Runner::truncated_at(model, &shape, names)? } else { Runner::truncated(model, 1, names)? };
-    calib
-        .images
-        .par_iter()
-        .enumerate()
-        .map(|(i, img)| {
-            let x = img.view().insert_axis(ndarray::Axis(0)).to_owned().into_dyn();
-            let outs = runner.run(x)?;
+    (0..calib.images.len())
+        .into_par_iter()
+        .map(|i| {
+            let outs = runner.run(calib.images.batch(i))?;
             Ok(take(i, &outs[outs.len() - names.len()..]))
         })
         .collect()
@@ -153,46 +198,41 @@ fn as4(a: &ArrayD<f32>) -> Result<ArrayView4<'_, f32>> {
     }
 }
 
-/// Reference targets: per layer, an N×C matrix (row = one sampled position).
-fn targets(reference: &Model, graph: &Graph, layers: &[Layer], blocks: &[Option<Block>], calib: &Calibration) -> Result<Vec<Vec<f32>>> {
+/// Reference targets: per layer (a segment of the spill), an N×C matrix
+/// (row = one sampled position), one record per image.
+fn targets(reference: &Model, graph: &Graph, layers: &[Layer], blocks: &[Option<Block>], calib: &Calibration) -> Result<Spill> {
     let names: Vec<String> = layers
         .iter()
         .zip(blocks)
         .map(|(l, b)| b.as_ref().map_or_else(|| graph.node(l.node).outputs()[0].clone(), |b| b.sum.clone()))
         .collect();
     let c_outs: Vec<usize> = layers.iter().map(|l| output_channels(graph, l.node)).collect();
-    let per_image = run_all(reference, &names, calib, |i, outs| {
-        outs.iter()
-            .zip(layers)
-            .enumerate()
-            .map(|(li, (y, layer))| {
-                let y = as4(y)?;
-                let (c, h, w) = (y.shape()[1], y.shape()[2], y.shape()[3]);
-                let channels: Vec<usize> = layer.kept.clone().unwrap_or_else(|| (0..c).collect());
-                if channels.len() != c_outs[li] || channels.iter().any(|&ch| ch >= c) {
-                    return Err(Error::Data(format!(
-                        "reference tensor `{}` has {c} channels, but layer `{}` writes {}",
-                        names[li],
-                        graph.node(layer.node).name(),
-                        c_outs[li]
-                    )));
-                }
-                let count = samples_per_image(graph, layer, calib);
-                let mut out = Vec::with_capacity(count * channels.len());
-                for (py, px) in positions(h, w, count, seed(i, li)) {
-                    out.extend(channels.iter().map(|&ch| y[[0, ch, py, px]]));
-                }
-                Ok(out)
-            })
-            .collect::<Result<Vec<Vec<f32>>>>()
-    })?;
-    let mut out = vec![Vec::new(); layers.len()];
-    for img in per_image {
-        for (acc, rows) in out.iter_mut().zip(img?) {
-            acc.extend(rows);
-        }
-    }
-    Ok(out)
+    let floats = layers.iter().zip(&c_outs).map(|(l, c)| samples_per_image(graph, l, calib) * c).collect();
+    let store = Spill::new(calib.images.len(), floats, calib.spill_bytes)?;
+    run_all(reference, &names, calib, |i, outs| {
+        outs.iter().zip(layers).enumerate().try_for_each(|(li, (y, layer))| {
+            let y = as4(y)?;
+            let (c, h, w) = (y.shape()[1], y.shape()[2], y.shape()[3]);
+            let channels: Vec<usize> = layer.kept.clone().unwrap_or_else(|| (0..c).collect());
+            if channels.len() != c_outs[li] || channels.iter().any(|&ch| ch >= c) {
+                return Err(Error::Data(format!(
+                    "reference tensor `{}` has {c} channels, but layer `{}` writes {}",
+                    names[li],
+                    graph.node(layer.node).name(),
+                    c_outs[li]
+                )));
+            }
+            let count = samples_per_image(graph, layer, calib);
+            let mut out = Vec::with_capacity(count * channels.len());
+            for (py, px) in positions(h, w, count, seed(i, li)) {
+                out.extend(channels.iter().map(|&ch| y[[0, ch, py, px]]));
+            }
+            store.put(li, i, &out)
+        })
+    })?
+    .into_iter()
+    .collect::<Result<()>>()?;
+    Ok(store)
 }
 
 /// Output channels of a refit layer (its weight's first dimension).
@@ -241,7 +281,7 @@ pub fn refit_with<T>(
     let blocks: Vec<Option<Block>> = (0..layers.len())
         .map(|li| (calib.target == settings::RefitTarget::Block).then(|| block_of(&model.graph, &layers, li)).flatten())
         .collect();
-    let mut ys = targets(reference, &model.graph, &layers, &blocks, calib)?;
+    let ys = targets(reference, &model.graph, &layers, &blocks, calib)?;
     let shapes = crate::shape::infer(&model.graph, &Default::default())?;
     let plans: Vec<(String, Geometry, (usize, usize))> = layers
         .iter()
@@ -255,8 +295,7 @@ pub fn refit_with<T>(
             )
         })
         .collect();
-    let mut cursor =
-        Cursor { tensor: None, acts: calib.images.iter().map(|i| i.view().insert_axis(ndarray::Axis(0)).to_owned().into_dyn()).collect() };
+    let mut cursor = Cursor { tensor: None, acts: None };
     let mut report = Vec::new();
     // Layers run minutes each on thousands of images: say which and when it ends.
     progress.start(&format!("refit on {} images", calib.images.len()), layers.len() as u64);
@@ -264,18 +303,14 @@ pub fn refit_with<T>(
         // The solver may restructure the graph: cut points are found anew.
         let cuts = cut_points(&model.graph);
         let count = samples_per_image(&model.graph, layer, calib);
-        let mut y = std::mem::take(&mut ys[li]);
+        let mut y = ys.segment(li)?;
         if let Some(block) = &blocks[li] {
             // The other Add input comes first in the graph: advance to it first.
-            let other = cursor.advance(model, &shapes, &cuts, &block.other)?;
-            subtract_at_samples(&mut y, &other, *out_hw, count, li)?;
+            let other = cursor.advance(model, &shapes, &cuts, &block.other, calib, |i, a| at_samples(a, *out_hw, count, li, i))?;
+            subtract_rows(&mut y, &other)?;
         }
-        let xs = cursor.advance(model, &shapes, &cuts, input)?;
-        let patches: Vec<f32> = xs
-            .par_iter()
-            .enumerate()
-            .map(|(i, x)| as4(x).map(|x| patches(x, geo, *out_hw, count, seed(i, li))))
-            .collect::<Result<Vec<_>>>()?
+        let patches: Vec<f32> = cursor
+            .advance(model, &shapes, &cuts, input, calib, |i, x| as4(x).map(|x| patches(x, geo, *out_hw, count, seed(i, li))))?
             .concat();
         let name = model.graph.node(layer.node).name().to_string();
         report.push(solver(&mut model.graph, layer, &patches, &y)?);
@@ -310,20 +345,28 @@ fn block_of(graph: &Graph, layers: &[Layer], li: usize) -> Option<Block> {
     (!later).then_some(Block { sum, other })
 }
 
-/// Subtracts the other Add input, at layer `li`'s sampled positions, from its targets.
-fn subtract_at_samples(y: &mut [f32], other: &[ArrayD<f32>], (h, w): (usize, usize), count: usize, li: usize) -> Result<()> {
-    let rows = other.len() * count;
-    let c = y.len().checked_div(rows).unwrap_or(0);
-    for (i, a) in other.iter().enumerate() {
-        let a = as4(a)?;
-        if a.shape()[1] != c || a.shape()[2] != h || a.shape()[3] != w {
-            return Err(Error::Data(format!("residual input of shape {:?} does not match {c} targets at {h}x{w}", a.shape())));
-        }
-        for (p, (py, px)) in positions(h, w, count, seed(i, li)).into_iter().enumerate() {
-            let row = &mut y[(i * count + p) * c..(i * count + p + 1) * c];
-            row.iter_mut().enumerate().for_each(|(ch, v)| *v -= a[[0, ch, py, px]]);
-        }
+/// Image `i`'s activation `a` at layer `li`'s sampled output positions,
+/// position-major (the layout of the targets).
+fn at_samples(a: &ArrayD<f32>, (h, w): (usize, usize), count: usize, li: usize, i: usize) -> Result<Vec<f32>> {
+    let a = as4(a)?;
+    if a.shape()[2] != h || a.shape()[3] != w {
+        return Err(Error::Data(format!("residual input of shape {:?} does not match targets at {h}x{w}", a.shape())));
     }
+    let c = a.shape()[1];
+    let mut out = Vec::with_capacity(count * c);
+    for (py, px) in positions(h, w, count, seed(i, li)) {
+        out.extend((0..c).map(|ch| a[[0, ch, py, px]]));
+    }
+    Ok(out)
+}
+
+/// Subtracts the other Add input at the sampled positions (one vector per image) from the targets.
+fn subtract_rows(y: &mut [f32], other: &[Vec<f32>]) -> Result<()> {
+    let total: usize = other.iter().map(Vec::len).sum();
+    if total != y.len() {
+        return Err(Error::Data(format!("residual input has {total} values at the sampled positions, the targets {}", y.len())));
+    }
+    y.iter_mut().zip(other.iter().flatten()).for_each(|(v, o)| *v -= o);
     Ok(())
 }
 
@@ -369,22 +412,36 @@ fn cut_points(graph: &Graph) -> Vec<(usize, String)> {
 struct Cursor {
     /// None = the graph input.
     tensor: Option<String>,
-    acts: Vec<ArrayD<f32>>,
+    /// One record per image (None: the images themselves) and its shape.
+    acts: Option<(Spill, Vec<usize>)>,
 }
 
 impl Cursor {
+    /// Image `i` at the cursor.
+    fn get(&self, calib: &Calibration, i: usize) -> Result<ArrayD<f32>> {
+        match &self.acts {
+            None => Ok(calib.images.batch(i)),
+            Some((spill, shape)) => ArrayD::from_shape_vec(shape.clone(), spill.get(0, i)?)
+                .map_err(|e| Error::Data(format!("cached activation of image {i}: {e}"))),
+        }
+    }
+
     /// Moves to the last cut point before `target`'s producer and returns
-    /// `target`'s activations, running only the graph between the two.
-    fn advance(
+    /// `take` of each image's `target` activation, running only the graph
+    /// between the two, one image at a time per thread.
+    fn advance<T: Send>(
         &mut self,
         model: &Model,
         shapes: &crate::shape::Shapes,
         cuts: &[(usize, String)],
         target: &str,
-    ) -> Result<Vec<ArrayD<f32>>> {
+        calib: &Calibration,
+        take: impl Fn(usize, &ArrayD<f32>) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let n = calib.images.len();
         let at_input = self.tensor.is_none() && model.graph.is_graph_input(target);
         if self.tensor.as_deref() == Some(target) || at_input {
-            return Ok(self.acts.clone());
+            return (0..n).into_par_iter().map(|i| take(i, &self.get(calib, i)?)).collect();
         }
         let order = model.graph.topo_order()?;
         let target_pos = model.graph.producer(target).and_then(|(p, _)| order.iter().position(|&n| n == p));
@@ -398,24 +455,35 @@ impl Cursor {
         }
         let sub = sub_model(model, shapes, self.tensor.as_deref(), &names)?;
         // The cursor's activations (the images themselves at first) set the input size.
-        let runner = match self.acts.first() {
-            Some(a) => Runner::truncated_at(&sub, a.shape(), &names)?,
-            None => Runner::truncated(&sub, 1, &names)?,
-        };
-        let outs: Vec<Vec<ArrayD<f32>>> = self.acts.par_iter().map(|x| runner.run(x.clone())).collect::<Result<_>>()?;
-        let mut target_acts = Vec::with_capacity(outs.len());
-        let mut cut_acts = Vec::with_capacity(outs.len());
-        for mut o in outs {
-            if o.len() > 1 {
-                cut_acts.push(o.pop().expect("two outputs"));
+        let first = self.get(calib, 0)?;
+        let runner = Runner::truncated_at(&sub, first.shape(), &names)?;
+        // The new cut's shape, from one image, sizes its store.
+        let store = match &next_cut {
+            Some(_) => {
+                let out = runner.run(first)?.pop().expect("an output");
+                let shape = out.shape().to_vec();
+                Some((Spill::new(n, vec![out.len()], calib.spill_bytes)?, shape))
             }
-            target_acts.push(o.pop().expect("one output"));
-        }
+            None => None,
+        };
+        let taken = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let mut outs = runner.run(self.get(calib, i)?)?;
+                let cut = if outs.len() > 1 { outs.pop() } else { None };
+                let target_act = outs.pop().expect("one output");
+                if let Some((spill, _)) = &store {
+                    let kept = cut.as_ref().unwrap_or(&target_act).as_standard_layout();
+                    spill.put(0, i, kept.as_slice().expect("standard layout"))?;
+                }
+                take(i, &target_act)
+            })
+            .collect::<Result<Vec<T>>>()?;
         if let Some(cut) = next_cut {
-            self.acts = if cut == target { target_acts.clone() } else { cut_acts };
+            self.acts = store;
             self.tensor = Some(cut);
         }
-        Ok(target_acts)
+        Ok(taken)
     }
 }
 
@@ -460,16 +528,17 @@ impl Calibration {
             extras.extend(extra.paths()?);
         }
         let refit_paths: Vec<&std::path::PathBuf> = paths.iter().chain(extras.iter().take(cfg.refit_extra)).collect();
-        let images = refit_paths.par_iter().map(|p| pre.load(p)).collect::<Result<Vec<_>>>()?;
+        let crops = refit_paths.par_iter().map(|p| Ok(pre.centre_crop(&crate::data::decode_rgb(p)?))).collect::<Result<Vec<_>>>()?;
         let mut sources = paths;
         sources.extend(extras);
         Ok(Calibration {
-            images,
+            images: Images::Crops { crops, preprocessing: pre.clone() },
             positions: cfg.positions,
             ridge: cfg.ridge,
             target: cfg.target,
             reference: cfg.reference,
             through_relu: cfg.through_relu,
+            spill_bytes: cfg.spill_mb << 20,
             sources,
             preprocessing: pre,
             labelled: cfg.classes.as_ref().map(|c| crate::data::DataSource {
@@ -483,12 +552,13 @@ impl Calibration {
     /// Calibration on in-memory images (caffe preprocessing, no source files).
     pub fn from_images(images: Vec<Array3<f32>>, positions: usize, ridge: f64) -> Calibration {
         Calibration {
-            images,
+            images: Images::Tensors(images),
             positions,
             ridge,
             target: Default::default(),
             reference: Default::default(),
             through_relu: true,
+            spill_bytes: spill::SPILL_BYTES,
             sources: vec![],
             preprocessing: crate::data::Preprocessing::caffe(),
             labelled: None,

@@ -34,10 +34,14 @@ pub struct Calibration {
     #[serde(default)]
     pub extra: Vec<DataSource>,
     /// How many of the `extra` images (in order) also feed the refits of
-    /// `prune` and `dw`. Each costs memory: every refit image's activations
-    /// at a block boundary are cached (up to 3.2 MB per image for ResNet-50).
+    /// `prune`, `dw` and `lowrank` (each costs time; their cached
+    /// activations go to disk past `spill_mb`).
     #[serde(default)]
     pub refit_extra: usize,
+    /// Past this many MB, the refits' cached activations and targets go to
+    /// an unnamed temporary file (in TMPDIR) instead of memory.
+    #[serde(default = "default_spill_mb")]
+    pub spill_mb: u64,
 }
 
 fn yes() -> bool {
@@ -51,6 +55,10 @@ fn default_ridge() -> f64 {
     // Measured on ResNet-50 pruned to 70 % MACs (inner): 1e-3 with 32
     // positions overfits wide 3x3 refits (top-1 0.005); 1e-2 with 96: 0.099.
     1e-2
+}
+
+fn default_spill_mb() -> u64 {
+    512
 }
 
 fn default_images() -> usize {
