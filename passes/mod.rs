@@ -357,8 +357,11 @@ pub fn run_pipeline_with(
     let to_original = calibration.is_some_and(|c| c.reference == RefitReference::Original);
     let original = (passes.iter().any(PassSpec::needs_original) || to_original).then(|| model.clone());
     let original_shapes = to_original.then(|| shapes.clone());
+    // A `prune.budget` holds for the rest of the pipeline too (distill's
+    // BN fold gives bias-free convs a bias).
+    let mut promise: Option<u64> = None;
     for (i, spec) in passes.iter().enumerate().skip(lead) {
-        let promised = prune_limit(spec, start_params);
+        promise = prune_limit(spec, start_params).or(promise);
         let (spec, budget_note) =
             fit_budget(model, &passes[i..], start_params, overrides, calibration.is_some()).map_err(|e| after_pass(spec.name(), e))?;
         let lossy = calibration.is_some() && spec.lossy();
@@ -367,10 +370,10 @@ pub fn run_pipeline_with(
         if let Some(note) = budget_note {
             report.changed.insert(0, Change { node: "(budget)".into(), what: note });
         }
-        // The budget was fitted data-free; calibrated refits may add biases.
-        if let Some(limit) = promised.filter(|&l| report.params_after > l) {
+        // The budget was fitted data-free, with room for the biases refits and BN folds add.
+        if let Some(limit) = promise.filter(|&l| report.params_after > l) {
             let e = Error::Config(format!(
-                "`prune.budget` promised at most {limit} weights, the pruned model keeps {} (the refits added biases): lower `budget`",
+                "`prune.budget` promised at most {limit} weights, the model now keeps {} (biases added by refits or a BN fold): lower `budget`",
                 report.params_after
             ));
             return Err(after_pass(spec.name(), e));
@@ -411,8 +414,10 @@ fn fit_budget(
         Ok(reports.last().map_or(start_params, |r| r.params_after))
     };
     if let Some(limit) = prune_limit(&rest[0], start_params) {
-        // Calibrated refits give a bias to every conv they fit: room for those.
-        let room = if calibrated { missing_biases(&model.graph) } else { 0 };
+        // Calibrated refits give a bias to every conv they fit, and a later
+        // `distill` with `batchnorm: train` to every conv: room for those.
+        let biases_later = calibrated || rest.iter().any(|p| matches!(p, PassSpec::Distill(_)));
+        let room = if biases_later { missing_biases(&model.graph) } else { 0 };
         return fit_prune_budget(&rest[0], limit, room, start_params, kept_with);
     }
     let PassSpec::Lowrank(o) = &rest[0] else { return Ok((rest[0].clone(), None)) };
@@ -502,7 +507,7 @@ fn fit_prune_budget(
         let kept = kept_with(prune_at(spec, target))?;
         tried.push(format!("{target} -> {kept}"));
         if kept <= fit {
-            let room = if room > 0 { format!(", {room} left for the biases refits add") } else { String::new() };
+            let room = if room > 0 { format!(", {room} left for biases that refits or BN folds add") } else { String::new() };
             let note = format!(
                 "budget {:.2} % of {start_params}: target_params {target} keeps {kept} ({:.2} %) data-free{room}",
                 share(limit),

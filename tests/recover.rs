@@ -274,3 +274,23 @@ fn refits_spilled_to_disk_give_the_same_weights_as_in_memory() {
     }
     assert!(error_on_fresh_images(&original, &memory).is_finite());
 }
+
+/// With calibration, refits give every conv they fit a bias: `prune.budget`
+/// leaves room for those, and the model keeps its promise after them.
+#[test]
+fn a_calibrated_prune_budget_leaves_room_for_the_refits_biases() {
+    let original = fixture();
+    let calib = Calibration::from_images(images(8, 8), 16, 1e-3);
+    let passes = [
+        fold(),
+        PassSpec::Dw(DwOptions { rank: Some(1), min_gain: -10.0, ..Default::default() }),
+        prune(PruneOptions { budget: Some(0.3), ..Default::default() }),
+    ];
+    let mut m = original.clone();
+    let reports = cresnet_opt::passes::run_pipeline_calibrated(&mut m, &passes, &Default::default(), Some(&calib), |_| {}).unwrap();
+    let start = reports.iter().find(|r| r.pass == "fold").unwrap().params_before;
+    let pruned = reports.last().unwrap();
+    assert!(pruned.params_after <= (0.3 * start as f64) as u64, "{} of {start}", pruned.params_after);
+    let note = &pruned.changed[0].what;
+    assert!(note.contains("left for biases that refits or BN folds add"), "{note}");
+}
