@@ -153,11 +153,20 @@ pub fn refittable(graph: &Graph, layers: Vec<Layer>) -> Vec<Layer> {
 /// fits the calibration samples and not the data.
 const SAMPLES_PER_INPUT: usize = 4;
 
-/// Positions sampled per image for `layer`: `calib.positions`, raised so
-/// that the layer gets SAMPLES_PER_INPUT samples per weight of a filter.
+/// Most sampled rows per layer (1,536 images at 32 positions): the solvers
+/// hold a layer's rows in f32 and f64 (12 bytes per input: 2.7 GB for a
+/// 3x3 conv of ResNet-50's last stage), so beyond that many images each
+/// gives fewer positions and memory stays bounded.
+const MAX_ROWS: usize = 49_152;
+
+/// Positions sampled per image for `layer`: `calib.positions`, lowered so
+/// that the layer gets at most MAX_ROWS rows, raised so that it gets
+/// SAMPLES_PER_INPUT samples per weight of a filter.
 fn samples_per_image(graph: &Graph, layer: &Layer, calib: &Calibration) -> usize {
     let inputs = graph.node(layer.node).input(1).and_then(|w| graph.constant(w)).map_or(1, |w| w.shape()[1..].iter().product::<usize>());
-    calib.positions.max((SAMPLES_PER_INPUT * inputs).div_ceil(calib.images.len().max(1)))
+    let images = calib.images.len().max(1);
+    let cap = (MAX_ROWS / images).max(1);
+    calib.positions.min(cap).max((SAMPLES_PER_INPUT * inputs).div_ceil(images))
 }
 
 /// Seeded output positions of one image for one layer.
