@@ -424,8 +424,8 @@ fn fit_budget(
     let (Some(budget), Some(ratio)) = (o.budget, o.ratio) else { return Ok((rest[0].clone(), None)) };
     let with = |r: f64| PassSpec::Lowrank(lowrank::LowrankOptions { ratio: Some(r), budget: None, ..o.clone() });
     let kept = |r: f64| kept_with(with(r));
-    let limit = (budget * start_params as f64).floor() as u64;
-    let share = |p: u64| 100.0 * p as f64 / start_params.max(1) as f64;
+    let limit = limit_of(budget, start_params);
+    let share = |p: u64| percent(p, start_params);
     let at_ratio = kept(ratio)?;
     if at_ratio <= limit {
         return Ok((rest[0].clone(), Some(format!("budget {:.2} %: ratio {ratio} keeps {:.2} %", 100.0 * budget, share(at_ratio)))));
@@ -458,10 +458,20 @@ fn fit_budget(
     Ok((with(lo), Some(note)))
 }
 
-/// The weight count a `prune: {budget: b}` promises: ⌊b · start⌋.
+/// The weight count a budget b promises: ⌊b · start⌋.
+fn limit_of(budget: f64, start_params: u64) -> u64 {
+    (budget * start_params as f64).floor() as u64
+}
+
+/// `p` weights as a percentage of the pipeline's start.
+fn percent(p: u64, start_params: u64) -> f64 {
+    100.0 * p as f64 / start_params.max(1) as f64
+}
+
+/// The weight count a `prune: {budget: b}` promises.
 fn prune_limit(spec: &PassSpec, start_params: u64) -> Option<u64> {
     match spec {
-        PassSpec::Prune(o) => o.budget.map(|b| (b * start_params as f64).floor() as u64),
+        PassSpec::Prune(o) => o.budget.map(|b| limit_of(b, start_params)),
         _ => None,
     }
 }
@@ -500,7 +510,7 @@ fn fit_prune_budget(
     start_params: u64,
     kept_with: impl Fn(PassSpec) -> Result<u64>,
 ) -> Result<(PassSpec, Option<String>)> {
-    let share = |p: u64| 100.0 * p as f64 / start_params.max(1) as f64;
+    let share = |p: u64| percent(p, start_params);
     let fit = limit.saturating_sub(room).max(2);
     let (mut target, mut tried) = (fit, vec![]);
     for _ in 0..12 {

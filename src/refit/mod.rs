@@ -100,7 +100,10 @@ impl Images {
 
     /// The (C, H, W) of the first image.
     fn shape(&self) -> Option<Vec<usize>> {
-        (!self.is_empty()).then(|| self.get(0).shape().to_vec())
+        match self {
+            Images::Tensors(t) => t.first().map(|a| a.shape().to_vec()),
+            Images::Crops { crops, .. } => crops.first().map(|c| vec![3, c.height() as usize, c.width() as usize]),
+        }
     }
 }
 
@@ -232,11 +235,7 @@ fn targets(reference: &Model, graph: &Graph, layers: &[Layer], blocks: &[Option<
                 )));
             }
             let count = samples_per_image(graph, layer, calib);
-            let mut out = Vec::with_capacity(count * channels.len());
-            for (py, px) in positions(h, w, count, seed(i, li)) {
-                out.extend(channels.iter().map(|&ch| y[[0, ch, py, px]]));
-            }
-            store.put(li, i, &out)
+            store.put(li, i, &sampled_rows(y, &channels, (h, w), count, seed(i, li)))
         })
     })?
     .into_iter()
@@ -361,12 +360,17 @@ fn at_samples(a: &ArrayD<f32>, (h, w): (usize, usize), count: usize, li: usize, 
     if a.shape()[2] != h || a.shape()[3] != w {
         return Err(Error::Data(format!("residual input of shape {:?} does not match targets at {h}x{w}", a.shape())));
     }
-    let c = a.shape()[1];
-    let mut out = Vec::with_capacity(count * c);
-    for (py, px) in positions(h, w, count, seed(i, li)) {
-        out.extend((0..c).map(|ch| a[[0, ch, py, px]]));
+    let channels: Vec<usize> = (0..a.shape()[1]).collect();
+    Ok(sampled_rows(a, &channels, (h, w), count, seed(i, li)))
+}
+
+/// `channels` of `a` at `count` seeded positions of its (h, w) map, position-major.
+fn sampled_rows(a: ArrayView4<f32>, channels: &[usize], (h, w): (usize, usize), count: usize, seed: u64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(count * channels.len());
+    for (py, px) in positions(h, w, count, seed) {
+        out.extend(channels.iter().map(|&ch| a[[0, ch, py, px]]));
     }
-    Ok(out)
+    out
 }
 
 /// Subtracts the other Add input at the sampled positions (one vector per image) from the targets.
