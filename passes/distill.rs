@@ -44,7 +44,11 @@
 //! (`holdout`) of the images is never trained on: after every epoch the
 //! student's top-1 agreement with the teacher and KL (T = 1) on their centre
 //! crops are measured and the epoch with the highest agreement (then lowest
-//! KL) is kept (epoch 0 = the student before training).
+//! KL) is kept (epoch 0 = the student before training). With `ema: d` an
+//! exponential moving average of the weights (decay min(d, (1+t)/(10+t))
+//! at step t) is updated after every step; the hold-out scores the average,
+//! and the epoch kept is the average at that epoch (Polyak averaging: the
+//! noise of small batches averaged out).
 //!
 //! The engine is `src/train/distill.rs`; this pass picks the teacher and
 //! the images and reports what training did.
@@ -72,6 +76,9 @@ impl Pass for Distill {
         }
         if !(o.weight_decay >= 0.0 && o.feature_weight >= 0.0) {
             return Err(Error::Config("`distill.weight_decay` and `distill.feature_weight` must be >= 0".into()));
+        }
+        if !(0.0..1.0).contains(&o.ema) {
+            return Err(Error::Config(format!("`distill.ema` is {}, but must lie in [0, 1) (0: off)", o.ema)));
         }
         if !(0.0..=1.0).contains(&o.mixup) {
             return Err(Error::Config(format!("`distill.mixup` is {}, but must lie in [0, 1]", o.mixup)));

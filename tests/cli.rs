@@ -132,6 +132,7 @@ fn bad_yaml_is_named() {
             "passes:\n  - dw: { min_resolution: 28, max_resolution: 14 }\n",
             "`dw.min_resolution` is 28, above `dw.max_resolution` (14): no layer can match",
         ),
+        ("passes:\n  - distill: { ema: 1.0 }\n", "`distill.ema` is 1, but must lie in [0, 1) (0: off)"),
         ("passes: [fold\n", "p.yaml"),
         ("calibration: { data: x, images: -3 }\npasses: [fold]\n", "calibration"),
     ];
@@ -340,4 +341,21 @@ fn bench_profile_accounts_for_every_node() {
     assert_eq!(slowest.len(), 3);
     assert!(slowest[0]["ms"].as_f64() >= slowest[2]["ms"].as_f64());
     assert!(slowest[0]["ms"].as_f64().unwrap() <= ops[0]["ms"].as_f64().unwrap() + 1e-12, "no node slower than its operator's total");
+}
+
+#[test]
+fn bench_compares_every_model_with_the_first_per_thread_count() {
+    let f = fixture_path();
+    let o = bin().arg("bench").args([&f, &f]).args(["--runs", "3", "--threads", "1,2", "--json"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    let threads: Vec<u64> = rows.iter().map(|r| r["threads"].as_u64().unwrap()).collect();
+    assert_eq!(threads, [1, 1, 2, 2], "both models per thread count, in the order given");
+    for pair in rows.chunks(2) {
+        let (a, b) = (pair[0]["median_ms"].as_f64().unwrap(), pair[1]["median_ms"].as_f64().unwrap());
+        assert_eq!(pair[0]["speedup"].as_f64().unwrap(), 1.0);
+        assert!((pair[1]["speedup"].as_f64().unwrap() - a / b).abs() < 1e-12, "{pair:?}");
+        assert!(pair.iter().all(|r| r["min_ms"].as_f64().unwrap() <= r["median_ms"].as_f64().unwrap()));
+    }
 }

@@ -166,3 +166,77 @@ fn distill_trains_at_another_resolution_and_the_student_keeps_its_own() {
     // Trained on 48-px crops, measured at the model's 64 px: it still learned.
     assert!(after < before, "KL on fresh 64-px images: before {before:.4}, after {after:.4}");
 }
+
+#[test]
+fn ema_forgets_its_start_within_the_first_steps_then_averages_at_its_decay() {
+    use cresnet_opt::train::{optim::ema_update, Param};
+    let weights = |v: f32| vec![Param { name: "w".into(), shape: vec![2], data: vec![v, -v], trainable: true }];
+    // Step 0: decay min(0.99, 1/10) = 0.1, so the average moves 90 % of the way.
+    let mut ema = vec![vec![0.0f32, 0.0]];
+    ema_update(&mut ema, &weights(1.0), 0.99, 0);
+    assert!((ema[0][0] - 0.9).abs() < 1e-6 && (ema[0][1] + 0.9).abs() < 1e-6, "{ema:?}");
+    // Late in training the decay is the one asked for.
+    let mut ema = vec![vec![0.0f32, 0.0]];
+    ema_update(&mut ema, &weights(1.0), 0.99, 1_000_000);
+    assert!((ema[0][0] - 0.01).abs() < 1e-6, "{ema:?}");
+}
+
+#[test]
+fn an_ema_run_scores_the_average_and_resumes_it_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("train"), 20, 6);
+    let ckpt = dir.path().join("run.ckpt");
+    let train = |epochs, ema, checkpoint: bool| {
+        let mut passes = student_passes();
+        let checkpoint = checkpoint.then(|| ckpt.clone());
+        passes.push(PassSpec::Distill(DistillOptions { checkpoint, ema, ..options(dir.path(), epochs) }));
+        let mut m = teacher();
+        let reports = run_passes(&mut m, &passes);
+        (m, reports.last().unwrap().changed.iter().map(|c| c.what.clone()).collect::<Vec<_>>())
+    };
+    let (_, log) = train(2, 0.9, false);
+    assert!(log[1].starts_with("epoch 1/2") && log[1].contains("(EMA weights)"), "{log:?}");
+    // Interrupted after the first epoch: the average comes back from the checkpoint.
+    train(1, 0.9, true);
+    let (_, log) = train(2, 0.9, true);
+    assert_eq!(log[0], "resumed from checkpoint after epoch 1", "{log:?}");
+    assert!(log[1].starts_with("epoch 2/2") && log[1].contains("(EMA weights)"), "{log:?}");
+    assert!(!log.iter().any(|l| l.contains("holds no EMA")), "{log:?}");
+    // A checkpoint written without EMA starts the average where it resumes.
+    std::fs::remove_file(&ckpt).unwrap();
+    train(1, 0.0, true);
+    let (_, log) = train(2, 0.9, true);
+    assert_eq!(log[1], "the checkpoint holds no EMA weights: the average starts at epoch 2", "{log:?}");
+}
+
+#[test]
+fn a_checkpoint_keeps_the_ema_weights_bit_for_bit() {
+    use cresnet_opt::train::checkpoint::{load, save, State};
+    use cresnet_opt::train::optim::{Kind, Optimizer};
+    let mut m = teacher();
+    run_passes(&mut m, &[fold()]);
+    let shapes = cresnet_opt::validate::validate(&m.graph, &Default::default()).unwrap();
+    let mut net = cresnet_opt::train::Network::from_graph(&m.graph, &shapes).unwrap();
+    let sizes: Vec<usize> = net.params.iter().map(|p| p.data.len()).collect();
+    let weights: Vec<Vec<f32>> = net.params.iter().map(|p| p.data.clone()).collect();
+    let shifted = |d: f32| weights.iter().map(|w| w.iter().map(|v| v + d).collect()).collect::<Vec<Vec<f32>>>();
+    let state = |ema| State {
+        epoch: 3,
+        best_epoch: 2,
+        best_agreement: 0.5,
+        best_kl: 1.0,
+        best_top1: Some(0.25),
+        best_params: shifted(1.0),
+        optimizer: Optimizer::new(Kind::Lamb, 0.0, &sizes),
+        ema,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.ckpt");
+    save(&path, &net, &state(Some(shifted(0.5)))).unwrap();
+    let back = load(&path, &mut net, Kind::Lamb, 0.0).unwrap().unwrap();
+    assert_eq!(back.ema, Some(shifted(0.5)));
+    assert_eq!((back.epoch, back.best_params), (3, shifted(1.0)));
+    // Without EMA the file holds no such group, and says so.
+    save(&path, &net, &state(None)).unwrap();
+    assert_eq!(load(&path, &mut net, Kind::Lamb, 0.0).unwrap().unwrap().ema, None);
+}

@@ -1,5 +1,6 @@
 //! `cresnet-opt bench MODEL…`: tract latency at a fixed batch, median of
 //! several runs after a warm-up, for 1 and 2 (or the given) thread counts.
+//! The models take turns run by run, and each is compared with the first.
 use super::{input_shapes, load_shaped};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -60,6 +61,8 @@ struct Timing {
     threads: usize,
     median_ms: f64,
     min_ms: f64,
+    /// The first model's median over this one's, same thread count.
+    speedup: f64,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -69,31 +72,46 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.profile {
         return profile(args);
     }
-    let mut timings = Vec::new();
+    let mut runners = Vec::new();
     for path in &args.models {
         let overrides = input_shapes(&args.input_shape)?;
         let model = load_shaped(path, &overrides)?;
         let runner = Runner::with_shapes(&model, args.batch, &[], &overrides)
             .with_context(|| format!("cannot run {} with tract", path.display()))?;
         let x = ndarray::ArrayD::<f32>::from_elem(runner.input_shape.clone(), 0.5);
-        for &threads in &args.threads {
+        runners.push((path, runner, x));
+    }
+    let mut timings = Vec::new();
+    for &threads in &args.threads {
+        // Round-robin: run k of every model, then run k+1, so that a busy
+        // spell of a shared machine slows every model alike and the ratios
+        // between them hold even when the absolute times drift.
+        let mut ms = vec![Vec::with_capacity(args.runs); runners.len()];
+        for (_, runner, x) in &runners {
             runner.run_threads(x.clone(), threads)?;
-            let mut ms: Vec<f64> = (0..args.runs)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    runner.run_threads(x.clone(), threads).map(|_| 1e3 * t.elapsed().as_secs_f64())
-                })
-                .collect::<cresnet_opt::error::Result<_>>()?;
-            ms.sort_by(f64::total_cmp);
-            let timing = Timing { model: path.clone(), batch: args.batch, threads, median_ms: ms[ms.len() / 2], min_ms: ms[0] };
+        }
+        for _ in 0..args.runs {
+            for ((_, runner, x), times) in runners.iter().zip(&mut ms) {
+                let t = std::time::Instant::now();
+                runner.run_threads(x.clone(), threads)?;
+                times.push(1e3 * t.elapsed().as_secs_f64());
+            }
+        }
+        let first = timings.len();
+        for ((path, ..), mut times) in runners.iter().zip(ms) {
+            times.sort_by(f64::total_cmp);
+            let median_ms = times[times.len() / 2];
+            let speedup = timings.get(first).map_or(1.0, |t: &Timing| t.median_ms / median_ms);
+            let timing = Timing { model: (*path).clone(), batch: args.batch, threads, median_ms, min_ms: times[0], speedup };
             if !args.json {
                 println!(
-                    "{:<40} batch {} threads {}: median {:.1} ms, min {:.1} ms",
+                    "{:<40} batch {} threads {}: median {:.1} ms, min {:.1} ms, {:.2}x the first",
                     path.display(),
                     timing.batch,
                     threads,
                     timing.median_ms,
-                    timing.min_ms
+                    timing.min_ms,
+                    timing.speedup
                 );
             }
             timings.push(timing);

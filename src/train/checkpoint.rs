@@ -2,7 +2,8 @@
 //! params and the optimizer state go to one file, written atomically (temp
 //! file + rename), so an interrupted run (Ctrl-C included) leaves the last
 //! complete epoch on disk. Layout: magic line, u64 LE header length, JSON
-//! header (counters, tensor names and lengths), then f32 LE data per group.
+//! header (counters, tensor names and lengths), then f32 LE data per group:
+//! params, best params, optimizer moments, EMA weights (when kept).
 use super::optim::{Kind, Optimizer};
 use super::Network;
 use crate::error::{Error, Result};
@@ -23,6 +24,8 @@ pub struct State {
     pub best_top1: Option<f64>,
     pub best_params: Vec<Vec<f32>>,
     pub optimizer: Optimizer,
+    /// The moving average of the weights, when training keeps one (`ema`).
+    pub ema: Option<Vec<Vec<f32>>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -36,6 +39,9 @@ struct Header {
     best_top1: Option<f64>,
     optimizer: Kind,
     tensors: Vec<(String, usize)>,
+    /// A group of EMA weights follows the optimizer's (absent before EMA existed).
+    #[serde(default)]
+    ema: bool,
 }
 
 pub fn save(path: &Path, net: &Network, state: &State) -> Result<()> {
@@ -49,6 +55,7 @@ pub fn save(path: &Path, net: &Network, state: &State) -> Result<()> {
         best_top1: state.best_top1,
         optimizer: opt.kind,
         tensors: net.params.iter().map(|p| (p.name.clone(), p.data.len())).collect(),
+        ema: state.ema.is_some(),
     };
     let json = serde_json::to_vec(&header).map_err(|e| Error::Data(format!("checkpoint header: {e}")))?;
     let mut bytes = Vec::with_capacity(MAGIC.len() + 8 + json.len());
@@ -56,7 +63,8 @@ pub fn save(path: &Path, net: &Network, state: &State) -> Result<()> {
     bytes.extend_from_slice(&(json.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&json);
     let current = net.params.iter().map(|p| &p.data);
-    for t in current.chain(&state.best_params).chain(&opt.m).chain(&opt.v) {
+    let ema = state.ema.iter().flatten();
+    for t in current.chain(&state.best_params).chain(&opt.m).chain(&opt.v).chain(ema) {
         t.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
     }
     crate::io::write_atomic(path, &bytes)
@@ -84,7 +92,7 @@ pub fn load(path: &Path, net: &mut Network, kind: Kind, weight_decay: f32) -> Re
     if header.optimizer != kind {
         return Err(bad(path, format!("it was written with optimizer {:?}, the pipeline asks for {kind:?}", header.optimizer)));
     }
-    let groups = if kind == Kind::Sgd { 3 } else { 4 };
+    let groups = if kind == Kind::Sgd { 3 } else { 4 } + usize::from(header.ema);
     let total: usize = expected.iter().map(|(_, n)| n).sum::<usize>() * groups;
     let data = &rest[len..];
     if data.len() != total * 4 {
@@ -98,6 +106,7 @@ pub fn load(path: &Path, net: &mut Network, kind: Kind, weight_decay: f32) -> Re
     optimizer.m = group();
     optimizer.v = if kind == Kind::Sgd { vec![] } else { group() };
     optimizer.step = header.step;
+    let ema = header.ema.then(&mut group);
     for (p, d) in net.params.iter_mut().zip(current) {
         p.data = d;
     }
@@ -109,5 +118,6 @@ pub fn load(path: &Path, net: &mut Network, kind: Kind, weight_decay: f32) -> Re
         best_top1: header.best_top1,
         best_params,
         optimizer,
+        ema,
     }))
 }

@@ -3,7 +3,7 @@
 //! teacher model on augmented images, keeping the best epoch on a hold-out.
 //! Progress goes to a [`Progress`] the caller renders.
 use super::checkpoint::{self, State};
-use super::optim::{warm_cosine, Optimizer};
+use super::optim::{ema_update, warm_cosine, Optimizer};
 use super::{Mode, Network, Param};
 use crate::data::augment::ImagePool;
 use crate::data::Preprocessing;
@@ -77,6 +77,10 @@ pub struct DistillOptions {
     /// on training photos: top-1 0.949 on 160-px centre crops, 0.964 at 224),
     /// at about twice the teacher's time per view.
     pub teacher_at_model_size: bool,
+    /// Keep an exponential moving average of the weights with this decay
+    /// per step (0: off; e.g. 0.998 averages over the last ~500 steps): the
+    /// hold-out scores it, and the epoch kept is its weights at that epoch.
+    pub ema: f64,
 }
 
 /// How `distill` trains: see `passes/distill.rs`.
@@ -120,6 +124,7 @@ impl Default for DistillOptions {
             resolution: None,
             recalibrate: 1024,
             teacher_at_model_size: false,
+            ema: 0.0,
         }
     }
 }
@@ -303,6 +308,14 @@ impl AtModelSize<'_> {
         progress.log("distill", &line);
         log.push(line);
         Ok(())
+    }
+}
+
+/// Exchanges the network's weights with the moving average's (a no-op
+/// without one); twice restores them.
+fn swap_weights(net: &mut Network, ema: &mut Option<Vec<Vec<f32>>>) {
+    for (p, e) in net.params.iter_mut().zip(ema.iter_mut().flatten()) {
+        std::mem::swap(&mut p.data, e);
     }
 }
 
@@ -605,16 +618,24 @@ impl Trainer<'_> {
                     best_top1: score.top1,
                     best_params,
                     optimizer: Optimizer::new(self.o.optimizer, self.o.weight_decay as f32, &sizes),
+                    ema: None,
                 }
             }
         };
+        self.start_ema(&mut state);
         for epoch in state.epoch + 1..=self.o.epochs {
             let started = Instant::now();
-            let (loss, [data, teach, student], taught) = self.epoch(epoch, train, &mut state.optimizer, total)?;
+            let (loss, [data, teach, student], taught) = self.epoch(epoch, train, &mut state.optimizer, &mut state.ema, total)?;
             let secs = started.elapsed().as_secs_f64();
-            let score = self.holdout(hold, &hold_teacher)?;
+            // With EMA the averaged weights are the ones scored (and kept).
+            swap_weights(self.net, &mut state.ema);
+            let score = self.holdout(hold, &hold_teacher);
+            let weights: Vec<Vec<f32>> = self.net.params.iter().map(|p| p.data.clone()).collect();
+            swap_weights(self.net, &mut state.ema);
+            let score = score?;
+            let of = if state.ema.is_some() { " (EMA weights)" } else { "" };
             self.note(format!(
-                "epoch {epoch}/{}: loss {loss:.4}, {score}; {secs:.0} s, {:.1} img/s (data {data:.0} s, teacher {teach:.0} s on {taught} images, student {student:.0} s)",
+                "epoch {epoch}/{}: loss {loss:.4}, {score}{of}; {secs:.0} s, {:.1} img/s (data {data:.0} s, teacher {teach:.0} s on {taught} images, student {student:.0} s)",
                 self.o.epochs,
                 (steps_per_epoch * batch) as f64 / secs
             ));
@@ -626,7 +647,7 @@ impl Trainer<'_> {
             // Without a hold-out there is nothing to choose by: the last epoch stays.
             if hold.is_empty() || score.better_than(&best) {
                 (state.best_epoch, state.best_agreement, state.best_kl, state.best_top1) = (epoch, score.agreement, score.kl, score.top1);
-                state.best_params = self.net.params.iter().map(|p| p.data.clone()).collect();
+                state.best_params = weights;
             }
             state.epoch = epoch;
             if let Some(path) = &self.o.checkpoint {
@@ -639,6 +660,19 @@ impl Trainer<'_> {
         let best = Score { agreement: state.best_agreement, kl: state.best_kl, top1: state.best_top1 };
         self.log.push(format!("kept epoch {} ({best}; {} training / {} hold-out images)", state.best_epoch, train.len(), hold.len()));
         Ok(())
+    }
+
+    /// Starts the moving average of the weights from the current ones when
+    /// `ema` asks for one and a checkpoint brought none (then says so).
+    fn start_ema(&mut self, state: &mut State) {
+        if self.o.ema == 0.0 {
+            state.ema = None;
+        } else if state.ema.is_none() {
+            if state.epoch > 0 {
+                self.log.push(format!("the checkpoint holds no EMA weights: the average starts at epoch {}", state.epoch + 1));
+            }
+            state.ema = Some(self.net.params.iter().map(|p| p.data.clone()).collect());
+        }
     }
 
     /// BN statistics from up to 8 batches of augmented training images: the
@@ -702,7 +736,14 @@ impl Trainer<'_> {
     /// One pass over the training images; returns the mean loss, the
     /// seconds spent on data, teacher and student, and how many images the
     /// teacher ran on (fewer than the epoch's when views are cached).
-    fn epoch(&mut self, epoch: usize, train: &[usize], opt: &mut Optimizer, total: usize) -> Result<(f64, [f64; 3], usize)> {
+    fn epoch(
+        &mut self,
+        epoch: usize,
+        train: &[usize],
+        opt: &mut Optimizer,
+        ema: &mut Option<Vec<Vec<f32>>>,
+        total: usize,
+    ) -> Result<(f64, [f64; 3], usize)> {
         let batch = self.teacher.batch();
         let mut order = train.to_vec();
         shuffle(&mut order, self.o.seed ^ (epoch as u64) << 32);
@@ -741,6 +782,9 @@ impl Trainer<'_> {
             let labels: Vec<Option<usize>> = chunk.iter().map(|&i| self.labels[i]).collect();
             let lr = warm_cosine(self.o.lr, (epoch - 1) * steps + k, total, (self.o.warmup * steps as f64).round() as usize);
             sum += self.step(x, &targets, &labels, opt, lr)?;
+            if let Some(ema) = ema {
+                ema_update(ema, &self.net.params, self.o.ema, opt.step);
+            }
             times[2] += t.elapsed().as_secs_f64();
             self.progress.advance(k as u64 + 1, &format!("loss {:.4}", sum / (k + 1) as f64));
         }

@@ -725,10 +725,10 @@ impl Network {
                 let (g, b) = (&self.params[p[0]].data, &self.params[p[1]].data);
                 let scale: Vec<f32> = crate::ir::batchnorm::scale(&g[..*c], &v[..*c], BN_EPS);
                 let shift: Vec<f32> = (0..*c).map(|k| b[k] - m[k] * scale[k]).collect();
-                let mut out = vals[*x].clone();
-                out.par_chunks_mut(*hw).enumerate().for_each(|(j, plane)| {
+                let mut out = vec![0.0; vals[*x].len()];
+                out.par_chunks_mut(*hw).zip(vals[*x].par_chunks(*hw)).enumerate().for_each(|(j, (plane, xp))| {
                     let k = j % c;
-                    plane.iter_mut().for_each(|v| *v = *v * scale[k] + shift[k]);
+                    plane.iter_mut().zip(xp).for_each(|(v, &xv)| *v = xv * scale[k] + shift[k]);
                 });
                 if acts.mode == Mode::Train {
                     acts.bn_batch.insert(i, (mean, var));
@@ -796,7 +796,7 @@ impl Network {
                 vec![(*x, dx)]
             }
             Step::Relu { x, y } => vec![(*x, dy.par_iter().zip(&vals[*y]).map(|(g, &o)| if o > 0.0 { *g } else { 0.0 }).collect())],
-            Step::Add { a, b, .. } => vec![(*a, dy.to_vec()), (*b, dy.to_vec())],
+            Step::Add { a, b, .. } => vec![(*a, dy.par_iter().copied().collect()), (*b, dy.par_iter().copied().collect())],
             Step::MaxPool { x, geom, .. } => {
                 let arg = &acts.argmax[&i];
                 let mut dx = vec![0.0; vals[*x].len()];
@@ -899,9 +899,18 @@ fn accumulate(slot: &mut Option<Vec<f32>>, g: Vec<f32>) {
     }
 }
 
+/// acc += g, elementwise; large tensors (the gradients that meet at a
+/// residual stream) on every core.
 fn add_into(acc: &mut [f32], g: &[f32]) {
-    acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+    if acc.len() < PARALLEL_LEN {
+        acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+    } else {
+        acc.par_chunks_mut(PARALLEL_LEN).zip(g.par_chunks(PARALLEL_LEN)).for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, b)| *a += b));
+    }
 }
+
+/// Elementwise work below this many values stays on the calling thread.
+const PARALLEL_LEN: usize = 1 << 15;
 
 /// dL/dw and dL/db of a conv over the batch: each thread sums its share of
 /// the images into its own buffers, then the buffers are added in order.
@@ -929,14 +938,19 @@ fn conv_param_grads(geom: &ConvGeom, x: &[f32], dy: &[f32], bias: bool) -> (Vec<
     (dw, bias.then_some(db))
 }
 
-/// Per-channel mean and (biased) variance of an NCHW batch.
+/// Per-channel mean and (biased) variance of an NCHW batch. The planes are
+/// summed in parallel and their sums added per channel in plane order: the
+/// same figures as one serial pass, on every core.
 fn channel_stats(x: &[f32], c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     let n = (x.len() / (c * hw).max(1) * hw).max(1) as f64;
+    let planes: Vec<(f64, f64)> = x
+        .par_chunks(hw.max(1))
+        .map(|plane| (plane.iter().map(|&v| v as f64).sum::<f64>(), plane.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()))
+        .collect();
     let (mut sum, mut sq) = (vec![0.0f64; c], vec![0.0f64; c]);
-    for (j, plane) in x.chunks(hw).enumerate() {
-        let k = j % c;
-        sum[k] += plane.iter().map(|&v| v as f64).sum::<f64>();
-        sq[k] += plane.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+    for (j, (s, q)) in planes.into_iter().enumerate() {
+        sum[j % c] += s;
+        sq[j % c] += q;
     }
     let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
     let var = sq.iter().zip(&mean).map(|(q, m)| ((q / n) - m * m).max(0.0) as f32).collect();
@@ -956,13 +970,20 @@ fn batchnorm_backward(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = (x.len() / (c * hw).max(1) * hw) as f64;
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / ((*v + BN_EPS) as f64).sqrt()).collect();
+    // Σdy and Σ(dy·x̂) per plane on every core, then per channel in plane order.
+    let planes: Vec<(f64, f64)> = x
+        .par_chunks(hw.max(1))
+        .zip(dy.par_chunks(hw.max(1)))
+        .enumerate()
+        .map(|(j, (xp, gp))| {
+            let k = j % c;
+            xp.iter().zip(gp).fold((0.0, 0.0), |(a, b), (&xv, &g)| (a + g as f64, b + g as f64 * (xv - mean[k]) as f64 * inv[k]))
+        })
+        .collect();
     let (mut sdy, mut sdyx) = (vec![0.0f64; c], vec![0.0f64; c]);
-    for (j, (xp, gp)) in x.chunks(hw).zip(dy.chunks(hw)).enumerate() {
-        let k = j % c;
-        for (&xv, &g) in xp.iter().zip(gp) {
-            sdy[k] += g as f64;
-            sdyx[k] += g as f64 * (xv - mean[k]) as f64 * inv[k];
-        }
+    for (j, (a, b)) in planes.into_iter().enumerate() {
+        sdy[j % c] += a;
+        sdyx[j % c] += b;
     }
     let mut dx = vec![0.0f32; x.len()];
     dx.par_chunks_mut(hw).zip(x.par_chunks(hw)).zip(dy.par_chunks(hw)).enumerate().for_each(|(j, ((dp, xp), gp))| {

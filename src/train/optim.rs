@@ -93,6 +93,17 @@ impl Optimizer {
 /// first, where a fine-tuned student is most fragile (1-epoch runs on the
 /// pruned task model without warm-up: LAMB 3e-4 gave loss 5.3 and hold-out
 /// top-1 0.750 -> 0.717, 2e-4 gave 1.9 and 0.792).
+/// One step of Polyak averaging (an exponential moving average of the
+/// weights, as timm's `ModelEma`): `ema ← d·ema + (1 − d)·w` with
+/// d = min(decay, (1 + t)/(10 + t)) at step t, so that the average forgets
+/// the untrained start within the first steps instead of ~1/(1 − decay).
+pub fn ema_update(ema: &mut [Vec<f32>], params: &[super::Param], decay: f64, step: u64) {
+    let d = decay.min((1.0 + step as f64) / (10.0 + step as f64)) as f32;
+    for (e, p) in ema.iter_mut().zip(params) {
+        e.iter_mut().zip(&p.data).for_each(|(e, &w)| *e = d * *e + (1.0 - d) * w);
+    }
+}
+
 pub fn warm_cosine(base: f64, step: usize, total: usize, warmup: usize) -> f32 {
     let ramp = if step < warmup { (step + 1) as f32 / warmup as f32 } else { 1.0 };
     ramp * cosine(base, step, total)
