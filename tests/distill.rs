@@ -194,8 +194,22 @@ fn an_ema_run_scores_the_average_and_resumes_it_from_its_checkpoint() {
         let reports = run_passes(&mut m, &passes);
         (m, reports.last().unwrap().changed.iter().map(|c| c.what.clone()).collect::<Vec<_>>())
     };
-    let (_, log) = train(2, 0.9, false);
+    let (plain, plain_log) = train(2, 0.0, false);
+    let (averaged, log) = train(2, 0.9, false);
     assert!(log[1].starts_with("epoch 1/2") && log[1].contains("(EMA weights)"), "{log:?}");
+    // The average never feeds back into training: the same loss epoch by epoch.
+    let losses = |log: &[String]| {
+        log.iter().filter(|l| l.contains(": loss ")).map(|l| l.split(", ").next().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&log), losses(&plain_log));
+    assert_eq!(losses(&log).len(), 2, "{log:?}");
+    // What is kept is the average, not the live weights (both runs keep a trained epoch).
+    assert!(
+        log.last().unwrap().starts_with("kept epoch 2") && plain_log.last().unwrap().starts_with("kept epoch 2"),
+        "{log:?} {plain_log:?}"
+    );
+    let differs = plain.graph.weights().iter().any(|(name, w)| w.as_f32() != averaged.graph.weights()[name].as_f32());
+    assert!(differs, "EMA on and off kept the same weights");
     // Interrupted after the first epoch: the average comes back from the checkpoint.
     train(1, 0.9, true);
     let (_, log) = train(2, 0.9, true);
@@ -220,23 +234,40 @@ fn a_checkpoint_keeps_the_ema_weights_bit_for_bit() {
     let sizes: Vec<usize> = net.params.iter().map(|p| p.data.len()).collect();
     let weights: Vec<Vec<f32>> = net.params.iter().map(|p| p.data.clone()).collect();
     let shifted = |d: f32| weights.iter().map(|w| w.iter().map(|v| v + d).collect()).collect::<Vec<Vec<f32>>>();
-    let state = |ema| State {
+    let state = |kind, ema| State {
         epoch: 3,
         best_epoch: 2,
         best_agreement: 0.5,
         best_kl: 1.0,
         best_top1: Some(0.25),
         best_params: shifted(1.0),
-        optimizer: Optimizer::new(Kind::Lamb, 0.0, &sizes),
+        optimizer: Optimizer::new(kind, 0.0, &sizes),
         ema,
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("run.ckpt");
-    save(&path, &net, &state(Some(shifted(0.5)))).unwrap();
-    let back = load(&path, &mut net, Kind::Lamb, 0.0).unwrap().unwrap();
-    assert_eq!(back.ema, Some(shifted(0.5)));
-    assert_eq!((back.epoch, back.best_params), (3, shifted(1.0)));
+    // SGD keeps one moment group, LAMB two: the EMA group follows either.
+    for kind in [Kind::Lamb, Kind::Sgd] {
+        save(&path, &net, &state(kind, Some(shifted(0.5)))).unwrap();
+        let back = load(&path, &mut net, kind, 0.0).unwrap().unwrap();
+        assert_eq!(back.ema, Some(shifted(0.5)), "{kind:?}");
+        assert_eq!((back.epoch, back.best_params), (3, shifted(1.0)), "{kind:?}");
+    }
     // Without EMA the file holds no such group, and says so.
-    save(&path, &net, &state(None)).unwrap();
+    save(&path, &net, &state(Kind::Lamb, None)).unwrap();
     assert_eq!(load(&path, &mut net, Kind::Lamb, 0.0).unwrap().unwrap().ema, None);
+    // A checkpoint written before EMA existed (no `ema` key in its header) still loads.
+    let bytes = std::fs::read(&path).unwrap();
+    let magic = b"cresnet-opt checkpoint 1\n".len();
+    let len = u64::from_le_bytes(bytes[magic..magic + 8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[magic + 8..magic + 8 + len]).unwrap();
+    let old = header.replace(",\"ema\":false", "");
+    assert_ne!(old, header, "the header names the flag: {header}");
+    let mut legacy = bytes[..magic].to_vec();
+    legacy.extend_from_slice(&(old.len() as u64).to_le_bytes());
+    legacy.extend_from_slice(old.as_bytes());
+    legacy.extend_from_slice(&bytes[magic + 8 + len..]);
+    std::fs::write(&path, legacy).unwrap();
+    let back = load(&path, &mut net, Kind::Lamb, 0.0).unwrap().unwrap();
+    assert_eq!((back.ema, back.best_params), (None, shifted(1.0)));
 }

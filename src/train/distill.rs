@@ -627,25 +627,29 @@ impl Trainer<'_> {
             let started = Instant::now();
             let (loss, [data, teach, student], taught) = self.epoch(epoch, train, &mut state.optimizer, &mut state.ema, total)?;
             let secs = started.elapsed().as_secs_f64();
-            // With EMA the averaged weights are the ones scored (and kept).
+            // With EMA the averaged weights are the ones scored (and kept);
+            // the live ones are back in place before any error returns.
             swap_weights(self.net, &mut state.ema);
-            let score = self.holdout(hold, &hold_teacher);
-            let weights: Vec<Vec<f32>> = self.net.params.iter().map(|p| p.data.clone()).collect();
+            let scored = self.holdout(hold, &hold_teacher);
+            let best = Score { agreement: state.best_agreement, kl: state.best_kl, top1: state.best_top1 };
+            // Top-1 against labels first (when the hold-out has labels), then
+            // agreement, then KL. Measured: keeping the lowest KL picked a dw
+            // rank-1 student with KL 2.36 / agreement 0.397 over its start
+            // (2.67 / 0.452), and top-1 fell 0.426 -> 0.310.
+            // Without a hold-out there is nothing to choose by: the last epoch stays.
+            let kept = scored
+                .as_ref()
+                .is_ok_and(|s| hold.is_empty() || s.better_than(&best))
+                .then(|| self.net.params.iter().map(|p| p.data.clone()).collect::<Vec<_>>());
             swap_weights(self.net, &mut state.ema);
-            let score = score?;
+            let score = scored?;
             let of = if state.ema.is_some() { " (EMA weights)" } else { "" };
             self.note(format!(
                 "epoch {epoch}/{}: loss {loss:.4}, {score}{of}; {secs:.0} s, {:.1} img/s (data {data:.0} s, teacher {teach:.0} s on {taught} images, student {student:.0} s)",
                 self.o.epochs,
                 (steps_per_epoch * batch) as f64 / secs
             ));
-            // Top-1 against labels first (when the hold-out has labels), then
-            // agreement, then KL. Measured: keeping the lowest KL picked a dw
-            // rank-1 student with KL 2.36 / agreement 0.397 over its start
-            // (2.67 / 0.452), and top-1 fell 0.426 -> 0.310.
-            let best = Score { agreement: state.best_agreement, kl: state.best_kl, top1: state.best_top1 };
-            // Without a hold-out there is nothing to choose by: the last epoch stays.
-            if hold.is_empty() || score.better_than(&best) {
+            if let Some(weights) = kept {
                 (state.best_epoch, state.best_agreement, state.best_kl, state.best_top1) = (epoch, score.agreement, score.kl, score.top1);
                 state.best_params = weights;
             }

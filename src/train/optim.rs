@@ -88,14 +88,9 @@ impl Optimizer {
     }
 }
 
-/// Linear warm-up from 0 over the first `warmup` steps, times [`cosine`]:
-/// Adam's second moments are estimated from a handful of gradients at
-/// first, where a fine-tuned student is most fragile (1-epoch runs on the
-/// pruned task model without warm-up: LAMB 3e-4 gave loss 5.3 and hold-out
-/// top-1 0.750 -> 0.717, 2e-4 gave 1.9 and 0.792).
 /// One step of Polyak averaging (an exponential moving average of the
 /// weights, as timm's `ModelEma`): `ema ← d·ema + (1 − d)·w` with
-/// d = min(decay, (1 + t)/(10 + t)) at step t, so that the average forgets
+/// d = min(decay, (1 + t)/(10 + t)) after t optimizer steps, so that the average forgets
 /// the untrained start within the first steps instead of ~1/(1 − decay).
 pub fn ema_update(ema: &mut [Vec<f32>], params: &[super::Param], decay: f64, step: u64) {
     let d = decay.min((1.0 + step as f64) / (10.0 + step as f64)) as f32;
@@ -104,6 +99,11 @@ pub fn ema_update(ema: &mut [Vec<f32>], params: &[super::Param], decay: f64, ste
     }
 }
 
+/// Linear warm-up from 0 over the first `warmup` steps, times [`cosine`]:
+/// Adam's second moments are estimated from a handful of gradients at
+/// first, where a fine-tuned student is most fragile (1-epoch runs on the
+/// pruned task model without warm-up: LAMB 3e-4 gave loss 5.3 and hold-out
+/// top-1 0.750 -> 0.717, 2e-4 gave 1.9 and 0.792).
 pub fn warm_cosine(base: f64, step: usize, total: usize, warmup: usize) -> f32 {
     let ramp = if step < warmup { (step + 1) as f32 / warmup as f32 } else { 1.0 };
     ramp * cosine(base, step, total)
