@@ -72,26 +72,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.profile {
         return profile(args);
     }
-    let mut runners = Vec::new();
-    for path in &args.models {
-        let overrides = input_shapes(&args.input_shape)?;
-        let model = load_shaped(path, &overrides)?;
-        let runner = Runner::with_shapes(&model, args.batch, &[], &overrides)
-            .with_context(|| format!("cannot run {} with tract", path.display()))?;
-        let x = ndarray::ArrayD::<f32>::from_elem(runner.input_shape.clone(), 0.5);
-        runners.push((path, runner, x));
-    }
+    let runners = args.models.iter().map(|path| Ok((path, load_runner(args, path)?))).collect::<Result<Vec<_>>>()?;
     let mut timings = Vec::new();
     for &threads in &args.threads {
-        // Round-robin: run k of every model, then run k+1, so that a busy
-        // spell of a shared machine slows every model alike and the ratios
-        // between them hold even when the absolute times drift.
+        // Round-robin: run k of every model, then run k+1, so that slow drift
+        // falls on every model rather than on one (a steady competing load
+        // still scatters the medians: see the README).
         let mut ms = vec![Vec::with_capacity(args.runs); runners.len()];
-        for (_, runner, x) in &runners {
+        for (_, (runner, x)) in &runners {
             runner.run_threads(x.clone(), threads)?;
         }
         for _ in 0..args.runs {
-            for ((_, runner, x), times) in runners.iter().zip(&mut ms) {
+            for ((_, (runner, x)), times) in runners.iter().zip(&mut ms) {
                 let t = std::time::Instant::now();
                 runner.run_threads(x.clone(), threads)?;
                 times.push(1e3 * t.elapsed().as_secs_f64());
@@ -123,14 +115,21 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The tract plan of `path` at `--batch` (and `--input-shape`), with its
+/// input filled with 0.5.
+fn load_runner(args: &BenchArgs, path: &std::path::Path) -> Result<(Runner, ndarray::ArrayD<f32>)> {
+    let overrides = input_shapes(&args.input_shape)?;
+    let model = load_shaped(path, &overrides)?;
+    let runner =
+        Runner::with_shapes(&model, args.batch, &[], &overrides).with_context(|| format!("cannot run {} with tract", path.display()))?;
+    let x = ndarray::ArrayD::<f32>::from_elem(runner.input_shape.clone(), 0.5);
+    Ok((runner, x))
+}
+
 fn profile(args: &BenchArgs) -> Result<()> {
     let mut profiles = Vec::new();
     for path in &args.models {
-        let overrides = input_shapes(&args.input_shape)?;
-        let model = load_shaped(path, &overrides)?;
-        let runner = Runner::with_shapes(&model, args.batch, &[], &overrides)
-            .with_context(|| format!("cannot run {} with tract", path.display()))?;
-        let x = ndarray::ArrayD::<f32>::from_elem(runner.input_shape.clone(), 0.5);
+        let (runner, x) = load_runner(args, path)?;
         let nodes = runner.profile(x, args.runs)?;
         let mut ops: Vec<OpTime> = Vec::new();
         for n in &nodes {
