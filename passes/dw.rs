@@ -41,12 +41,13 @@ use super::factorize::{self, Outcome, Selection};
 use super::{check_unit, Pass, PassContext, PassReport, Refit};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Node, Weight};
-use crate::refit::{Calibration, Fit, Layer};
+use crate::refit::{gram, t_mul, Calibration, Design, Fit, Layer, Rows};
 use crate::shape::Shapes;
 use ndarray::{Array4, ArrayD};
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 
 /// Options of `dw`; see the module documentation.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -251,22 +252,22 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
             })
         })
         .collect();
-    let za = crate::refit::with_ones(&z, n, zd);
     let ya = faer::Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64);
     let bias = graph.bias_or_zeros(ix, c_out);
     let init = faer::Mat::<f64>::from_fn(zd + 1, c_out, |r, o| if r == zd { bias[o] as f64 } else { parts[r / rank].us[r % rank][o] });
-    let before_err = fit.error(&za, &init, &ya);
-    let mut sol = fit.solve(&za, &ya).unwrap_or(init);
-    let mut after_err = fit.error(&za, &sol, &ya);
-    let (mut depthwise, mut za) = (depthwise, za);
+    let before_err = fit.error(&Rows::with_ones(&z, n, zd), &init, &ya);
+    let mut sol = fit.solve(&Rows::with_ones(&z, n, zd), &ya).unwrap_or(init);
+    let mut after_err = fit.error(&Rows::with_ones(&z, n, zd), &sol, &ya);
+    let (mut depthwise, mut z) = (depthwise, z);
     if opts.alternate > 0 && c_in * rank * kk <= MAX_ALTERNATE_UNKNOWNS {
         let patches = PatchStats::new(x, n, c_in * kk);
         for _ in 0..opts.alternate {
-            let target = if fit.relu { crate::refit::relu_target(&za, &sol, &ya) } else { ya.clone() };
+            let target =
+                if fit.relu { Cow::Owned(crate::refit::relu_target(&Rows::with_ones(&z, n, zd), &sol, &ya)) } else { Cow::Borrowed(&ya) };
             let Some(round) = alternate_round(&patches, &sol, rank, (kh, kw), fit, &ya, &target).filter(|r| r.err < after_err) else {
                 break;
             };
-            (depthwise, sol, after_err, za) = (round.depthwise, round.sol, round.err, round.z);
+            (depthwise, sol, after_err, z) = (round.depthwise, round.sol, round.err, round.z);
         }
     }
     if !after_err.is_finite() || !before_err.is_finite() {
@@ -289,19 +290,18 @@ fn factorize_on_data(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], opt
 const MAX_ALTERNATE_UNKNOWNS: usize = 16_384;
 
 /// The calibration patches of one layer, as the depthwise refit needs them.
-struct PatchStats {
-    /// [X 1] (N × (C_in·K² + 1)).
-    xa: faer::Mat<f64>,
+struct PatchStats<'a> {
+    /// X (N × C_in·K²), the f32 rows as sampled.
+    x: Rows<'a>,
     /// XᵀX (C_in·K² square).
     gram: faer::Mat<f64>,
 }
 
-impl PatchStats {
-    fn new(x: &[f32], n: usize, d: usize) -> PatchStats {
-        let xa = crate::refit::with_ones(x, n, d);
-        let xs = xa.subcols(0, d);
-        let gram = xs.transpose() * xs;
-        PatchStats { xa, gram }
+impl PatchStats<'_> {
+    fn new(x: &[f32], n: usize, d: usize) -> PatchStats<'_> {
+        let x = Rows::new(x, n, d);
+        let gram = gram(&x);
+        PatchStats { x, gram }
     }
 }
 
@@ -310,8 +310,8 @@ struct Round {
     depthwise: Array4<f32>,
     sol: faer::Mat<f64>,
     err: f64,
-    /// The new features [Z 1].
-    z: faer::Mat<f64>,
+    /// The new features Z (N × C_in·r, row-major).
+    z: Vec<f32>,
 }
 
 /// One round of alternating least squares: the depthwise filters refit
@@ -333,11 +333,11 @@ fn alternate_round(
 ) -> Option<Round> {
     use faer::prelude::*;
     let (zd, kk) = (sol.nrows() - 1, kh * kw);
-    let (n, d) = (p.xa.nrows(), p.xa.ncols() - 1);
+    let n = p.x.nrows();
     let q = sol.subrows(0, zd);
     let m = q * q.transpose();
     let centred = faer::Mat::<f64>::from_fn(n, ya.ncols(), |r, o| target[(r, o)] - sol[(zd, o)]);
-    let xr = p.xa.subcols(0, d).transpose() * &centred;
+    let xr = t_mul(&p.x, centred.as_ref());
     let dim = zd * kk;
     let ch = |j: usize| j / rank;
     let mut g = faer::Mat::<f64>::from_fn(dim, dim, |a, b| {
@@ -351,15 +351,16 @@ fn alternate_round(
     crate::refit::add_ridge(&mut g, dim, fit.ridge);
     g.llt(faer::Side::Lower).ok()?.solve_in_place(rhs.as_mut());
     let filters: Vec<f64> = (0..dim).map(|a| rhs[(a, 0)]).collect();
-    let z = faer::Mat::<f64>::from_fn(n, zd + 1, |r, j| {
-        if j == zd {
-            1.0
-        } else {
-            (0..kk).map(|k| filters[j * kk + k] * p.xa[(r, ch(j) * kk + k)]).sum()
-        }
-    });
-    let new_sol = fit.solve(&z, ya)?;
-    let err = fit.error(&z, &new_sol, ya);
+    let z: Vec<f32> = (0..n)
+        .into_par_iter()
+        .flat_map_iter(|r| {
+            let (row, filters) = (p.x.row(r), &filters);
+            (0..zd).map(move |j| (0..kk).map(|k| filters[j * kk + k] * row[ch(j) * kk + k] as f64).sum::<f64>() as f32)
+        })
+        .collect();
+    let za = Rows::with_ones(&z, n, zd);
+    let new_sol = fit.solve(&za, ya)?;
+    let err = fit.error(&za, &new_sol, ya);
     let depthwise = Array4::from_shape_fn((zd, 1, kh, kw), |(j, _, a, b)| filters[j * kk + a * kw + b] as f32);
     Some(Round { depthwise, sol: new_sol, err, z })
 }

@@ -56,7 +56,7 @@ use super::factorize::{self, eigen_desc, Outcome, Selection};
 use super::{check_unit, Pass, PassContext, PassReport};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Node, Weight};
-use crate::refit::{append_ones as with_ones, Fit};
+use crate::refit::{append_ones as with_ones, gram, mul, t_mul, Design, Fit, Rows};
 use crate::shape::Shapes;
 use faer::prelude::*;
 use faer::{Mat, Side};
@@ -425,13 +425,13 @@ fn factorize_on_data(
     if let Some(reason) = too_small(c_out, c_in, rank, opts) {
         return Ok(Outcome::Declined { name, reason });
     }
-    let xs = p.xa.subcols(0, c_in).to_owned();
+    let xs = p.xa.without_ones();
     let before = svd_error(graph, ix, w, &xs, &p.ya, rank, fit).ok_or_else(|| fail("the data-free SVD failed"))?;
     let (mut a, mut sol, mut err) = fit_outer(&xs, a, &p.ya, fit).ok_or_else(|| fail("the pointwise refit is not solvable"))?;
     if opts.alternate > 0 && !gemm {
-        let mut gram = xs.transpose() * &xs;
-        crate::refit::add_ridge(&mut gram, c_in, fit.ridge);
-        let llt = gram.llt(Side::Lower).map_err(|_| fail("the input Gram matrix is not positive definite"))?;
+        let mut g = gram(&xs);
+        crate::refit::add_ridge(&mut g, c_in, fit.ridge);
+        let llt = g.llt(Side::Lower).map_err(|_| fail("the input Gram matrix is not positive definite"))?;
         for _ in 0..opts.alternate {
             let Some(round) =
                 refit_inner(&xs, &llt, &a, &sol, &p.ya, fit).and_then(|a2| fit_outer(&xs, a2, &p.ya, fit)).filter(|r| r.2 < err)
@@ -457,19 +457,19 @@ fn factorize_on_data(
 
 /// The error of the data-free factorization at `rank` (SVD of the present
 /// weight, bias kept): what the calibrated fit is measured against.
-fn svd_error(graph: &Graph, ix: NodeIndex, w: &Array2<f32>, xs: &Mat<f64>, ya: &Mat<f64>, rank: usize, fit: Fit) -> Option<f64> {
+fn svd_error(graph: &Graph, ix: NodeIndex, w: &Array2<f32>, xs: &Rows, ya: &Mat<f64>, rank: usize, fit: Fit) -> Option<f64> {
     let (c_out, c_in) = w.dim();
     let f = factorize(w, &LowrankOptions { rank: Some(rank), min_gain: f64::NEG_INFINITY, ..Default::default() }).ok()?;
     let a = Mat::<f64>::from_fn(rank, c_in, |j, i| f.a[[j, i]] as f64);
     let bias = graph.bias_or_zeros(ix, c_out);
     let sol = Mat::<f64>::from_fn(rank + 1, c_out, |j, o| if j == rank { bias[o] as f64 } else { f.b[[o, j]] as f64 });
-    Some(fit.error(&with_ones(&(xs * a.transpose())), &sol, ya))
+    Some(fit.error(&with_ones(&mul(xs, a.transpose())), &sol, ya))
 }
 
 /// Reduced-rank regression: the rank, the energy kept, and A (r × C_in) =
 /// (M V_r)ᵀ, V_r the top principal directions of the centred predictions [X 1]·M.
-fn principal_map(xa: &Mat<f64>, full: &Mat<f64>, c_in: usize, c_out: usize, opts: &LowrankOptions) -> Option<(usize, f64, Mat<f64>)> {
-    let pred = xa * full;
+fn principal_map(xa: &impl Design, full: &Mat<f64>, c_in: usize, c_out: usize, opts: &LowrankOptions) -> Option<(usize, f64, Mat<f64>)> {
+    let pred = mul(xa, full.as_ref());
     let n = pred.nrows() as f64;
     let means: Vec<f64> = (0..c_out).map(|c| (0..pred.nrows()).map(|r| pred[(r, c)]).sum::<f64>() / n).collect();
     let centred = Mat::<f64>::from_fn(pred.nrows(), c_out, |r, c| pred[(r, c)] - means[c]);
@@ -480,8 +480,8 @@ fn principal_map(xa: &Mat<f64>, full: &Mat<f64>, c_in: usize, c_out: usize, opts
 }
 
 /// B and the bias fitted on the features Z = X Aᵀ: (A, [Bᵀ; bᵀ], error).
-fn fit_outer(xs: &Mat<f64>, a: Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<(Mat<f64>, Mat<f64>, f64)> {
-    let za = with_ones(&(xs * a.transpose()));
+fn fit_outer(xs: &Rows, a: Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<(Mat<f64>, Mat<f64>, f64)> {
+    let za = with_ones(&mul(xs, a.transpose()));
     let sol = fit.solve(&za, ya)?;
     let err = fit.error(&za, &sol, ya);
     Some((a, sol, err))
@@ -490,7 +490,7 @@ fn fit_outer(xs: &Mat<f64>, a: Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<(Mat
 /// A refit with B and b fixed: Aᵀ = (XᵀX + λ)⁻¹ Xᵀ(T − b) B (BᵀB)⁻¹, with T
 /// the targets (or, through a ReLU, their stand-in at the current solution).
 fn refit_inner(
-    xs: &Mat<f64>,
+    xs: &Rows,
     llt: &faer::linalg::solvers::Llt<f64>,
     a: &Mat<f64>,
     sol: &Mat<f64>,
@@ -499,9 +499,9 @@ fn refit_inner(
 ) -> Option<Mat<f64>> {
     let rank = sol.nrows() - 1;
     let bt = sol.subrows(0, rank); // Bᵀ: r × C_out
-    let target = if fit.relu { crate::refit::relu_target(&with_ones(&(xs * a.transpose())), sol, ya) } else { ya.clone() };
+    let target = if fit.relu { crate::refit::relu_target(&with_ones(&mul(xs, a.transpose())), sol, ya) } else { ya.clone() };
     let centred = Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| target[(r, c)] - sol[(rank, c)]);
-    let mut lhs = xs.transpose() * (&centred * bt.transpose()); // C_in × r
+    let mut lhs = t_mul(xs, (&centred * bt.transpose()).as_ref()); // C_in × r
     llt.solve_in_place(lhs.as_mut());
     // A = (BᵀB)⁻¹ lhsᵀ
     let mut at = lhs.transpose().to_owned();

@@ -8,7 +8,12 @@
 //! Changed since: the fixture's `--pipeline cresnet` (session 8): the
 //! pipeline's `budget: 0.2` now holds its promise on the 1/8-width fixture
 //! too, which the fixed ratios kept at 21.97 % of the weights (19.83 % now);
-//! the shared ResNet-50's outputs are unchanged.
+//! the shared ResNet-50's outputs are unchanged. The two calibrated `dw`
+//! digests (session 13): the solves form XᵀX and XᵀY from the f32 rows in
+//! blocks instead of from one f64 copy (calibration memory, issue #18), so
+//! the sums run in another order; against the previous outputs the logits
+//! differ by at most 9.7e-7 (relative, `check --random 8`) and every
+//! layer's reported error is the same to four digits.
 mod common;
 use common::*;
 use sha2::{Digest, Sha256};
@@ -48,7 +53,7 @@ fn fixture_calibrated_dw_output_is_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let config = calibrated_dw(dir.path(), "");
     let got = digest_of(&fixture_path(), &["--config", config.to_str().unwrap()]);
-    assert_eq!(got, "f61c07e1d7f6a9a3e7e0f9d41291a7c9aa6b2c59ecd1ea370a1880fecf1812e5");
+    assert_eq!(got, "9d31fa8a174220221f2f8a6d418924754e406abe767b0f8c7ee53d937ff3be60");
 }
 
 #[test]
@@ -60,5 +65,5 @@ fn shared_model_outputs_are_unchanged() {
     // The 7-pixel stage only: the calibrated path at a fraction of the time.
     let dir = tempfile::tempdir().unwrap();
     let config = calibrated_dw(dir.path(), ", max_resolution: 7");
-    assert_eq!(digest_of(&m, &["--config", config.to_str().unwrap()]), "c806ad3cfb13ba0cce8d61ef37cd1c81c7c92a60fae33ba23c90338dff5ea213");
+    assert_eq!(digest_of(&m, &["--config", config.to_str().unwrap()]), "df9af4785c7965984ef5980e237425e5813f8b4de62c9a86b418886bb468b631");
 }

@@ -25,12 +25,15 @@
 //! (and the last refit layer writing into it) is fitted to the original Add
 //! output minus the Add's other input *as the compressed model computes it*,
 //! so each block repairs the drift of the residual stream it receives.
+mod design;
 pub(crate) mod obs;
 pub mod settings;
 mod solve;
 mod spill;
 
-pub use solve::{residual, solve_layer, Fit};
+pub(crate) use design::{gram, mul, t_mul, Design, Rows};
+pub(crate) use solve::residual;
+pub use solve::{solve_layer, Fit};
 // The pieces of the solves the factorizing passes build on.
 pub(crate) use solve::{
     add_ridge, append_ones, current_solution, not_definite, regularized_gram, relu_target, with_ones, write_solution, Problem,
@@ -44,6 +47,7 @@ use ndarray::{Array3, ArrayD, ArrayView4};
 use petgraph::stable_graph::NodeIndex;
 use rayon::prelude::*;
 use spill::Spill;
+use std::sync::Mutex;
 
 /// Calibration images (preprocessed) and sampling settings.
 pub struct Calibration {
@@ -157,9 +161,10 @@ pub fn refittable(graph: &Graph, layers: Vec<Layer>) -> Vec<Layer> {
 const SAMPLES_PER_INPUT: usize = 4;
 
 /// Most sampled rows per layer (1,536 images at 32 positions): the solvers
-/// hold a layer's rows in f32 and f64 (12 bytes per input: 2.7 GB for a
-/// 3x3 conv of ResNet-50's last stage), so beyond that many images each
-/// gives fewer positions and memory stays bounded.
+/// hold a layer's rows in f32 (4 bytes per input: 0.9 GB for a 3x3 conv
+/// of ResNet-50's last stage; the f64 products are formed in blocks,
+/// `design.rs`), so beyond that many images each gives fewer positions
+/// and memory stays bounded.
 const MAX_ROWS: usize = 49_152;
 
 /// Positions sampled per image for `layer`: `calib.positions`, lowered so
@@ -249,9 +254,12 @@ fn output_channels(graph: &Graph, ix: NodeIndex) -> usize {
 }
 
 /// Input patches of one layer at the positions of its output map.
-fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usize, seed: u64) -> Vec<f32> {
+fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usize, seed: u64, out: &mut [f32]) -> Result<()> {
     let (c, h, w) = (x.shape()[1], x.shape()[2] as isize, x.shape()[3] as isize);
-    let mut out = Vec::with_capacity(count * c * g.kh * g.kw);
+    if out.len() != count * c * g.kh * g.kw {
+        return Err(Error::Data(format!("{count} patches of {c}x{}x{} values do not fill {} rows", g.kh, g.kw, out.len())));
+    }
+    let mut values = out.iter_mut();
     for (oy, ox) in positions(out_hw.0, out_hw.1, count, seed) {
         for ch in 0..c {
             for ky in 0..g.kh {
@@ -259,12 +267,12 @@ fn patches(x: ArrayView4<f32>, g: &Geometry, out_hw: (usize, usize), count: usiz
                 for kx in 0..g.kw {
                     let ix = (ox * g.stride[1] + kx * g.dilation[1]) as isize - g.pad[1] as isize;
                     let inside = (0..h).contains(&iy) && (0..w).contains(&ix);
-                    out.push(if inside { x[[0, ch, iy as usize, ix as usize]] } else { 0.0 });
+                    *values.next().expect("sized above") = if inside { x[[0, ch, iy as usize, ix as usize]] } else { 0.0 };
                 }
             }
         }
     }
-    out
+    Ok(())
 }
 
 /// A per-layer solver gets the layer's input patches X (N × C_in·kh·kw,
@@ -317,15 +325,27 @@ pub fn refit_with<T>(
             let other = cursor.advance(model, &shapes, &cuts, &block.other, calib, |i, a| at_samples(a, *out_hw, count, li, i))?;
             subtract_rows(&mut y, &other)?;
         }
-        let patches: Vec<f32> = cursor
-            .advance(model, &shapes, &cuts, input, calib, |i, x| as4(x).map(|x| patches(x, geo, *out_hw, count, seed(i, li))))?
-            .concat();
+        // Every image writes its rows into its own slice of one buffer: no
+        // per-image vectors to join (they held a layer's rows twice).
+        let per_image = count * input_width(&model.graph, layer.node);
+        let mut rows = vec![0f32; calib.images.len() * per_image];
+        let slots: Vec<Mutex<&mut [f32]>> = rows.chunks_mut(per_image.max(1)).map(Mutex::new).collect();
+        cursor.advance(model, &shapes, &cuts, input, calib, |i, x| {
+            let mut slot = slots[i].lock().map_err(|_| Error::Data("a calibration thread panicked".into()))?;
+            patches(as4(x)?, geo, *out_hw, count, seed(i, li), &mut slot)
+        })?;
+        drop(slots);
         let name = model.graph.node(layer.node).name().to_string();
-        report.push(solver(&mut model.graph, layer, &patches, &y)?);
+        report.push(solver(&mut model.graph, layer, &rows, &y)?);
         progress.advance(li as u64 + 1, &name);
     }
     progress.finish();
     Ok(report)
+}
+
+/// Values per sampled row of conv `ix`: its weight's C_in/group · kh · kw.
+fn input_width(graph: &Graph, ix: NodeIndex) -> usize {
+    graph.node(ix).input(1).and_then(|w| graph.constant(w)).map_or(0, |w| w.shape()[1..].iter().product())
 }
 
 /// A refit conv whose output is one input of a residual Add.

@@ -24,7 +24,7 @@
 //! solution on the kept columns.
 use crate::error::Result;
 use crate::ir::Graph;
-use crate::refit::{current_solution, not_definite, regularized_gram, write_solution, Fit, Problem};
+use crate::refit::{current_solution, not_definite, regularized_gram, t_mul, write_solution, Design, Fit, Problem, Rows};
 use faer::linalg::matmul::matmul;
 use faer::prelude::*;
 use faer::{Accum, Mat, Par, Side};
@@ -47,10 +47,12 @@ pub fn refit_dropping(graph: &mut Graph, ix: NodeIndex, x: &[f32], y: &[f32], co
 }
 
 /// The ReLU-aware refit on the kept columns (zero rows for the dropped).
-fn refit_kept(xa: &Mat<f64>, ya: &Mat<f64>, sel: &Selection, block: usize, fit: Fit) -> Option<Mat<f64>> {
-    let kept: Vec<usize> = (0..xa.ncols()).filter(|&c| c == xa.ncols() - 1 || sel.dropped.binary_search(&(c / block)).is_err()).collect();
-    let xk = Mat::<f64>::from_fn(xa.nrows(), kept.len(), |r, c| xa[(r, kept[c])]);
+fn refit_kept(xa: &Rows, ya: &Mat<f64>, sel: &Selection, block: usize, fit: Fit) -> Option<Mat<f64>> {
+    let d = xa.ncols() - 1;
+    let mut kept: Vec<usize> = (0..d).filter(|&c| sel.dropped.binary_search(&(c / block)).is_err()).collect();
+    let xk = xa.select(&kept);
     let sk = fit.solve(&xk, ya)?;
+    kept.push(d);
     let mut out = Mat::<f64>::zeros(xa.ncols(), ya.ncols());
     for (i, &k) in kept.iter().enumerate() {
         for o in 0..ya.ncols() {
@@ -69,12 +71,12 @@ pub struct Selection {
 /// Drops `count` input channels (blocks of `block` columns of `xa`, the
 /// last column being the bias ones) from the ridge fit of `ya`.
 /// None when the normal matrix is not positive definite.
-pub fn drop_channels(xa: &Mat<f64>, ya: &Mat<f64>, block: usize, count: usize, ridge: f64) -> Option<Selection> {
+pub(crate) fn drop_channels(xa: &(impl Design + ?Sized), ya: &Mat<f64>, block: usize, count: usize, ridge: f64) -> Option<Selection> {
     let g = regularized_gram(xa, ridge);
     let llt = g.llt(Side::Lower).ok()?;
     let mut h = Mat::<f64>::identity(g.nrows(), g.ncols());
     llt.solve_in_place(h.as_mut());
-    let mut w = xa.transpose() * ya;
+    let mut w = t_mul(xa, ya.as_ref());
     llt.solve_in_place(w.as_mut());
     let channels = (xa.ncols() - 1) / block.max(1);
     let mut alive = vec![true; channels];

@@ -1,6 +1,7 @@
 //! The least-squares solves of the refits: ridge regression of a layer's
 //! reference outputs on its input patches, optionally through the ReLU
 //! that follows it, and writing the solution back into the layer.
+use super::design::{gram, mul, t_mul, Design, Rows};
 use super::Calibration;
 use crate::error::{Error, Result};
 use crate::ir::Graph;
@@ -32,52 +33,70 @@ impl Fit {
     /// match relu(Y): entries with Y ≤ 0 need X·S ≤ 0, not X·S = Y. Solved
     /// by majorize-minimize — targets Y' = Y where Y > 0, min(X·S, 0)
     /// elsewhere, re-solved a few times with the same normal matrix.
-    pub fn solve(&self, xa: &Mat<f64>, ya: &Mat<f64>) -> Option<Mat<f64>> {
+    pub(crate) fn solve(&self, xa: &(impl Design + ?Sized), ya: &Mat<f64>) -> Option<Mat<f64>> {
         let llt = regularized_gram(xa, self.ridge).llt(Side::Lower).ok()?;
-        let mut sol = xa.transpose() * ya;
+        let mut sol = t_mul(xa, ya.as_ref());
         llt.solve_in_place(sol.as_mut());
         for _ in 0..if self.relu { RELU_ROUNDS } else { 0 } {
-            let target = relu_target(xa, &sol, ya);
-            sol = xa.transpose() * &target;
+            sol = relu_rhs(xa, &sol, ya);
             llt.solve_in_place(sol.as_mut());
         }
         sol.norm_l2().is_finite().then_some(sol)
     }
 
     /// Relative error, after the ReLU when there is one.
-    pub fn error(&self, xa: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>) -> f64 {
+    pub(crate) fn error(&self, xa: &(impl Design + ?Sized), sol: &Mat<f64>, ya: &Mat<f64>) -> f64 {
         if !self.relu {
             return residual(xa, sol, ya);
         }
-        let pred = xa * sol;
-        let (mut num, mut den) = (0.0, 0.0);
-        for c in 0..ya.ncols() {
-            for r in 0..ya.nrows() {
-                let (p, y) = (pred[(r, c)].max(0.0), ya[(r, c)].max(0.0));
-                num += (p - y) * (p - y);
-                den += y * y;
+        let mut num = 0.0;
+        xa.each_block(&mut |first, b| {
+            let pred = b * sol;
+            for c in 0..ya.ncols() {
+                for r in 0..b.nrows() {
+                    let (p, y) = (pred[(r, c)].max(0.0), ya[(first + r, c)].max(0.0));
+                    num += (p - y) * (p - y);
+                }
             }
-        }
+        });
+        let den: f64 = ya.col_iter().map(|c| c.iter().map(|&y| y.max(0.0) * y.max(0.0)).sum::<f64>()).sum();
         num / den.max(f64::MIN_POSITIVE)
     }
 }
 
 /// The majorize-minimize targets of [`Fit::solve`] at solution `sol`.
-pub(crate) fn relu_target(xa: &Mat<f64>, sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f64> {
-    let pred = xa * sol;
+pub(crate) fn relu_target(xa: &(impl Design + ?Sized), sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f64> {
+    let pred = mul(xa, sol.as_ref());
     Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| if ya[(r, c)] > 0.0 { ya[(r, c)] } else { pred[(r, c)].min(0.0) })
 }
 
+/// [X 1]ᵀ T for the targets T of [`relu_target`], a block of rows at a
+/// time (T is never held whole).
+fn relu_rhs(xa: &(impl Design + ?Sized), sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f64> {
+    let mut out = Mat::<f64>::zeros(xa.ncols(), ya.ncols());
+    xa.each_block(&mut |first, b| {
+        let mut t = b * sol;
+        for c in 0..ya.ncols() {
+            for r in 0..b.nrows() {
+                let y = ya[(first + r, c)];
+                t[(r, c)] = if y > 0.0 { y } else { t[(r, c)].min(0.0) };
+            }
+        }
+        out += b.transpose() * &t;
+    });
+    out
+}
+
 /// One layer's least-squares problem: [X 1] (N×(D+1)) and Y (N×C_out).
-pub(crate) struct Problem {
-    pub xa: Mat<f64>,
+pub(crate) struct Problem<'a> {
+    pub xa: Rows<'a>,
     pub ya: Mat<f64>,
     pub d: usize,
     pub c_out: usize,
 }
 
-impl Problem {
-    pub fn new(graph: &Graph, ix: NodeIndex, x: &[f32], y: &[f32]) -> Result<Problem> {
+impl Problem<'_> {
+    pub fn new<'x>(graph: &Graph, ix: NodeIndex, x: &'x [f32], y: &[f32]) -> Result<Problem<'x>> {
         let node = graph.node(ix);
         let wshape = node
             .input(1)
@@ -92,7 +111,7 @@ impl Problem {
                 reason: format!("layer `{}`: {} samples of {d} inputs but {} targets for {c_out} channels", node.name(), n, y.len()),
             });
         }
-        Ok(Problem { xa: with_ones(x, n, d), ya: Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64), d, c_out })
+        Ok(Problem { xa: Rows::with_ones(x, n, d), ya: Mat::<f64>::from_fn(n, c_out, |r, c| y[r * c_out + c] as f64), d, c_out })
     }
 }
 
@@ -128,9 +147,9 @@ pub(crate) fn append_ones(z: &Mat<f64>) -> Mat<f64> {
 
 /// [X 1]ᵀ[X 1] + λ·I on the weight rows (λ = `ridge`·tr(XᵀX)/D), with a
 /// tiny jitter on the bias row: the normal matrix of [`Fit::solve`].
-pub(crate) fn regularized_gram(xa: &Mat<f64>, ridge: f64) -> Mat<f64> {
+pub(crate) fn regularized_gram(xa: &(impl Design + ?Sized), ridge: f64) -> Mat<f64> {
     let d = xa.ncols() - 1;
-    let mut g = xa.transpose() * xa;
+    let mut g = gram(xa);
     let mean_diagonal = add_ridge(&mut g, d, ridge);
     g[(d, d)] += 1e-9 * (1.0 + mean_diagonal);
     g
@@ -154,9 +173,10 @@ pub(crate) fn current_solution(graph: &Graph, ix: NodeIndex, d: usize, c_out: us
 }
 
 /// ‖X·S − Y‖² / ‖Y‖².
-pub fn residual(x: &Mat<f64>, s: &Mat<f64>, y: &Mat<f64>) -> f64 {
-    let e = x * s - y;
-    e.squared_norm_l2() / y.squared_norm_l2().max(f64::MIN_POSITIVE)
+pub(crate) fn residual(x: &(impl Design + ?Sized), s: &Mat<f64>, y: &Mat<f64>) -> f64 {
+    let mut num = 0.0;
+    x.each_block(&mut |first, b| num += (b * s - y.subrows(first, b.nrows())).squared_norm_l2());
+    num / y.squared_norm_l2().max(f64::MIN_POSITIVE)
 }
 
 pub(crate) fn write_solution(graph: &mut Graph, ix: NodeIndex, sol: &Mat<f64>, d: usize, c_out: usize) {
