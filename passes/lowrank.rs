@@ -56,7 +56,7 @@ use super::factorize::{self, eigen_desc, Outcome, Selection};
 use super::{check_unit, Pass, PassContext, PassReport};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Node, Weight};
-use crate::refit::{append_ones as with_ones, gram, mul, t_mul, Design, Fit, Rows};
+use crate::refit::{gram, Design, Fit, Rows};
 use crate::shape::Shapes;
 use faer::prelude::*;
 use faer::{Mat, Side};
@@ -463,25 +463,41 @@ fn svd_error(graph: &Graph, ix: NodeIndex, w: &Array2<f32>, xs: &Rows, ya: &Mat<
     let a = Mat::<f64>::from_fn(rank, c_in, |j, i| f.a[[j, i]] as f64);
     let bias = graph.bias_or_zeros(ix, c_out);
     let sol = Mat::<f64>::from_fn(rank + 1, c_out, |j, o| if j == rank { bias[o] as f64 } else { f.b[[o, j]] as f64 });
-    Some(fit.error(&with_ones(&mul(xs, a.transpose())), &sol, ya))
+    let z = features(xs, &a);
+    Some(fit.error(&Rows::with_ones(&z, xs.nrows(), rank), &sol, ya))
 }
 
 /// Reduced-rank regression: the rank, the energy kept, and A (r × C_in) =
-/// (M V_r)ᵀ, V_r the top principal directions of the centred predictions [X 1]·M.
-fn principal_map(xa: &impl Design, full: &Mat<f64>, c_in: usize, c_out: usize, opts: &LowrankOptions) -> Option<(usize, f64, Mat<f64>)> {
-    let pred = mul(xa, full.as_ref());
-    let n = pred.nrows() as f64;
-    let means: Vec<f64> = (0..c_out).map(|c| (0..pred.nrows()).map(|r| pred[(r, c)]).sum::<f64>() / n).collect();
-    let centred = Mat::<f64>::from_fn(pred.nrows(), c_out, |r, c| pred[(r, c)] - means[c]);
-    let (values, vecs) = eigen_desc(&(centred.transpose() * &centred))?;
+/// (M V_r)ᵀ, V_r the top principal directions of the centred predictions
+/// P = [X 1]·M. Their scatter comes from the Gram matrix G of [X 1]
+/// without forming P (N × C_out, 0.8 GB for 2,048 outputs at the row cap):
+/// PᵀP = Mᵀ G M, and the mean row of P is (G's last row / N)·M, the last
+/// column of [X 1] being the ones.
+fn principal_map(xa: &Rows, full: &Mat<f64>, c_in: usize, c_out: usize, opts: &LowrankOptions) -> Option<(usize, f64, Mat<f64>)> {
+    let g = gram(xa);
+    let n = xa.nrows() as f64;
+    let mean = g.subrows(c_in, 1) * full * (1.0 / n);
+    let scatter = full.transpose() * &g * full - mean.transpose() * &mean * n;
+    let (values, vecs) = eigen_desc(&scatter)?;
     let (rank, energy) = choose_rank(&values[..c_out.min(c_in)], c_out, c_in, opts);
     let a = (full.subrows(0, c_in) * vecs.subcols(0, rank)).transpose().to_owned();
     Some((rank, energy, a))
 }
 
+/// The features Z = X Aᵀ (N × r, row-major f32), a block of rows at a time.
+fn features(xs: &Rows, a: &Mat<f64>) -> Vec<f32> {
+    let mut z = Vec::with_capacity(xs.nrows() * a.nrows());
+    xs.each_block(a.nrows(), &mut |_, xb| {
+        let zb = &(xb * a.transpose());
+        z.extend((0..zb.nrows()).flat_map(|r| (0..zb.ncols()).map(move |c| zb[(r, c)] as f32)));
+    });
+    z
+}
+
 /// B and the bias fitted on the features Z = X Aᵀ: (A, [Bᵀ; bᵀ], error).
 fn fit_outer(xs: &Rows, a: Mat<f64>, ya: &Mat<f64>, fit: Fit) -> Option<(Mat<f64>, Mat<f64>, f64)> {
-    let za = with_ones(&mul(xs, a.transpose()));
+    let z = features(xs, &a);
+    let za = Rows::with_ones(&z, xs.nrows(), a.nrows());
     let sol = fit.solve(&za, ya)?;
     let err = fit.error(&za, &sol, ya);
     Some((a, sol, err))
@@ -499,9 +515,20 @@ fn refit_inner(
 ) -> Option<Mat<f64>> {
     let rank = sol.nrows() - 1;
     let bt = sol.subrows(0, rank); // Bᵀ: r × C_out
-    let target = if fit.relu { crate::refit::relu_target(&with_ones(&mul(xs, a.transpose())), sol, ya) } else { ya.clone() };
-    let centred = Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| target[(r, c)] - sol[(rank, c)]);
-    let mut lhs = t_mul(xs, (&centred * bt.transpose()).as_ref()); // C_in × r
+                                   // Xᵀ(T − b)B, a block of rows at a time (T − b is N × C_out).
+    let mut lhs = Mat::<f64>::zeros(xs.ncols(), rank); // C_in × r
+    xs.each_block(ya.ncols(), &mut |first, xb| {
+        let yb = ya.subrows(first, xb.nrows());
+        let pred = fit.relu.then(|| xb * a.transpose() * bt);
+        let centred = Mat::<f64>::from_fn(xb.nrows(), ya.ncols(), |r, c| {
+            let (y, bias) = (yb[(r, c)], sol[(rank, c)]);
+            match &pred {
+                Some(p) if y <= 0.0 => (p[(r, c)] + bias).min(0.0) - bias,
+                _ => y - bias,
+            }
+        });
+        lhs += xb.transpose() * (&centred * bt.transpose());
+    });
     llt.solve_in_place(lhs.as_mut());
     // A = (BᵀB)⁻¹ lhsᵀ
     let mut at = lhs.transpose().to_owned();

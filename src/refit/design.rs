@@ -13,8 +13,10 @@ use std::borrow::Cow;
 pub(crate) trait Design: Sync {
     fn nrows(&self) -> usize;
     fn ncols(&self) -> usize;
-    /// Calls `f(first_row, block)` on consecutive blocks of rows, in order.
-    fn each_block(&self, f: &mut dyn FnMut(usize, MatRef<'_, f64>));
+    /// Calls `f(first_row, block)` on consecutive blocks of rows, in order;
+    /// `width`: the widest matrix `f` forms per row of the block (its
+    /// products have as many rows), which bounds the block's height too.
+    fn each_block(&self, width: usize, f: &mut dyn FnMut(usize, MatRef<'_, f64>));
 }
 
 impl Design for Mat<f64> {
@@ -26,7 +28,7 @@ impl Design for Mat<f64> {
         Mat::ncols(self)
     }
 
-    fn each_block(&self, f: &mut dyn FnMut(usize, MatRef<'_, f64>)) {
+    fn each_block(&self, _width: usize, f: &mut dyn FnMut(usize, MatRef<'_, f64>)) {
         f(0, self.as_ref());
     }
 }
@@ -84,9 +86,9 @@ impl Design for Rows<'_> {
         self.d + usize::from(self.ones)
     }
 
-    fn each_block(&self, f: &mut dyn FnMut(usize, MatRef<'_, f64>)) {
+    fn each_block(&self, width: usize, f: &mut dyn FnMut(usize, MatRef<'_, f64>)) {
         let cols = Design::ncols(self);
-        let step = (self.block_values / cols.max(1)).clamp(1, self.n.max(1));
+        let step = (self.block_values / cols.max(width).max(1)).clamp(1, self.n.max(1));
         let mut block = Mat::<f64>::zeros(step, cols);
         for first in (0..self.n).step_by(step) {
             let len = step.min(self.n - first);
@@ -111,14 +113,14 @@ impl Design for Rows<'_> {
 /// XᵀX.
 pub(crate) fn gram(x: &(impl Design + ?Sized)) -> Mat<f64> {
     let mut g = Mat::<f64>::zeros(x.ncols(), x.ncols());
-    x.each_block(&mut |_, b| matmul(g.as_mut(), Accum::Add, b.transpose(), b, 1.0, faer::get_global_parallelism()));
+    x.each_block(x.ncols(), &mut |_, b| matmul(g.as_mut(), Accum::Add, b.transpose(), b, 1.0, faer::get_global_parallelism()));
     g
 }
 
 /// XᵀY.
 pub(crate) fn t_mul(x: &(impl Design + ?Sized), y: MatRef<'_, f64>) -> Mat<f64> {
     let mut out = Mat::<f64>::zeros(x.ncols(), y.ncols());
-    x.each_block(&mut |first, b| {
+    x.each_block(y.ncols(), &mut |first, b| {
         let ys = y.subrows(first, b.nrows());
         matmul(out.as_mut(), Accum::Add, b.transpose(), ys, 1.0, faer::get_global_parallelism())
     });
@@ -128,7 +130,7 @@ pub(crate) fn t_mul(x: &(impl Design + ?Sized), y: MatRef<'_, f64>) -> Mat<f64> 
 /// X·S.
 pub(crate) fn mul(x: &(impl Design + ?Sized), s: MatRef<'_, f64>) -> Mat<f64> {
     let mut out = Mat::<f64>::zeros(x.nrows(), s.ncols());
-    x.each_block(&mut |first, b| {
+    x.each_block(s.ncols(), &mut |first, b| {
         let rows = out.as_mut().subrows_mut(first, b.nrows());
         matmul(rows, Accum::Replace, b, s, 1.0, faer::get_global_parallelism())
     });

@@ -50,7 +50,7 @@ impl Fit {
             return residual(xa, sol, ya);
         }
         let mut num = 0.0;
-        xa.each_block(&mut |first, b| {
+        xa.each_block(sol.ncols(), &mut |first, b| {
             let pred = b * sol;
             for c in 0..ya.ncols() {
                 for r in 0..b.nrows() {
@@ -74,7 +74,7 @@ pub(crate) fn relu_target(xa: &(impl Design + ?Sized), sol: &Mat<f64>, ya: &Mat<
 /// time (T is never held whole).
 fn relu_rhs(xa: &(impl Design + ?Sized), sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f64> {
     let mut out = Mat::<f64>::zeros(xa.ncols(), ya.ncols());
-    xa.each_block(&mut |first, b| {
+    xa.each_block(ya.ncols(), &mut |first, b| {
         let mut t = b * sol;
         for c in 0..ya.ncols() {
             for r in 0..b.nrows() {
@@ -140,11 +140,6 @@ pub(crate) fn with_ones(x: &[f32], n: usize, d: usize) -> Mat<f64> {
     Mat::<f64>::from_fn(n, d + 1, |r, c| if c == d { 1.0 } else { x[r * d + c] as f64 })
 }
 
-/// [Z 1].
-pub(crate) fn append_ones(z: &Mat<f64>) -> Mat<f64> {
-    Mat::<f64>::from_fn(z.nrows(), z.ncols() + 1, |r, c| if c == z.ncols() { 1.0 } else { z[(r, c)] })
-}
-
 /// [X 1]ᵀ[X 1] + λ·I on the weight rows (λ = `ridge`·tr(XᵀX)/D), with a
 /// tiny jitter on the bias row: the normal matrix of [`Fit::solve`].
 pub(crate) fn regularized_gram(xa: &(impl Design + ?Sized), ridge: f64) -> Mat<f64> {
@@ -175,7 +170,7 @@ pub(crate) fn current_solution(graph: &Graph, ix: NodeIndex, d: usize, c_out: us
 /// ‖X·S − Y‖² / ‖Y‖².
 pub(crate) fn residual(x: &(impl Design + ?Sized), s: &Mat<f64>, y: &Mat<f64>) -> f64 {
     let mut num = 0.0;
-    x.each_block(&mut |first, b| num += (b * s - y.subrows(first, b.nrows())).squared_norm_l2());
+    x.each_block(s.ncols(), &mut |first, b| num += (b * s - y.subrows(first, b.nrows())).squared_norm_l2());
     num / y.squared_norm_l2().max(f64::MIN_POSITIVE)
 }
 
