@@ -515,17 +515,16 @@ fn refit_inner(
 ) -> Option<Mat<f64>> {
     let rank = sol.nrows() - 1;
     let bt = sol.subrows(0, rank); // Bᵀ: r × C_out
-                                   // Xᵀ(T − b)B, a block of rows at a time (T − b is N × C_out).
+
+    // Xᵀ(T − b)B, a block of rows at a time (T − b is N × C_out).
     let mut lhs = Mat::<f64>::zeros(xs.ncols(), rank); // C_in × r
     xs.each_block(ya.ncols(), &mut |first, xb| {
         let yb = ya.subrows(first, xb.nrows());
         let pred = fit.relu.then(|| xb * a.transpose() * bt);
         let centred = Mat::<f64>::from_fn(xb.nrows(), ya.ncols(), |r, c| {
             let (y, bias) = (yb[(r, c)], sol[(rank, c)]);
-            match &pred {
-                Some(p) if y <= 0.0 => (p[(r, c)] + bias).min(0.0) - bias,
-                _ => y - bias,
-            }
+            let target = pred.as_ref().map_or(y, |p| crate::refit::relu_target_at(y, p[(r, c)] + bias));
+            target - bias
         });
         lhs += xb.transpose() * (&centred * bt.transpose());
     });

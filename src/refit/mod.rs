@@ -35,7 +35,9 @@ pub(crate) use design::{gram, t_mul, Design, Rows};
 pub(crate) use solve::residual;
 pub use solve::{solve_layer, Fit};
 // The pieces of the solves the factorizing passes build on.
-pub(crate) use solve::{add_ridge, current_solution, not_definite, regularized_gram, relu_target, with_ones, write_solution, Problem};
+pub(crate) use solve::{
+    add_ridge, current_solution, not_definite, regularized_gram, relu_target, relu_target_at, with_ones, write_solution, Problem,
+};
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model};

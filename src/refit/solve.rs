@@ -67,7 +67,17 @@ impl Fit {
 /// The majorize-minimize targets of [`Fit::solve`] at solution `sol`.
 pub(crate) fn relu_target(xa: &(impl Design + ?Sized), sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f64> {
     let pred = mul(xa, sol.as_ref());
-    Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| if ya[(r, c)] > 0.0 { ya[(r, c)] } else { pred[(r, c)].min(0.0) })
+    Mat::<f64>::from_fn(ya.nrows(), ya.ncols(), |r, c| relu_target_at(ya[(r, c)], pred[(r, c)]))
+}
+
+/// One entry of [`relu_target`]: the target `y` where it is positive, else
+/// the prediction `pred` if that is negative, else 0.
+pub(crate) fn relu_target_at(y: f64, pred: f64) -> f64 {
+    if y > 0.0 {
+        y
+    } else {
+        pred.min(0.0)
+    }
 }
 
 /// [X 1]ᵀ T for the targets T of [`relu_target`], a block of rows at a
@@ -78,8 +88,7 @@ fn relu_rhs(xa: &(impl Design + ?Sized), sol: &Mat<f64>, ya: &Mat<f64>) -> Mat<f
         let mut t = b * sol;
         for c in 0..ya.ncols() {
             for r in 0..b.nrows() {
-                let y = ya[(first + r, c)];
-                t[(r, c)] = if y > 0.0 { y } else { t[(r, c)].min(0.0) };
+                t[(r, c)] = relu_target_at(ya[(first + r, c)], t[(r, c)]);
             }
         }
         out += b.transpose() * &t;
