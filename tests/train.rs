@@ -97,7 +97,7 @@ fn batchnorm_folds_back_into_the_convs() {
     let plain_net = network(&model);
     let plain = plain_net.forward(xs.clone(), 3).unwrap();
     let (a, b) = (eval.value(net.output()), plain.value(plain_net.output()));
-    let d = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+    let d = a.iter().zip(b.iter()).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
     assert!(d < 1e-4, "identity BN changed the output by {d}");
     // After a change of every BN, the folded graph computes what evaluation mode does.
     let mut rng = Rng::new(8);

@@ -707,7 +707,7 @@ impl Trainer<'_> {
             let acts = self.net.forward_mode(x, batch, mode)?;
             for (k, f) in self.features.iter().enumerate() {
                 let v = self.net.value_of(&f.name).ok_or_else(|| fail(format!("stage output `{}` is not computed", f.name)))?.0;
-                sample_positions(acts.value(v), &targets[k + 1], f, batch, &mut samples[k]);
+                sample_positions(&acts.value(v), &targets[k + 1], f, batch, &mut samples[k]);
             }
         }
         for (k, f) in self.features.iter().enumerate() {
@@ -825,15 +825,15 @@ impl Trainer<'_> {
         let mode = if self.o.batchnorm == BatchNormMode::Train { Mode::Train } else { Mode::Eval };
         let acts = self.net.forward_mode(x, batch, mode)?;
         let out = self.net.output();
-        let (mut loss, mut g) = kd_loss(acts.value(out), &targets[0], self.net.output_len(), self.o.temperature as f32);
+        let (mut loss, mut g) = kd_loss(&acts.value(out), &targets[0], self.net.output_len(), self.o.temperature as f32);
         if self.o.label_weight > 0.0 {
-            let (l, gl) = label_loss(acts.value(out), labels, self.net.output_len(), self.o.label_weight);
+            let (l, gl) = label_loss(&acts.value(out), labels, self.net.output_len(), self.o.label_weight);
             loss += l;
             g.iter_mut().zip(gl).for_each(|(a, b)| *a += b);
         }
         let mut seeds = vec![(out, g)];
         for (&v, t) in self.adapters.iter().zip(&targets[1..]) {
-            let (l, g) = mse(acts.value(v), t, self.o.feature_weight / mean_square(t));
+            let (l, g) = mse(&acts.value(v), t, self.o.feature_weight / mean_square(t));
             loss += l;
             seeds.push((v, g));
         }
@@ -873,7 +873,7 @@ impl Trainer<'_> {
             let acts = self.net.forward_mode(x, chunk.len(), Mode::Eval)?;
             let s = acts.value(self.net.output());
             agree += s.chunks(classes).zip(t.chunks(classes)).filter(|(a, b)| argmax(a) == argmax(b)).count();
-            kl += kd_loss(s, t, classes, 1.0).0 * chunk.len() as f64;
+            kl += kd_loss(&s, t, classes, 1.0).0 * chunk.len() as f64;
             for (row, &i) in s.chunks(classes).zip(chunk) {
                 if let Some(label) = self.labels[i] {
                     labelled += 1;

@@ -9,9 +9,17 @@
 //! and folded back into the conv on `write_back`. Why: a BN-folded ResNet
 //! trains badly — measured on the 1/5-budget student, Adam at lr 1e-5
 //! already blows the logits up to ±1000 within 5 steps, while the same
-//! network with BN re-inserted trains like the original did. The batch is split
-//! over rayon's threads by image, so results are reproducible for a fixed
-//! thread count. Chosen over burn and candle by measurement (README, `distill`).
+//! network with BN re-inserted trains like the original did.
+//!
+//! Inside, every value with channels (per-image shape [C, …]) is stored
+//! channel-major, `[C][N][H·W]`, so that a conv over the batch is one matrix
+//! product per group and a channel is one contiguous run (see `kernels`);
+//! flat values ([N, K], after Flatten) stay image-major. The interface
+//! speaks image-major: `forward` takes the input as [N][C][H][W],
+//! `Activations::value` and the gradient seeds of `backward` are
+//! image-major too. The batch is split over rayon's threads by image
+//! ranges, so results are reproducible for a fixed thread count. Chosen
+//! over burn and candle by measurement (README, `distill`).
 pub mod checkpoint;
 pub mod distill;
 pub mod kernels;
@@ -23,6 +31,7 @@ use crate::shape::Shapes;
 use kernels::{ConvGeom, PoolGeom};
 use rayon::prelude::*;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// A trainable tensor: a weight of the graph, by name.
 #[derive(Debug, Clone)]
@@ -149,14 +158,16 @@ enum Step {
         y: usize,
         hw: usize,
     },
-    /// Per channel of a conv's output: params gamma, beta, running mean, var.
+    /// Per channel of a conv's output: params gamma, beta, running mean,
+    /// var; with `relu`, y = max(0, BN(x)) (a Relu that alone read the BN's
+    /// output, fused: one pass over the tensor and one tensor fewer kept).
     BatchNorm {
         x: usize,
         y: usize,
         conv: String,
         c: usize,
-        hw: usize,
         p: [usize; 4],
+        relu: bool,
     },
     /// y[B,n] = x[B,k]·op(w) + b; w is n×k when `trans_b`, else k×n.
     Gemm {
@@ -176,26 +187,117 @@ pub struct Network {
     pub params: Vec<Param>,
     steps: Vec<Step>,
     value_len: Vec<usize>,
+    /// (channels, H·W) of the values stored channel-major; None for flat ones.
+    dims: Vec<Dims>,
     values: HashMap<String, usize>,
     input: usize,
     output: usize,
+    pool: Arc<Pool>,
 }
+
+/// Buffers of finished steps, reused by later ones. Why: a training step
+/// of ResNet-50 at batch 16 allocates ~2 GB of activations and gradients,
+/// and each fresh page costs a fault and a zeroing by the kernel (a tenth
+/// of a step, measured with `perf`).
+#[derive(Default)]
+struct Pool(Mutex<Vec<Vec<f32>>>);
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pool")
+    }
+}
+
+impl Pool {
+    /// The smallest pooled buffer that holds `len` values (and not more
+    /// than twice that), emptied.
+    fn find(&self, len: usize) -> Option<Vec<f32>> {
+        let mut free = self.0.lock().ok()?;
+        let fits = |v: &Vec<f32>| v.capacity() >= len && v.capacity() <= 2 * len + 1024;
+        let best = free.iter().enumerate().filter(|(_, v)| fits(v)).min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i)?;
+        let mut v = free.swap_remove(best);
+        v.clear();
+        Some(v)
+    }
+
+    /// `len` zeros.
+    fn take(&self, len: usize) -> Vec<f32> {
+        match self.find(len) {
+            Some(mut v) => {
+                v.par_extend(rayon::iter::repeat_n(0.0, len));
+                v
+            }
+            None => vec![0.0; len],
+        }
+    }
+
+    /// A copy of `v`, in a pooled buffer when one fits.
+    fn copy(&self, v: &[f32]) -> Vec<f32> {
+        match self.find(v.len()) {
+            Some(mut out) => {
+                out.extend_from_slice(v);
+                out
+            }
+            None => v.to_vec(),
+        }
+    }
+
+    /// Keeps `v` for a later `take` (small buffers are not worth it).
+    fn give(&self, v: Vec<f32>) {
+        if v.capacity() >= PARALLEL_LEN {
+            if let Ok(mut free) = self.0.lock() {
+                free.push(v);
+            }
+        }
+    }
+}
+
+/// (channels, H·W) of a value stored channel-major, None if flat.
+type Dims = Option<(usize, usize)>;
 
 /// What forward keeps for backward.
 pub struct Activations {
     pub batch: usize,
     pub mode: Mode,
     values: Vec<Vec<f32>>,
+    dims: Vec<Dims>,
+    pool: Arc<Pool>,
     argmax: HashMap<usize, Vec<u32>>,
     /// Per BN step: batch mean and variance per channel.
     bn_batch: HashMap<usize, (Vec<f32>, Vec<f32>)>,
 }
 
 impl Activations {
-    /// The batch of value `v` (batch × per-image length).
-    pub fn value(&self, v: usize) -> &[f32] {
-        &self.values[v]
+    /// The batch of value `v`, image-major (batch × per-image length).
+    pub fn value(&self, v: usize) -> std::borrow::Cow<'_, [f32]> {
+        match self.dims[v] {
+            Some((c, hw)) => std::borrow::Cow::Owned(transpose_blocks(&self.values[v], c, self.batch, hw)),
+            None => std::borrow::Cow::Borrowed(&self.values[v]),
+        }
     }
+}
+
+impl Drop for Activations {
+    fn drop(&mut self) {
+        for v in self.values.drain(..) {
+            self.pool.give(v);
+        }
+    }
+}
+
+/// [A][B][hw] blocks to [B][A][hw]: image-major [N][C][hw] to
+/// channel-major [C][N][hw] with (a, b) = (N, C), and back with (C, N).
+fn transpose_blocks(v: &[f32], a: usize, b: usize, hw: usize) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    if hw == 0 {
+        return out;
+    }
+    out.par_chunks_mut(a * hw).enumerate().for_each(|(j, row)| {
+        for (i, block) in row.chunks_mut(hw).enumerate() {
+            block.copy_from_slice(&v[(i * b + j) * hw..][..hw]);
+        }
+    });
+    out
 }
 
 fn unsupported(node: &str, op: &str, why: &str) -> Error {
@@ -230,8 +332,9 @@ impl Builder<'_> {
         if let Some(&v) = self.net.values.get(tensor) {
             return Ok(v);
         }
-        let len = self.shape(tensor)?.iter().product();
-        self.net.value_len.push(len);
+        let shape = self.shape(tensor)?;
+        self.net.value_len.push(shape.iter().product());
+        self.net.dims.push(dims_of(&shape));
         let v = self.net.value_len.len() - 1;
         self.net.values.insert(tensor.to_string(), v);
         Ok(v)
@@ -438,6 +541,7 @@ impl Builder<'_> {
         let shape = self.shape(out)?;
         self.net.values.insert(inner.clone(), self.net.value_len.len());
         self.net.value_len.push(shape.iter().product());
+        self.net.dims.push(dims_of(&shape));
         let mut conv = self.conv(ix, x, x_name, out)?;
         let z = self.net.values[&inner];
         if let Step::Conv { y, .. } = &mut conv {
@@ -454,7 +558,7 @@ impl Builder<'_> {
             p[k] = self.net.params.len() - 1;
         }
         let y = self.value(out)?;
-        self.net.steps.push(Step::BatchNorm { x: z, y, conv: name, c, hw: shape[1..].iter().product(), p });
+        self.net.steps.push(Step::BatchNorm { x: z, y, conv: name, c, p, relu: false });
         Ok(())
     }
 
@@ -481,6 +585,9 @@ impl Builder<'_> {
         }
         let w = self.param(node.input(1).unwrap_or_default(), name, op)?;
         let b = node.input(2).filter(|b| !b.is_empty()).map(str::to_string).map(|b| self.param(&b, name, op)).transpose()?;
+        if self.shape(x_name)?.len() != 1 {
+            return Err(unsupported(name, op, "the input must be 2-d ([N, K]): put a Flatten before"));
+        }
         let (k, n) = (self.shape(x_name)?.iter().product(), self.shape(out)?.iter().product());
         if let Some(b) = b {
             if self.net.params[b].data.len() != n {
@@ -513,14 +620,46 @@ impl Network {
             .to_string();
         let output =
             graph.meta.output.first().map(|o| o.name().to_string()).ok_or_else(|| Error::invalid("distill: the model has no output"))?;
-        let net = Network { params: vec![], steps: vec![], value_len: vec![], values: HashMap::new(), input: 0, output: 0 };
+        let net = Network {
+            params: vec![],
+            steps: vec![],
+            value_len: vec![],
+            dims: vec![],
+            values: HashMap::new(),
+            input: 0,
+            output: 0,
+            pool: Default::default(),
+        };
         let mut b = Builder { graph, shapes, net, param_ix: HashMap::new(), with_bn };
         b.net.input = b.value(&input)?;
         for ix in graph.topo_order()? {
             b.step(ix)?;
         }
         b.net.output = *b.net.values.get(&output).ok_or_else(|| Error::invalid(format!("distill: output `{output}` is not computed")))?;
+        b.net.fuse_relus();
         Ok(b.net)
+    }
+
+    /// Fuses every BN with the Relu that alone reads its output: the BN
+    /// step then writes the Relu's output. The BN's own output is no longer
+    /// computed, so it stops being a value one can ask for by name.
+    fn fuse_relus(&mut self) {
+        let mut reads = vec![0usize; self.value_len.len()];
+        for v in self.steps.iter().flat_map(step_inputs) {
+            reads[v] += 1;
+        }
+        let mut i = 0;
+        while i < self.steps.len() {
+            if let Step::BatchNorm { y, relu: false, .. } = self.steps[i] {
+                let relu = self.steps[i + 1..].iter().position(|s| matches!(s, Step::Relu { x, .. } if *x == y));
+                let fused = relu.filter(|_| reads[y] == 1 && y != self.output).map(|j| self.steps.remove(i + 1 + j));
+                if let (Some(Step::Relu { y: r, .. }), Step::BatchNorm { y: out, relu, .. }) = (fused, &mut self.steps[i]) {
+                    (*out, *relu) = (r, true);
+                    self.values.retain(|_, v| *v != y);
+                }
+            }
+            i += 1;
+        }
     }
 
     /// Per-image length of the input and the output.
@@ -549,6 +688,7 @@ impl Network {
         }
         let (w, b) = (self.params.len() - 2, self.params.len() - 1);
         self.value_len.push(c_out * hw.0 * hw.1);
+        self.dims.push(Some((c_out, hw.0 * hw.1)));
         let y = self.value_len.len() - 1;
         let geom = ConvGeom {
             c_in,
@@ -614,8 +754,8 @@ impl Network {
     pub fn init_batchnorm(&mut self, batches: impl Iterator<Item = (Vec<f32>, usize)>) -> Result<()> {
         let mut sums: HashMap<usize, (Vec<f32>, Vec<f32>, usize)> = HashMap::new();
         for (x, batch) in batches {
-            let acts = self.forward_mode(x, batch, Mode::Bypass)?;
-            for (i, (m, v)) in acts.bn_batch {
+            let mut acts = self.forward_mode(x, batch, Mode::Bypass)?;
+            for (i, (m, v)) in std::mem::take(&mut acts.bn_batch) {
                 let e = sums.entry(i).or_insert_with(|| (vec![0.0; m.len()], vec![0.0; m.len()], 0));
                 add_into(&mut e.0, &m);
                 add_into(&mut e.1, &v);
@@ -653,9 +793,17 @@ impl Network {
         if x.len() != batch * self.input_len() {
             return Err(Error::Data(format!("distill: input holds {} values, expected {batch} × {}", x.len(), self.input_len())));
         }
-        let mut acts =
-            Activations { batch, mode, values: vec![Vec::new(); self.value_len.len()], argmax: HashMap::new(), bn_batch: HashMap::new() };
-        acts.values[self.input] = x;
+        let values = vec![Vec::new(); self.value_len.len()];
+        let mut acts = Activations {
+            batch,
+            mode,
+            values,
+            dims: self.dims.clone(),
+            pool: self.pool.clone(),
+            argmax: HashMap::new(),
+            bn_batch: HashMap::new(),
+        };
+        acts.values[self.input] = self.channel_major(self.input, x, batch);
         for (i, step) in self.steps.iter().enumerate() {
             let (y, out) = self.forward_step(i, step, &mut acts);
             acts.values[y] = out;
@@ -668,17 +816,23 @@ impl Network {
         let vals = &acts.values;
         match step {
             Step::Conv { x, y, w, b, geom } => {
-                let mut out = vec![0.0; batch * geom.output_len()];
+                let mut out = self.pool.take(batch * geom.output_len());
                 let (w, b) = (&self.params[*w].data, b.map(|b| self.params[b].data.as_slice()));
-                out.par_chunks_mut(geom.output_len())
-                    .zip(vals[*x].par_chunks(geom.input_len()))
-                    .for_each_init(Vec::new, |col, (yn, xn)| kernels::conv_forward(geom, xn, w, b, yn, col));
+                kernels::conv_forward(geom, batch, &vals[*x], w, b, &mut out);
                 (*y, out)
             }
-            Step::Relu { x, y } => (*y, vals[*x].par_iter().map(|v| v.max(0.0)).collect()),
-            Step::Add { a, b, y } => (*y, vals[*a].par_iter().zip(&vals[*b]).map(|(p, q)| p + q).collect()),
+            Step::Relu { x, y } => {
+                let mut out = self.pool.take(vals[*x].len());
+                out.par_iter_mut().zip(&vals[*x]).for_each(|(o, v)| *o = v.max(0.0));
+                (*y, out)
+            }
+            Step::Add { a, b, y } => {
+                let mut out = self.pool.take(vals[*a].len());
+                out.par_iter_mut().zip(vals[*a].par_iter().zip(&vals[*b])).for_each(|(o, (p, q))| *o = p + q);
+                (*y, out)
+            }
             Step::MaxPool { x, y, geom } => {
-                let mut out = vec![0.0; batch * geom.output_len()];
+                let mut out = self.pool.take(batch * geom.output_len());
                 let mut arg = vec![0u32; batch * geom.output_len()];
                 out.par_chunks_mut(geom.output_len())
                     .zip(arg.par_chunks_mut(geom.output_len()))
@@ -688,14 +842,17 @@ impl Network {
                 (*y, out)
             }
             Step::GlobalAvgPool { x, y, hw, .. } => (*y, vals[*x].par_chunks(*hw).map(|p| p.iter().sum::<f32>() / *hw as f32).collect()),
-            Step::Flatten { x, y } => (*y, vals[*x].clone()),
+            Step::Flatten { x, y } => match self.dims[*x] {
+                Some((c, hw)) => (*y, transpose_blocks(&vals[*x], c, batch, hw)),
+                None => (*y, vals[*x].clone()),
+            },
             Step::Act { x, y, f } => (*y, vals[*x].par_iter().map(|&v| f.apply(v)).collect()),
             Step::Affine { x, y, scale, shift, hw } => {
-                let c = scale.len();
+                let channel = self.channel_of(*x, scale.len(), batch);
                 let out = vals[*x]
                     .par_chunks(*hw)
                     .enumerate()
-                    .flat_map_iter(|(i, chunk)| chunk.iter().map(move |&v| v * scale[i % c] + shift[i % c]))
+                    .flat_map_iter(|(i, chunk)| chunk.iter().map(move |&v| v * scale[channel(i)] + shift[channel(i)]))
                     .collect();
                 (*y, out)
             }
@@ -711,27 +868,21 @@ impl Network {
                 let bv = &vals[*b];
                 (*y, vals[*a].par_chunks(*hw).zip(bv.par_iter()).flat_map_iter(|(chunk, &s)| chunk.iter().map(move |&v| v * s)).collect())
             }
-            Step::BatchNorm { x, y, c, hw, p, .. } => {
-                let (mean, var) = channel_stats(&vals[*x], *c, *hw);
-                let (m, v) = match acts.mode {
-                    Mode::Train => (&mean, &var),
-                    Mode::Eval => (&self.params[p[2]].data, &self.params[p[3]].data),
-                    Mode::Bypass => {
-                        let out = vals[*x].clone();
-                        acts.bn_batch.insert(i, (mean, var));
-                        return (*y, out);
-                    }
+            Step::BatchNorm { x, y, c, p, relu, .. } => {
+                let stats = (acts.mode != Mode::Eval).then(|| channel_stats(&vals[*x], *c));
+                let (scale, shift) = match (&stats, acts.mode) {
+                    (Some((mean, var)), Mode::Train) => self.bn_affine(p, mean, var, *c),
+                    (_, Mode::Eval) => self.bn_affine(p, &self.params[p[2]].data, &self.params[p[3]].data, *c),
+                    _ => (vec![1.0; *c], vec![0.0; *c]),
                 };
-                let (g, b) = (&self.params[p[0]].data, &self.params[p[1]].data);
-                let scale: Vec<f32> = crate::ir::batchnorm::scale(&g[..*c], &v[..*c], BN_EPS);
-                let shift: Vec<f32> = (0..*c).map(|k| b[k] - m[k] * scale[k]).collect();
-                let mut out = vec![0.0; vals[*x].len()];
-                out.par_chunks_mut(*hw).zip(vals[*x].par_chunks(*hw)).enumerate().for_each(|(j, (plane, xp))| {
-                    let k = j % c;
-                    plane.iter_mut().zip(xp).for_each(|(v, &xv)| *v = xv * scale[k] + shift[k]);
+                let floor = if *relu { 0.0 } else { f32::NEG_INFINITY };
+                let mut out = self.pool.take(vals[*x].len());
+                let run = out.len() / c.max(&1);
+                out.par_chunks_mut(run.max(1)).zip(vals[*x].par_chunks(run.max(1))).enumerate().for_each(|(k, (o, xr))| {
+                    o.iter_mut().zip(xr).for_each(|(v, &xv)| *v = (xv * scale[k] + shift[k]).max(floor));
                 });
-                if acts.mode == Mode::Train {
-                    acts.bn_batch.insert(i, (mean, var));
+                if let Some(stats) = stats {
+                    acts.bn_batch.insert(i, stats);
                 }
                 (*y, out)
             }
@@ -756,19 +907,55 @@ impl Network {
         }
     }
 
+    /// An image-major batch of value `v` in the value's stored layout.
+    fn channel_major(&self, v: usize, data: Vec<f32>, batch: usize) -> Vec<f32> {
+        match self.dims[v] {
+            Some((c, hw)) => transpose_blocks(&data, batch, c, hw),
+            None => data,
+        }
+    }
+
+    /// The channel (of `c`) that plane `i` (of H·W values) of value `v` belongs to.
+    fn channel_of(&self, v: usize, c: usize, batch: usize) -> impl Fn(usize) -> usize + Sync + Send + Copy {
+        let channel_major = self.dims[v].is_some();
+        move |i| if channel_major { i / batch.max(1) } else { i % c.max(1) }
+    }
+
+    /// Adds gradient `g` into `slot` (or puts it there); a buffer added is
+    /// kept for reuse.
+    fn accumulate(&self, slot: &mut Option<Vec<f32>>, g: Vec<f32>) {
+        match slot {
+            Some(s) => {
+                add_into(s, &g);
+                self.pool.give(g);
+            }
+            None => *slot = Some(g),
+        }
+    }
+
+    /// The per-channel scale and shift of a BN on statistics (`mean`, `var`).
+    fn bn_affine(&self, p: &[usize; 4], mean: &[f32], var: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
+        let (g, b) = (&self.params[p[0]].data, &self.params[p[1]].data);
+        let scale: Vec<f32> = crate::ir::batchnorm::scale(&g[..c], &var[..c], BN_EPS);
+        let shift = (0..c).map(|k| b[k] - mean[k] * scale[k]).collect();
+        (scale, shift)
+    }
+
     /// Gradients of every param, given dL/d(value) seeds (e.g. the logits').
     pub fn backward(&self, acts: &Activations, seeds: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; self.value_len.len()];
         for (v, g) in seeds {
-            accumulate(&mut grads[v], g);
+            self.accumulate(&mut grads[v], self.channel_major(v, g, acts.batch));
         }
         let mut pgrads: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.data.len()]).collect();
         for (i, step) in self.steps.iter().enumerate().rev() {
             let y = step_output(step);
-            let Some(dy) = grads[y].take() else { continue };
-            for (v, g) in self.backward_step(i, step, acts, &dy, &mut pgrads) {
+            let Some(mut dy) = grads[y].take() else { continue };
+            let outs = self.backward_step(i, step, acts, &mut dy, &mut pgrads);
+            self.pool.give(dy);
+            for (v, g) in outs {
                 if v != self.input {
-                    accumulate(&mut grads[v], g);
+                    self.accumulate(&mut grads[v], g);
                 }
             }
         }
@@ -776,37 +963,46 @@ impl Network {
     }
 
     /// Param gradients (into `pgrads`) and input gradients (returned) of one step.
-    fn backward_step(&self, i: usize, step: &Step, acts: &Activations, dy: &[f32], pgrads: &mut [Vec<f32>]) -> Vec<(usize, Vec<f32>)> {
+    /// Arms that pass `dy` on take it (leaving it empty); the caller keeps
+    /// what is left for reuse.
+    fn backward_step(
+        &self,
+        i: usize,
+        step: &Step,
+        acts: &Activations,
+        dy: &mut Vec<f32>,
+        pgrads: &mut [Vec<f32>],
+    ) -> Vec<(usize, Vec<f32>)> {
         let vals = &acts.values;
         match step {
             Step::Conv { x, w, b, geom, .. } => {
-                let (dw, db) = conv_param_grads(geom, &vals[*x], dy, b.is_some());
-                add_into(&mut pgrads[*w], &dw);
-                if let (Some(b), Some(db)) = (b, db) {
-                    add_into(&mut pgrads[*b], &db);
+                let batch = acts.batch;
+                kernels::conv_weight_grad(geom, batch, &vals[*x], dy, &mut pgrads[*w]);
+                if let Some(b) = b {
+                    kernels::add_channel_sums(dy, &mut pgrads[*b]);
                 }
                 if *x == self.input {
                     return vec![];
                 }
-                let wd = &self.params[*w].data;
-                let mut dx = vec![0.0; vals[*x].len()];
-                dx.par_chunks_mut(geom.input_len())
-                    .zip(dy.par_chunks(geom.output_len()))
-                    .for_each_init(Vec::new, |col, (dxn, dyn_)| kernels::conv_input_grad(geom, wd, dyn_, dxn, col));
+                let mut dx = self.pool.take(vals[*x].len());
+                kernels::conv_input_grad(geom, batch, &self.params[*w].data, dy, &mut dx);
                 vec![(*x, dx)]
             }
-            Step::Relu { x, y } => vec![(*x, dy.par_iter().zip(&vals[*y]).map(|(g, &o)| if o > 0.0 { *g } else { 0.0 }).collect())],
-            Step::Add { a, b, .. } => vec![(*a, dy.par_iter().copied().collect()), (*b, dy.par_iter().copied().collect())],
+            Step::Relu { x, y } => {
+                relu_backward(dy, &vals[*y]);
+                vec![(*x, std::mem::take(dy))]
+            }
+            Step::Add { a, b, .. } => vec![(*a, self.pool.copy(dy)), (*b, std::mem::take(dy))],
             Step::MaxPool { x, geom, .. } => {
                 let arg = &acts.argmax[&i];
-                let mut dx = vec![0.0; vals[*x].len()];
+                let mut dx = self.pool.take(vals[*x].len());
                 dx.par_chunks_mut(geom.input_len())
                     .zip(dy.par_chunks(geom.output_len()).zip(arg.par_chunks(geom.output_len())))
                     .for_each(|(dxn, (dyn_, an))| kernels::maxpool_backward(geom, dyn_, an, dxn));
                 vec![(*x, dx)]
             }
             Step::GlobalAvgPool { x, hw, .. } => vec![(*x, dy.iter().flat_map(|&g| std::iter::repeat_n(g / *hw as f32, *hw)).collect())],
-            Step::Flatten { x, .. } => vec![(*x, dy.to_vec())],
+            Step::Flatten { x, .. } => vec![(*x, self.channel_major(*x, std::mem::take(dy), acts.batch))],
             Step::Act { x, y, f } => {
                 let dx = dy.par_iter().zip(vals[*x].par_iter().zip(&vals[*y])).map(|(g, (&xv, &yv))| g * f.slope(xv, yv)).collect();
                 vec![(*x, dx)]
@@ -815,8 +1011,8 @@ impl Network {
                 if *x == self.input {
                     return vec![];
                 }
-                let c = scale.len();
-                vec![(*x, dy.par_chunks(*hw).enumerate().flat_map_iter(|(i, g)| g.iter().map(move |&v| v * scale[i % c])).collect())]
+                let channel = self.channel_of(*x, scale.len(), acts.batch);
+                vec![(*x, dy.par_chunks(*hw).enumerate().flat_map_iter(|(i, g)| g.iter().map(move |&v| v * scale[channel(i)])).collect())]
             }
             Step::Upsample { x, h, w, fh, fw, .. } => {
                 let (h, w, fh, fw) = (*h, *w, *fh, *fw);
@@ -838,12 +1034,16 @@ impl Network {
                     dy.par_chunks(*hw).zip(av.par_chunks(*hw)).map(|(g, x)| g.iter().zip(x).map(|(g, x)| g * x).sum()).collect();
                 vec![(*a, da), (*b, db)]
             }
-            Step::BatchNorm { x, c, hw, p, .. } => {
+            Step::BatchNorm { x, y, c, p, relu, .. } => {
                 let stats = match acts.bn_batch.get(&i) {
                     Some((m, v)) => (m.as_slice(), v.as_slice(), true),
                     None => (self.params[p[2]].data.as_slice(), self.params[p[3]].data.as_slice(), false),
                 };
-                let (dx, dg, db) = batchnorm_backward(&vals[*x], dy, *c, *hw, &self.params[p[0]].data, stats);
+                if *relu {
+                    relu_backward(dy, &vals[*y]);
+                }
+                let mut dx = self.pool.take(dy.len());
+                let (dg, db) = batchnorm_backward(&vals[*x], dy, *c, &self.params[p[0]].data, stats, &mut dx);
                 add_into(&mut pgrads[p[0]], &dg);
                 add_into(&mut pgrads[p[1]], &db);
                 vec![(*x, dx)]
@@ -869,10 +1069,44 @@ impl Network {
     }
 }
 
+/// How a value of per-image `shape` is stored: channel-major when it has
+/// channels (rank ≥ 2), flat otherwise.
+fn dims_of(shape: &[usize]) -> Dims {
+    (shape.len() >= 2).then(|| (shape[0], shape[1..].iter().product()))
+}
+
+/// dL/dx of a ReLU from dL/dy, in place: zero where the output `y` is not positive.
+fn relu_backward(dy: &mut [f32], y: &[f32]) {
+    dy.par_chunks_mut(PARALLEL_LEN).zip(y.par_chunks(PARALLEL_LEN)).for_each(|(g, o)| {
+        g.iter_mut().zip(o).for_each(|(g, &o)| {
+            if o <= 0.0 {
+                *g = 0.0
+            }
+        })
+    });
+}
+
 /// Whether a constant of `shape` holds one value per channel of `c` (`[C]`
 /// broadcast as `[C,1,1]`, or `[1,C,1,1]`).
 fn per_channel_shape(shape: &[usize], c: usize) -> bool {
     matches!(shape, [n, 1, 1] | [1, n, 1, 1] if *n == c)
+}
+
+/// The values a step reads.
+fn step_inputs(step: &Step) -> Vec<usize> {
+    match step {
+        Step::Add { a, b, .. } | Step::Mul { a, b, .. } => vec![*a, *b],
+        Step::Conv { x, .. }
+        | Step::Relu { x, .. }
+        | Step::MaxPool { x, .. }
+        | Step::GlobalAvgPool { x, .. }
+        | Step::Flatten { x, .. }
+        | Step::Act { x, .. }
+        | Step::Affine { x, .. }
+        | Step::Upsample { x, .. }
+        | Step::BatchNorm { x, .. }
+        | Step::Gemm { x, .. } => vec![*x],
+    }
 }
 
 fn step_output(step: &Step) -> usize {
@@ -892,13 +1126,6 @@ fn step_output(step: &Step) -> usize {
     }
 }
 
-fn accumulate(slot: &mut Option<Vec<f32>>, g: Vec<f32>) {
-    match slot {
-        Some(s) => add_into(s, &g),
-        None => *slot = Some(g),
-    }
-}
-
 /// acc += g, elementwise; large tensors (the gradients that meet at a
 /// residual stream) on every core.
 fn add_into(acc: &mut [f32], g: &[f32]) {
@@ -912,91 +1139,74 @@ fn add_into(acc: &mut [f32], g: &[f32]) {
 /// Elementwise work below this many values stays on the calling thread.
 const PARALLEL_LEN: usize = 1 << 15;
 
-/// dL/dw and dL/db of a conv over the batch: each thread sums its share of
-/// the images into its own buffers, then the buffers are added in order.
-fn conv_param_grads(geom: &ConvGeom, x: &[f32], dy: &[f32], bias: bool) -> (Vec<f32>, Option<Vec<f32>>) {
-    let batch = x.len() / geom.input_len().max(1);
-    let threads = rayon::current_num_threads().clamp(1, batch.max(1));
-    let per = batch.div_ceil(threads);
-    let partial: Vec<(Vec<f32>, Vec<f32>)> = (0..threads)
-        .into_par_iter()
-        .map(|t| {
-            let (mut dw, mut db, mut col) = (vec![0.0; geom.weight_len()], vec![0.0; geom.c_out], Vec::new());
-            for n in t * per..((t + 1) * per).min(batch) {
-                let (xn, dyn_) = (&x[n * geom.input_len()..][..geom.input_len()], &dy[n * geom.output_len()..][..geom.output_len()]);
-                kernels::conv_weight_grad(geom, xn, dyn_, &mut dw, bias.then_some(&mut db[..]), &mut col);
-            }
-            (dw, db)
-        })
-        .collect();
-    let mut parts = partial.into_iter();
-    let (mut dw, mut db) = parts.next().unwrap_or_default();
-    for (w, b) in parts {
-        add_into(&mut dw, &w);
-        add_into(&mut db, &b);
-    }
-    (dw, bias.then_some(db))
+/// Per-channel mean and (biased) variance of a channel-major batch
+/// ([C][N][hw]), summed in f64; channels in parallel.
+fn channel_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
+    let run = (x.len() / c.max(1)).max(1);
+    let sums: Vec<(f64, f64)> = x.par_chunks(run).map(|ch| sums(ch, ch)).collect();
+    let n = run as f64;
+    let mean: Vec<f64> = sums.iter().map(|(s, _)| s / n).collect();
+    let var = sums.iter().zip(&mean).map(|((_, q), m)| ((q / n) - m * m).max(0.0) as f32).collect();
+    (mean.into_iter().map(|m| m as f32).collect(), var)
 }
 
-/// Per-channel mean and (biased) variance of an NCHW batch. The planes are
-/// summed in parallel and their sums added per channel in plane order: the
-/// same figures as one serial pass, on every core.
-fn channel_stats(x: &[f32], c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
-    let n = (x.len() / (c * hw).max(1) * hw).max(1) as f64;
-    let planes: Vec<(f64, f64)> = x
-        .par_chunks(hw.max(1))
-        .map(|plane| (plane.iter().map(|&v| v as f64).sum::<f64>(), plane.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()))
-        .collect();
-    let (mut sum, mut sq) = (vec![0.0f64; c], vec![0.0f64; c]);
-    for (j, (s, q)) in planes.into_iter().enumerate() {
-        sum[j % c] += s;
-        sq[j % c] += q;
+/// (Σ a, Σ a·b) over paired runs, in f64, with eight partial sums per
+/// lane so that the additions vectorize (one running f64 sum waits on
+/// every add: it made BN a quarter of a training step).
+fn sums(a: &[f32], b: &[f32]) -> (f64, f64) {
+    const L: usize = 8;
+    let (mut s, mut q) = ([0.0f64; L], [0.0f64; L]);
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..L {
+            s[l] += xa[l] as f64;
+            q[l] += xa[l] as f64 * xb[l] as f64;
+        }
     }
-    let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-    let var = sq.iter().zip(&mean).map(|(q, m)| ((q / n) - m * m).max(0.0) as f32).collect();
-    (mean.into_iter().map(|m| m as f32).collect(), var)
+    for (l, (&va, &vb)) in ra.iter().zip(rb).enumerate() {
+        s[l] += va as f64;
+        q[l] += va as f64 * vb as f64;
+    }
+    (s.iter().sum(), q.iter().sum())
 }
 
 /// Backward of a BN step given the statistics its forward used: with batch
 /// statistics dx = s/N·(N·dy − Σdy − x̂·Σ(dy·x̂)), s = γ/σ; with running
-/// (frozen) statistics dx = s·dy.
+/// (frozen) statistics dx = s·dy. Per channel that is dx = A·dy + B·x + C,
+/// its coefficients formed in f64.
 fn batchnorm_backward(
     x: &[f32],
     dy: &[f32],
     c: usize,
-    hw: usize,
     gamma: &[f32],
     (mean, var, train): (&[f32], &[f32], bool),
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let n = (x.len() / (c * hw).max(1) * hw) as f64;
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let run = (x.len() / c.max(1)).max(1);
+    let n = run as f64;
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / ((*v + BN_EPS) as f64).sqrt()).collect();
-    // Σdy and Σ(dy·x̂) per plane on every core, then per channel in plane order.
-    let planes: Vec<(f64, f64)> = x
-        .par_chunks(hw.max(1))
-        .zip(dy.par_chunks(hw.max(1)))
+    // Σdy and Σ(dy·x̂) = (Σ(dy·x) − μ·Σdy)/σ per channel.
+    let (sdy, sdyx): (Vec<f64>, Vec<f64>) = dy
+        .par_chunks(run)
+        .zip(x.par_chunks(run))
         .enumerate()
-        .map(|(j, (xp, gp))| {
-            let k = j % c;
-            xp.iter().zip(gp).fold((0.0, 0.0), |(a, b), (&xv, &g)| (a + g as f64, b + g as f64 * (xv - mean[k]) as f64 * inv[k]))
+        .map(|(k, (gc, xc))| {
+            let (g, gx) = sums(gc, xc);
+            (g, (gx - mean[k] as f64 * g) * inv[k])
         })
-        .collect();
-    let (mut sdy, mut sdyx) = (vec![0.0f64; c], vec![0.0f64; c]);
-    for (j, (a, b)) in planes.into_iter().enumerate() {
-        sdy[j % c] += a;
-        sdyx[j % c] += b;
-    }
-    let mut dx = vec![0.0f32; x.len()];
-    dx.par_chunks_mut(hw).zip(x.par_chunks(hw)).zip(dy.par_chunks(hw)).enumerate().for_each(|(j, ((dp, xp), gp))| {
-        let k = j % c;
+        .unzip();
+    let coefficients = |k: usize| -> (f32, f32, f32) {
         let s = gamma[k] as f64 * inv[k];
-        for ((d, &xv), &g) in dp.iter_mut().zip(xp).zip(gp) {
-            *d = if train {
-                let xh = (xv - mean[k]) as f64 * inv[k];
-                (s * (g as f64 - sdy[k] / n - xh * sdyx[k] / n)) as f32
-            } else {
-                (s * g as f64) as f32
-            };
+        if !train {
+            return (s as f32, 0.0, 0.0);
         }
+        let b = -s * inv[k] * sdyx[k] / n;
+        (s as f32, b as f32, (-s * sdy[k] / n - b * mean[k] as f64) as f32)
+    };
+    dx.par_chunks_mut(run).zip(x.par_chunks(run)).zip(dy.par_chunks(run)).enumerate().for_each(|(k, ((dc, xc), gc))| {
+        let (a, b, c0) = coefficients(k);
+        dc.iter_mut().zip(xc).zip(gc).for_each(|((d, &xv), &g)| *d = a * g + b * xv + c0);
     });
-    (dx, sdyx.iter().map(|v| *v as f32).collect(), sdy.iter().map(|v| *v as f32).collect())
+    (sdyx.iter().map(|v| *v as f32).collect(), sdy.iter().map(|v| *v as f32).collect())
 }
