@@ -24,8 +24,8 @@ pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], at: bool, b: &[f32], bt: bo
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand too short");
     let a = Strided::new(a, if at { (1, m) } else { (k, 1) });
     let b = Strided::new(b, if bt { (1, k) } else { (n, 1) });
-    // SAFETY: `c` is an exclusive borrow holding m rows of n.
-    unsafe { gemm_into(m, k, n, a, b, Out(c.as_mut_ptr()), n, beta) }
+    // SAFETY: `c` is an exclusive borrow.
+    unsafe { gemm_into(m, k, n, a, b, Out::new(c), n, beta) }
 }
 
 /// A read-only matrix in a slice: element (i, j) at `i·rs + j·cs`.
@@ -50,38 +50,46 @@ impl<'a> Strided<'a> {
     }
 }
 
-/// The output of a product that threads write in disjoint parts.
+/// An output tensor that threads write in disjoint parts: its start and
+/// length (every access is checked against it).
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+struct Out {
+    ptr: *mut f32,
+    len: usize,
+}
 // SAFETY: every user writes a part no other thread touches (see callers).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    /// # Safety
-    /// `offset` stays inside the tensor this pointer came from.
-    unsafe fn at(self, offset: usize) -> Out {
-        Out(self.0.add(offset))
+    fn new(v: &mut [f32]) -> Out {
+        Out { ptr: v.as_mut_ptr(), len: v.len() }
+    }
+    /// The tensor from `offset` on.
+    fn at(self, offset: usize) -> Out {
+        assert!(offset <= self.len, "kernel output offset out of range");
+        // SAFETY: in bounds, checked above.
+        Out { ptr: unsafe { self.ptr.add(offset) }, len: self.len - offset }
     }
     /// # Safety
-    /// The `len` values at `offset` are inside the tensor and no other
-    /// thread reads or writes them while the slice lives.
+    /// No other thread reads or writes these values while the slice lives.
     unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+        assert!(offset + len <= self.len, "kernel output slice out of range");
+        std::slice::from_raw_parts_mut(self.ptr.add(offset), len)
     }
 }
 
 /// C = A·B + beta·C for an m×n output with row stride `rsc`.
 ///
 /// # Safety
-/// `c` must point at m rows of n values (row stride `rsc`) that no other
-/// thread touches during the call.
+/// No other thread touches those m rows of n values of `c` during the call.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_into(m: usize, k: usize, n: usize, a: Strided, b: Strided, c: Out, rsc: usize, beta: f32) {
     assert!(a.holds(m, k) && b.holds(k, n), "gemm: operand too short");
     if m == 0 || n == 0 {
         return;
     }
+    assert!((m - 1) * rsc + n <= c.len && n <= rsc, "gemm: output too short");
     let (a_ptr, b_ptr) = (a.data.as_ptr(), b.data.as_ptr());
     matrixmultiply::sgemm(
         m,
@@ -95,7 +103,7 @@ unsafe fn gemm_into(m: usize, k: usize, n: usize, a: Strided, b: Strided, c: Out
         b.rs as isize,
         b.cs as isize,
         beta,
-        c.0,
+        c.ptr,
         rsc as isize,
         1,
     )
@@ -307,7 +315,7 @@ pub fn conv_forward(g: &ConvGeom, n: usize, x: &[f32], w: &[f32], b: Option<&[f3
     if g.is_depthwise() {
         depthwise_forward(g, n, x, w, y);
     } else {
-        let out = Out(y.as_mut_ptr());
+        let out = Out::new(y);
         thread_ranges(n).into_par_iter().for_each_init(Vec::new, |col, r| {
             for gi in 0..g.group {
                 for imgs in pieces(r.clone(), per_piece(g)) {
@@ -346,7 +354,7 @@ pub fn conv_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut 
                     let src = operand(g, x, n, gi, &imgs, &mut col);
                     let dyg = Strided::new(&dy[(gi * og * n + imgs.start) * p..], (n * p, 1));
                     // SAFETY: `part` is this thread's own buffer.
-                    unsafe { gemm_into(og, imgs.len() * p, patch, dyg, src.t(), Out(part[gi * og * patch..].as_mut_ptr()), patch, 1.0) };
+                    unsafe { gemm_into(og, imgs.len() * p, patch, dyg, src.t(), Out::new(&mut part[gi * og * patch..]), patch, 1.0) };
                 }
             }
             part
@@ -366,7 +374,7 @@ pub fn conv_input_grad(g: &ConvGeom, n: usize, w: &[f32], dy: &[f32], dx: &mut [
     if !g.is_pointwise() {
         dx.par_iter_mut().for_each(|v| *v = 0.0);
     }
-    let out = Out(dx.as_mut_ptr());
+    let out = Out::new(dx);
     thread_ranges(n).into_par_iter().for_each_init(Vec::new, |col: &mut Vec<f32>, r| {
         for gi in 0..g.group {
             let wg = Strided::new(&w[gi * og * patch..], (patch, 1)).t();
@@ -380,7 +388,7 @@ pub fn conv_input_grad(g: &ConvGeom, n: usize, w: &[f32], dy: &[f32], dx: &mut [
                     } else {
                         col.clear();
                         col.resize(patch * width, 0.0);
-                        gemm_into(patch, og, width, wg, dyg, Out(col.as_mut_ptr()), width, 0.0);
+                        gemm_into(patch, og, width, wg, dyg, Out::new(col), width, 0.0);
                         col2im(g, col, n, gi, imgs, out);
                     }
                 }
@@ -413,21 +421,28 @@ fn depthwise_forward(g: &ConvGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f32]
 }
 
 fn depthwise_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-    let (og, p, hw, taps) = (g.per_group_out(), g.positions(), g.plane(), g.taps());
-    dw.par_chunks_mut(og * taps).enumerate().for_each(|(gi, dwg)| {
+    let (og, p, hw, taps, wo) = (g.per_group_out(), g.positions(), g.plane(), g.taps(), g.wo);
+    dw.par_chunks_mut(og * taps).enumerate().for_each_init(Vec::new, |acc: &mut Vec<f32>, (gi, dwg)| {
         for (o, dwo) in dwg.chunks_mut(taps).enumerate() {
+            // Products summed per tap and output column, reduced at the end:
+            // elementwise adds vectorize, a running f32 sum does not.
+            acc.clear();
+            acc.resize(taps * wo, 0.0);
             for img in 0..n {
                 let (xp, dyp) = (&x[(gi * n + img) * hw..][..hw], &dy[((gi * og + o) * n + img) * p..][..p]);
                 g.rows(|ky, kx, iy, oy, cols| {
                     let start = g.input_column(cols.start, kx);
-                    let (row, d) = (&xp[iy * g.w..][..g.w], &dy_row(dyp, g, oy)[cols]);
-                    let sum: f32 = if g.stride[1] == 1 {
-                        d.iter().zip(&row[start..]).map(|(a, b)| a * b).sum()
+                    let (row, d) = (&xp[iy * g.w..][..g.w], &dy_row(dyp, g, oy)[cols.clone()]);
+                    let a = &mut acc[(ky * g.kw + kx) * wo..][cols];
+                    if g.stride[1] == 1 {
+                        a.iter_mut().zip(d).zip(&row[start..]).for_each(|((a, &d), &v)| *a += d * v);
                     } else {
-                        d.iter().zip(row[start..].iter().step_by(g.stride[1])).map(|(a, b)| a * b).sum()
-                    };
-                    dwo[ky * g.kw + kx] += sum;
+                        a.iter_mut().zip(d).zip(row[start..].iter().step_by(g.stride[1])).for_each(|((a, &d), &v)| *a += d * v);
+                    }
                 });
+            }
+            for (t, w) in dwo.iter_mut().enumerate() {
+                *w += acc[t * wo..][..wo].iter().sum::<f32>();
             }
         }
     });
