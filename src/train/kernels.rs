@@ -5,7 +5,7 @@
 //! the weights once per batch and thread (per image before: 16 times a
 //! batch, and late layers' 49-column products ran at 60 % of the GEMM's
 //! speed), and a BN's channel is one contiguous run. Convolutions are
-//! im2col + GEMM (`matrixmultiply`, which picks AVX2/FMA at run time); a
+//! im2col + GEMM (`matrixmultiply`, which picks AVX2 or AVX-512 at run time); a
 //! 1x1, stride-1, unpadded conv multiplies the input in place, and a
 //! depthwise conv (one input channel per group) runs direct loops over its
 //! taps: there a GEMM per channel would be 1×(kh·kw)×(ho·wo), all call
