@@ -29,7 +29,7 @@ if [[ ! -f $TASK ]]; then
 fi
 CAL="calibration: { data: $TRAIN, classes: $CLASSES }"
 # The task recipe's training (passes/pipelines/cresnet-task.yaml).
-DISTILL="{distill: {epochs: 20, views: 12, resolution: 160, label_weight: 1.0, batchnorm: train, lr: 0.001, warmup: 1}}"
+DISTILL="{distill: {epochs: 28, views: 6, resolution: 160, label_weight: 1.0, batchnorm: train, lr: 0.001, warmup: 1}}"
 
 declare -A PASSES=(
   # Pruned to 1/5, the head as it was (no labelled photos used at all).
