@@ -10,7 +10,13 @@
 //! the model's own size (where it is more accurate); with `batchnorm: train`
 //! the BN statistics are re-estimated at the model's size after training
 //! (`recalibrate`: FixRes, Touvron et al. 2019), kept unless the hold-out,
-//! scored at that size, gets worse.
+//! scored at that size, gets worse. `resolution_from: s` (with
+//! `resolution: r`) is progressive resizing (fast.ai's, FFCV's): epoch 1
+//! trains at s px, the size grows linearly to r by 3/4 of the epochs, in
+//! steps of 16 px, then stays at r; a smaller epoch costs about (size/r)²
+//! of a full one, so the same hour buys more epochs. The teacher labels
+//! each view (crop and flip) at r whatever size the student sees it at,
+//! so cached views serve every size; the hold-out is scored at r.
 //!
 //! Before: a compressed graph of Conv (any group) / Relu / Add / MaxPool /
 //!         GlobalAveragePool / Flatten / Gemm, BN folded.
@@ -97,6 +103,19 @@ impl Pass for Distill {
         }
         if o.resolution.is_some_and(|r| r < 8) {
             return Err(Error::Config("`distill.resolution` must be at least 8 pixels".into()));
+        }
+        if let Some(from) = o.resolution_from {
+            let Some(to) = o.resolution else {
+                return Err(Error::Config("`distill.resolution_from` needs `distill.resolution` (the size it grows to)".into()));
+            };
+            if !(8..=to).contains(&from) {
+                return Err(Error::Config(format!("`distill.resolution_from` is {from}, but must lie in [8, resolution = {to}]")));
+            }
+            if o.feature_weight > 0.0 {
+                return Err(Error::Config(
+                    "`distill.resolution_from` and `distill.feature_weight` do not combine (stage outputs change size)".into(),
+                ));
+            }
         }
         if !(0.0..1.0).contains(&o.holdout) {
             return Err(Error::Config(format!("`distill.holdout` is {}, but must lie in [0, 1)", o.holdout)));

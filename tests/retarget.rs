@@ -421,6 +421,53 @@ fn the_teacher_can_see_the_views_at_the_models_size() {
     assert!(kl > 1e-3, "{kl}");
 }
 
+/// Progressive resizing (`resolution_from`): the epochs at smaller sizes
+/// train a second student whose weights go back to the full-size one, and
+/// the teacher labels each view once, at `resolution`. A model distilled
+/// from itself at lr ~0 stays itself at every epoch (KL 0 on the hold-out,
+/// scored at the full training size); at lr 1e-3 the first, smallest epoch
+/// already changes it.
+#[test]
+fn progressive_resizing_trains_the_same_weights_at_smaller_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _) = setup(dir.path());
+    let log_of = |lr: f64| -> Vec<String> {
+        let mut model = cresnet_opt::io::load(&path).unwrap();
+        let distill = cresnet_opt::passes::distill::DistillOptions {
+            lr,
+            epochs: 4,
+            holdout: 0.25,
+            views: Some(1),
+            resolution: Some(48),
+            resolution_from: Some(24),
+            ..distill_on_photos(dir.path())
+        };
+        let reports = run_passes(&mut model, &[fold(), PassSpec::Distill(distill)]);
+        reports.last().unwrap().changed.iter().map(|c| c.what.clone()).collect()
+    };
+    let epoch_kl = |line: &str| -> f64 { line.split("KL ").nth(1).unwrap().split(';').next().unwrap().trim().parse().unwrap() };
+    let still = log_of(1e-12);
+    assert!(still.iter().any(|l| l == "progressive resizing, px by epoch: 24 32 48 48"), "{still:?}");
+    let epochs: Vec<&String> = still.iter().filter(|l| l.starts_with("epoch ") && !l.starts_with("epoch 0")).collect();
+    assert_eq!(epochs.len(), 4, "{still:?}");
+    let mut taught = 0;
+    for line in &epochs {
+        assert!(epoch_kl(line) < 1e-4, "{line}");
+        taught += line.split("s on ").nth(1).unwrap().split(' ').next().unwrap().parse::<usize>().unwrap();
+    }
+    // 27 training images (9 held out), batch 4: 24 per epoch, each labelled at most once.
+    assert!((24..=27).contains(&taught), "{taught} images labelled: {epochs:?}");
+    let trained = log_of(1e-3);
+    let first = trained.iter().find(|l| l.starts_with("epoch 1/4")).unwrap();
+    assert!(epoch_kl(first) > 1e-5, "{first}");
+    let spec = |from: usize, to: Option<usize>| {
+        let o = cresnet_opt::passes::distill::DistillOptions { resolution_from: Some(from), resolution: to, ..Default::default() };
+        PassSpec::Distill(o).check().unwrap_err().to_string()
+    };
+    assert!(spec(96, None).contains("`distill.resolution_from` needs `distill.resolution`"), "{}", spec(96, None));
+    assert!(spec(192, Some(160)).contains("`distill.resolution_from` is 192, but must lie in [8, resolution = 160]"));
+}
+
 /// Calibration keeps 8-bit crops and makes tensors when the refits read
 /// them (issue #18): the very values `check` feeds the model, taken class
 /// by class in turn.

@@ -64,6 +64,12 @@ pub struct DistillOptions {
     /// a ResNet is convolutional up to its global pooling, so a student
     /// trained on 160-px crops of 150-px photos runs at 224 px afterwards.
     pub resolution: Option<usize>,
+    /// With `resolution`: progressive resizing (fast.ai, FFCV): epoch 1
+    /// trains at this size, the size grows linearly to `resolution` by 3/4
+    /// of the epochs (in steps of 16 px) and stays there. The teacher labels
+    /// every view at `resolution` (the same crop and flip), so its cached
+    /// logits serve every size; the hold-out is scored at `resolution`.
+    pub resolution_from: Option<usize>,
     /// With `resolution` and `batchnorm: train`: after training, the BN
     /// running statistics are re-estimated at the model's own input size on
     /// the centre crops of up to this many training images (FixRes, Touvron
@@ -122,6 +128,7 @@ impl Default for DistillOptions {
             views: None,
             warmup: 0.0,
             resolution: None,
+            resolution_from: None,
             recalibrate: 1024,
             teacher_at_model_size: false,
             ema: 0.0,
@@ -161,11 +168,7 @@ pub fn distill(
     let resized;
     let shapes = match o.resolution {
         Some(r) => {
-            let mut input = student_input(graph, shapes)?;
-            (input[2], input[3]) = (r, r);
-            let name = graph.data_input().map(|i| i.name().to_string());
-            let overrides: crate::shape::InputShapes = name.into_iter().map(|n| (n, input.clone())).collect();
-            resized = crate::shape::infer(graph, &overrides)?;
+            resized = shapes_at(graph, shapes, r)?;
             // Same crop share as the preprocessing's (e.g. 224 of 256).
             pre.resize = ((r as f64) * pre.resize as f64 / pre.crop.max(1) as f64).round() as u32;
             pre.crop = r as u32;
@@ -174,10 +177,17 @@ pub fn distill(
         }
         None => shapes,
     };
-    let mut net = match o.batchnorm {
-        BatchNormMode::Off => Network::from_graph(graph, shapes)?,
-        _ => Network::with_batchnorm(graph, shapes)?,
+    let network = |shapes: &Shapes| match o.batchnorm {
+        BatchNormMode::Off => Network::from_graph(graph, shapes),
+        _ => Network::with_batchnorm(graph, shapes),
     };
+    let mut net = network(shapes)?;
+    // Progressive resizing: the student at an epoch's smaller size.
+    let at_size = |r: usize| network(&shapes_at(graph, model_shapes, r)?);
+    if let (Some(from), Some(to)) = (o.resolution_from, o.resolution) {
+        let sizes: Vec<String> = (1..=o.epochs).map(|e| epoch_size(from, to, e, o.epochs).to_string()).collect();
+        log.push(format!("progressive resizing, px by epoch: {}", sizes.join(" ")));
+    }
     let outputs = net.output_len();
     if let Some(l) = labels.iter().flatten().find(|&&l| l >= outputs) {
         return Err(fail(format!("a label is line {} of the class list, but the student has {outputs} outputs", l + 1)));
@@ -217,6 +227,9 @@ pub fn distill(
             adapters: vec![],
             cached: Default::default(),
             teacher_size,
+            at_size: &at_size,
+            smaller: None,
+            swapped: false,
         }
         .run(&train, &hold)?;
         drop(images);
@@ -281,6 +294,9 @@ impl AtModelSize<'_> {
             adapters: vec![],
             cached: Default::default(),
             teacher_size: None,
+            at_size: &|_| Err(fail("no progressive resizing while re-estimating BN statistics")),
+            smaller: None,
+            swapped: false,
         };
         let hold_teacher = t.teacher_logits(&local_hold)?;
         let before = t.holdout(&local_hold, &hold_teacher)?;
@@ -413,6 +429,27 @@ fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64)
             (s[2..] == t[2..]).then(|| Feature { student_c: s[1], teacher_c: t[1], hw: (s[2], s[3]), name })
         })
         .collect()
+}
+
+/// The graph's shapes with its data input resized to `r`x`r` px.
+fn shapes_at(graph: &Graph, shapes: &Shapes, r: usize) -> Result<Shapes> {
+    let mut input = student_input(graph, shapes)?;
+    (input[2], input[3]) = (r, r);
+    let name = graph.data_input().map(|i| i.name().to_string());
+    let overrides: crate::shape::InputShapes = name.into_iter().map(|n| (n, input.clone())).collect();
+    crate::shape::infer(graph, &overrides)
+}
+
+/// The training size of `epoch` (1-based) of `epochs` when progressive
+/// resizing grows it from `from` to `to` px: linear up to epoch 3/4 of the
+/// way, rounded down to a multiple of 16 px (never below `from`), then `to`.
+fn epoch_size(from: usize, to: usize, epoch: usize, epochs: usize) -> usize {
+    let ramp = (epochs * 3).div_ceil(4).max(1);
+    if epoch >= ramp || from >= to {
+        return to;
+    }
+    let linear = from + (to - from) * (epoch - 1) / (ramp - 1).max(1);
+    (linear / 16 * 16).clamp(from, to)
 }
 
 /// The shape of the graph's (first non-weight) input, as the pipeline inferred it.
@@ -583,6 +620,12 @@ struct Trainer<'a> {
     cached: std::collections::HashMap<(usize, usize), Vec<f32>>,
     /// The teacher's input size when it is not the student's (`teacher_at_model_size`).
     teacher_size: Option<u32>,
+    /// The student at another input size (progressive resizing).
+    at_size: &'a dyn Fn(usize) -> Result<Network>,
+    /// The last student built by `at_size`, with its size.
+    smaller: Option<(usize, Network)>,
+    /// Whether `smaller` holds the full-size student (during an epoch at a smaller size).
+    swapped: bool,
 }
 
 impl Trainer<'_> {
@@ -755,18 +798,22 @@ impl Trainer<'_> {
         self.progress.start(&format!("distill epoch {epoch}"), steps as u64);
         let (mut sum, mut times, mut taught) = (0.0, [0.0f64; 3], 0usize);
         let view = self.cacheable().then(|| (epoch - 1) % self.o.views.unwrap_or(1));
+        let full = self.images.preprocessing.crop;
+        let size = self.resize_for(epoch)?;
+        // The teacher labels views at its own size, else at the full training size.
+        let teacher_size = self.teacher_size.or((size != full).then_some(full));
         for (k, chunk) in order.chunks_exact(batch).enumerate() {
             let seed = |slot: usize, i: usize| match view {
                 Some(v) => view_seed(self.o.seed, i, v),
                 None => self.o.seed ^ ((epoch as u64) << 40) ^ ((k * batch + slot) as u64) << 8,
             };
             let t = Instant::now();
-            let mut x = self.images.batch(chunk, |slot, i| self.images.augmented(i, seed(slot, i), self.o.min_scale));
+            let mut x = self.images.batch(chunk, |slot, i| self.images.augmented_to(i, seed(slot, i), self.o.min_scale, size));
             mixup(&mut x, batch, self.o.mixup, seed(batch, 0));
             // The same views at the teacher's size, when it has another one
             // (only when the teacher is to run: cached logits need none).
             let needed = view.is_none_or(|v| chunk.iter().any(|&i| !self.cached.contains_key(&(i, v))));
-            let resized = self.teacher_size.filter(|_| needed).map(|size| {
+            let resized = teacher_size.filter(|_| needed).map(|size| {
                 let mut xt = self.images.batch(chunk, |slot, i| self.images.augmented_to(i, seed(slot, i), self.o.min_scale, size));
                 mixup(&mut xt, batch, self.o.mixup, seed(batch, 0));
                 xt
@@ -793,7 +840,49 @@ impl Trainer<'_> {
             self.progress.advance(k as u64 + 1, &format!("loss {:.4}", sum / (k + 1) as f64));
         }
         self.progress.finish();
+        self.restore_size();
         Ok((sum / steps.max(1) as f64, times, taught))
+    }
+
+    /// With progressive resizing, puts the student at `epoch`'s size in
+    /// place of the full-size one (same weights, BN statistics and param
+    /// order, so the optimizer's state and the moving average carry over);
+    /// returns the size the epoch trains at.
+    fn resize_for(&mut self, epoch: usize) -> Result<u32> {
+        let full = self.images.preprocessing.crop;
+        let (Some(from), Some(to)) = (self.o.resolution_from, self.o.resolution) else { return Ok(full) };
+        let size = epoch_size(from, to, epoch, self.o.epochs);
+        if size as u32 == full {
+            // Sizes only grow: the smaller student (and its buffers, ~1.5 GB
+            // for ResNet-50 at 144 px) is not needed again.
+            self.smaller = None;
+            return Ok(full);
+        }
+        let mut small = match self.smaller.take() {
+            Some((s, net)) if s == size => net,
+            _ => (self.at_size)(size)?,
+        };
+        copy_params(self.net, &mut small, |_| true);
+        std::mem::swap(self.net, &mut small);
+        small.release_buffers();
+        // `smaller` now holds the full-size student until `restore_size`.
+        self.smaller = Some((size, small));
+        self.swapped = true;
+        Ok(size as u32)
+    }
+
+    /// Undoes `resize_for`: the full-size student back in place, with the
+    /// weights and BN statistics the epoch trained.
+    fn restore_size(&mut self) {
+        if !self.swapped {
+            return;
+        }
+        let Some((size, mut full)) = self.smaller.take() else { return };
+        std::mem::swap(self.net, &mut full);
+        full.release_buffers();
+        copy_params(&full, self.net, |_| true);
+        self.smaller = Some((size, full));
+        self.swapped = false;
     }
 
     /// Whether teacher logits can be kept per view: only logits are
@@ -956,7 +1045,20 @@ fn shuffle(v: &mut [usize], seed: u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::mixup;
+    use super::{epoch_size, mixup};
+
+    #[test]
+    fn progressive_sizes_grow_in_steps_of_16_px_to_the_full_size_by_three_quarters() {
+        let sizes: Vec<usize> = (1..=40).map(|e| epoch_size(96, 160, e, 40)).collect();
+        let count = |px: usize| sizes.iter().filter(|&&s| s == px).count();
+        assert_eq!([96, 112, 128, 144, 160].map(count), [8, 7, 7, 7, 11], "{sizes:?}");
+        assert!(sizes.windows(2).all(|w| w[0] <= w[1]), "{sizes:?}");
+        assert_eq!(sizes[29..], [160; 11]);
+        // Never below the start, even when it is no multiple of 16; one epoch is a full-size one.
+        assert_eq!((1..=4).map(|e| epoch_size(24, 48, e, 4)).collect::<Vec<_>>(), [24, 32, 48, 48]);
+        assert_eq!(epoch_size(96, 160, 1, 1), 160);
+        assert_eq!(epoch_size(160, 160, 1, 10), 160);
+    }
 
     /// A batch of 4 constant images of values 0, 1, 2, 3 (5 values each).
     fn batch() -> Vec<f32> {

@@ -978,6 +978,12 @@ impl Network {
         pgrads
     }
 
+    /// Frees the activation buffers kept for the next step: a network set
+    /// aside (another input size trains meanwhile) should not hold them.
+    pub fn release_buffers(&self) {
+        self.pool.clear();
+    }
+
     /// Param gradients (into `pgrads`) and input gradients (returned) of one step.
     /// Arms that pass `dy` on take it (leaving it empty); the caller keeps
     /// what is left for reuse.
