@@ -4,7 +4,7 @@ use common::*;
 use cresnet_opt::config::{DataSource, Preprocess};
 use cresnet_opt::fixture::{resnet50, FixtureSpec, Rng};
 use cresnet_opt::ir::Model;
-use cresnet_opt::passes::distill::DistillOptions;
+use cresnet_opt::passes::distill::{DistillOptions, FeatureSet};
 use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::passes::PassSpec;
 use cresnet_opt::train::distill::kd_loss;
@@ -103,6 +103,32 @@ fn feature_distillation_fits_adapters_onto_pruned_stage_outputs() {
     // The fixture's random-weight features are noise-like, so the feature
     // term competes with the logits here (measured: 0.995 -> 0.336).
     assert!(after < 0.5 * before, "KL on fresh images: before {before:.4}, after {after:.4}");
+}
+
+/// `features: pooled`: one adapter, on the pooled features the classifier
+/// reads; the teacher's targets (logits and features) are cached per view,
+/// so with `views: 1` it runs in epoch 1 only.
+#[test]
+fn pooled_feature_distillation_caches_the_teachers_features_per_view() {
+    let opts =
+        |dir: &Path| DistillOptions { feature_weight: 1.0, features: FeatureSet::Pooled, views: Some(1), holdout: 0.0, ..options(dir, 4) };
+    let (before, after, log, (student_weights, distilled_weights)) = distill_fixture(opts);
+    let adapters: Vec<&String> = log.iter().filter(|l| l.starts_with("feature `") && l.contains("adapter")).collect();
+    // The fixture's ResNet-50 at width 1/8: 2048 / 8 = 256 pooled channels.
+    assert_eq!(adapters.len(), 1, "{log:?}");
+    assert!(adapters[0].contains("-> 256 channels"), "{log:?}");
+    let taught: Vec<&str> = log.iter().filter(|l| l.contains("/4: loss")).map(|l| l.split("s on ").nth(1).unwrap()).collect();
+    // 40 images, batch 8: 5 steps of 8, every image once per epoch.
+    assert_eq!(taught.iter().map(|t| t.split(' ').next().unwrap()).collect::<Vec<_>>(), ["40", "0", "0", "0"], "{log:?}");
+    assert_eq!(distilled_weights, student_weights, "the adapter is training-only");
+    assert!(after < 0.5 * before, "KL on fresh images: before {before:.4}, after {after:.4}");
+}
+
+#[test]
+fn features_without_a_feature_weight_are_refused() {
+    let opts = DistillOptions { features: FeatureSet::Pooled, ..Default::default() };
+    let err = PassSpec::Distill(opts).check().unwrap_err();
+    assert!(err.to_string().contains("`distill.features` names what `distill.feature_weight` weighs"), "{err}");
 }
 
 #[test]

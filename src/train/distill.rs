@@ -30,8 +30,10 @@ pub struct DistillOptions {
     pub optimizer: super::optim::Kind,
     pub weight_decay: f64,
     pub temperature: f64,
-    /// Weight of the MSE on stage outputs (0 = logits only).
+    /// Weight of the MSE on the features `features` names (0 = logits only).
     pub feature_weight: f64,
+    /// Which features the MSE compares (with `feature_weight`).
+    pub features: FeatureSet,
     /// Share of the training images held back to pick the best epoch.
     pub holdout: f64,
     /// Smallest area share of a random resized crop.
@@ -89,6 +91,18 @@ pub struct DistillOptions {
     pub ema: f64,
 }
 
+/// The feature maps feature distillation compares, student against teacher.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FeatureSet {
+    /// Per spatial size, the last residual stage output (FitNets' hints).
+    #[default]
+    Stages,
+    /// The globally pooled features the classifier reads: one vector per
+    /// image, so the teacher's are cached per view like its logits.
+    Pooled,
+}
+
 /// How `distill` trains: see `passes/distill.rs`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -116,6 +130,7 @@ impl Default for DistillOptions {
             weight_decay: 0.0,
             temperature: 2.0,
             feature_weight: 0.0,
+            features: FeatureSet::default(),
             holdout: 0.1,
             min_scale: 0.35,
             mixup: 0.0,
@@ -207,7 +222,11 @@ pub fn distill(
         if let Some(k) = crate::config::class_count(&teacher_model.graph, &teacher_shapes).filter(|&k| k != outputs) {
             return Err(fail(format!("the teacher has {k} outputs, the student {outputs}: KD needs the same classes in the same order")));
         }
-        let features = stage_outputs(graph, shapes, &teacher_shapes, o.feature_weight);
+        let features = match o.features {
+            _ if o.feature_weight == 0.0 => vec![],
+            FeatureSet::Stages => stage_outputs(graph, shapes, &teacher_shapes),
+            FeatureSet::Pooled => pooled_output(graph, shapes, &teacher_shapes)?,
+        };
         let names = features.iter().map(|f| f.name.clone()).collect();
         // The teacher sees the views at the model's size when asked to (it
         // is most accurate there) and the student trains at another one.
@@ -404,10 +423,7 @@ struct Feature {
 /// tensor written by a residual Add (or the Relu right after it), when the
 /// teacher has a tensor of that name at the same resolution (its channel
 /// count may differ: a 1x1 adapter maps the student's onto the teacher's).
-fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64) -> Vec<Feature> {
-    if weight == 0.0 {
-        return vec![];
-    }
+fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes) -> Vec<Feature> {
     let mut last: Vec<(Vec<usize>, String)> = Vec::new();
     for ix in graph.topo_order().unwrap_or_default() {
         let node = graph.node(ix);
@@ -429,6 +445,26 @@ fn stage_outputs(graph: &Graph, student: &Shapes, teacher: &Shapes, weight: f64)
             (s[2..] == t[2..]).then(|| Feature { student_c: s[1], teacher_c: t[1], hw: (s[2], s[3]), name })
         })
         .collect()
+}
+
+/// The output of the last GlobalAveragePool (N×C×1×1), when the teacher
+/// has a tensor of that name and shape (its C may differ: an adapter maps
+/// the student's onto it).
+fn pooled_output(graph: &Graph, student: &Shapes, teacher: &Shapes) -> Result<Vec<Feature>> {
+    let order = graph.topo_order().unwrap_or_default();
+    let name = order
+        .iter()
+        .rev()
+        .map(|&ix| graph.node(ix))
+        .find(|n| n.op() == "GlobalAveragePool")
+        .and_then(|n| n.output(0))
+        .ok_or_else(|| fail("`features: pooled` needs a GlobalAveragePool in the student".to_string()))?
+        .to_string();
+    let shape = |shapes: &Shapes| shapes.get(&name).and_then(|s| s.shape.clone()).filter(|s| s.len() == 4 && s[2..] == [1, 1]);
+    match (shape(student), shape(teacher)) {
+        (Some(s), Some(t)) => Ok(vec![Feature { student_c: s[1], teacher_c: t[1], hw: (1, 1), name }]),
+        _ => Err(fail(format!("`features: pooled`: the teacher has no N×C×1×1 tensor `{name}` to match the student's pooled features"))),
+    }
 }
 
 /// The graph's shapes with its data input resized to `r`x`r` px.
@@ -616,8 +652,8 @@ struct Trainer<'a> {
     features: Vec<Feature>,
     /// Per feature, the adapter's output value.
     adapters: Vec<usize>,
-    /// Teacher logits per (image, view), with `views`.
-    cached: std::collections::HashMap<(usize, usize), Vec<f32>>,
+    /// Teacher logits (and pooled features) per (image, view), with `views`.
+    cached: std::collections::HashMap<(usize, usize), Vec<Vec<f32>>>,
     /// The teacher's input size when it is not the student's (`teacher_at_model_size`).
     teacher_size: Option<u32>,
     /// The student at another input size (progressive resizing).
@@ -735,8 +771,10 @@ impl Trainer<'_> {
     }
 
     /// One 1x1 adapter per feature, initialized by a ridge fit of the
-    /// teacher's feature on the student's over 2 batches of training images
-    /// (64 sampled positions per image).
+    /// teacher's feature on the student's over batches of training images
+    /// (up to 64 sampled positions per image; at least 2 batches, and up to
+    /// 32 until there are twice as many samples as student channels: a
+    /// pooled feature gives one sample per image).
     fn init_adapters(&mut self, train: &[usize]) -> Result<()> {
         if self.features.is_empty() {
             return Ok(());
@@ -744,7 +782,9 @@ impl Trainer<'_> {
         let batch = self.teacher.batch();
         let mode = if self.o.batchnorm == BatchNormMode::Train { Mode::Train } else { Mode::Eval };
         let mut samples: Vec<(Vec<f32>, Vec<f32>)> = vec![(vec![], vec![]); self.features.len()];
-        for chunk in train.chunks_exact(batch).take(2) {
+        let per_batch = self.features.iter().map(|f| batch * positions(f)).min().unwrap_or(1).max(1);
+        let wanted = self.features.iter().map(|f| 2 * f.student_c).max().unwrap_or(0);
+        for chunk in train.chunks_exact(batch).take(wanted.div_ceil(per_batch).clamp(2, 32)) {
             let x = self.images.batch(chunk, |_, i| self.images.centred(i));
             let targets = self.teacher.run(&x)?;
             let acts = self.net.forward_mode(x, batch, mode)?;
@@ -822,7 +862,7 @@ impl Trainer<'_> {
             times[0] += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let targets = match view {
-                Some(v) => vec![self.cached_teacher(xt, chunk, v, &mut taught)?],
+                Some(v) => self.cached_teacher(xt, chunk, v, &mut taught)?,
                 None => {
                     taught += chunk.len();
                     self.teacher.run(xt)?
@@ -885,27 +925,31 @@ impl Trainer<'_> {
         self.swapped = false;
     }
 
-    /// Whether teacher logits can be kept per view: only logits are
-    /// targets (no features) and no image is blended with another.
+    /// Whether teacher targets can be kept per view: no image is blended
+    /// with another, and the features are pooled ones (a few KB per view;
+    /// ResNet-50's stage outputs at 160 px are 3 MB per view, 50 GB for
+    /// 6 views of 2,700 photos).
     fn cacheable(&self) -> bool {
-        self.o.views.is_some() && self.features.is_empty() && self.o.mixup == 0.0
+        self.o.views.is_some() && self.features.iter().all(|f| f.hw == (1, 1)) && self.o.mixup == 0.0
     }
 
-    /// The teacher's logits for a batch of views `v` of `chunk`'s images
-    /// (`x`): those seen before from the cache, the others computed now.
-    fn cached_teacher(&mut self, x: &[f32], chunk: &[usize], v: usize, taught: &mut usize) -> Result<Vec<f32>> {
+    /// The teacher's logits and features for a batch of views `v` of
+    /// `chunk`'s images (`x`): those seen before from the cache, the others
+    /// computed now.
+    fn cached_teacher(&mut self, x: &[f32], chunk: &[usize], v: usize, taught: &mut usize) -> Result<Vec<Vec<f32>>> {
         let per_image = x.len() / chunk.len().max(1);
         let missing: Vec<usize> = (0..chunk.len()).filter(|&slot| !self.cached.contains_key(&(chunk[slot], v))).collect();
         *taught += missing.len();
         if !missing.is_empty() {
             let sub: Vec<f32> = missing.iter().flat_map(|&slot| x[slot * per_image..(slot + 1) * per_image].iter().copied()).collect();
-            let logits = self.teacher.run(&sub)?.swap_remove(0);
-            let classes = logits.len() / missing.len();
-            for (&slot, row) in missing.iter().zip(logits.chunks(classes)) {
-                self.cached.insert((chunk[slot], v), row.to_vec());
+            let outputs = self.teacher.run(&sub)?;
+            for (j, &slot) in missing.iter().enumerate() {
+                let rows = outputs.iter().map(|o| o.chunks(o.len() / missing.len()).nth(j).unwrap_or_default().to_vec()).collect();
+                self.cached.insert((chunk[slot], v), rows);
             }
         }
-        Ok(chunk.iter().flat_map(|&i| self.cached[&(i, v)].iter().copied()).collect())
+        let count = self.features.len() + 1;
+        Ok((0..count).map(|k| chunk.iter().flat_map(|&i| self.cached[&(i, v)][k].iter().copied()).collect()).collect())
     }
 
     /// Forward, loss, backward, update; returns the loss.
@@ -976,13 +1020,19 @@ impl Trainer<'_> {
     }
 }
 
-/// Appends 64 seeded positions per image of a student (C_s channels) and
-/// teacher (C_t channels) feature map to `out` (row-major sample matrices).
+/// Positions sampled per image of a feature map to fit its adapter.
+fn positions(f: &Feature) -> usize {
+    (f.hw.0 * f.hw.1).min(64)
+}
+
+/// Appends `positions(f)` seeded positions per image of a student (C_s
+/// channels) and teacher (C_t channels) feature map to `out` (row-major
+/// sample matrices).
 fn sample_positions(student: &[f32], teacher: &[f32], f: &Feature, batch: usize, out: &mut (Vec<f32>, Vec<f32>)) {
     let hw = f.hw.0 * f.hw.1;
     let mut rng = Rng::new(hw as u64);
     for n in 0..batch {
-        for _ in 0..64 {
+        for _ in 0..positions(f) {
             let p = rng.below(hw);
             out.0.extend((0..f.student_c).map(|c| student[(n * f.student_c + c) * hw + p]));
             out.1.extend((0..f.teacher_c).map(|c| teacher[(n * f.teacher_c + c) * hw + p]));
