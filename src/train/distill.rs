@@ -524,19 +524,28 @@ impl Teacher {
         self.runner.input_shape.iter().product()
     }
 
-    /// Logits and stage outputs of a batch, each concatenated over the images.
-    fn run(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
-        let outs = x
-            .par_chunks(self.input_len().max(1))
+    /// Per image of a batch, its logits and feature outputs.
+    fn run_each(&self, x: &[f32]) -> Result<Vec<Vec<Vec<f32>>>> {
+        x.par_chunks(self.input_len().max(1))
             .map(|xi| {
                 let input = ndarray::ArrayD::from_shape_vec(self.runner.input_shape.clone(), xi.to_vec())
                     .map_err(|e| fail(format!("teacher input: {e}")))?;
-                self.runner.run(input)
+                Ok(self.runner.run(input)?.iter().map(|o| o.iter().copied().collect()).collect())
             })
-            .collect::<Result<Vec<_>>>()?;
-        let count = outs.first().map_or(0, Vec::len);
-        Ok((0..count).map(|k| outs.iter().flat_map(|o| o[k].iter().copied()).collect()).collect())
+            .collect()
     }
+
+    /// Logits and feature outputs of a batch, each concatenated over the images.
+    fn run(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
+        Ok(concat_outputs(self.run_each(x)?.iter()))
+    }
+}
+
+/// Per output, its values for each image in turn (`per_image`: per image,
+/// its outputs).
+fn concat_outputs<'a>(per_image: impl Iterator<Item = &'a Vec<Vec<f32>>> + Clone) -> Vec<Vec<f32>> {
+    let count = per_image.clone().next().map_or(0, Vec::len);
+    (0..count).map(|k| per_image.clone().flat_map(|o| o[k].iter().copied()).collect()).collect()
 }
 
 /// T²-scaled KL divergence of softened logits, averaged over the batch, and
@@ -942,14 +951,11 @@ impl Trainer<'_> {
         *taught += missing.len();
         if !missing.is_empty() {
             let sub: Vec<f32> = missing.iter().flat_map(|&slot| x[slot * per_image..(slot + 1) * per_image].iter().copied()).collect();
-            let outputs = self.teacher.run(&sub)?;
-            for (j, &slot) in missing.iter().enumerate() {
-                let rows = outputs.iter().map(|o| o.chunks(o.len() / missing.len()).nth(j).unwrap_or_default().to_vec()).collect();
-                self.cached.insert((chunk[slot], v), rows);
+            for (&slot, outputs) in missing.iter().zip(self.teacher.run_each(&sub)?) {
+                self.cached.insert((chunk[slot], v), outputs);
             }
         }
-        let count = self.features.len() + 1;
-        Ok((0..count).map(|k| chunk.iter().flat_map(|&i| self.cached[&(i, v)][k].iter().copied()).collect()).collect())
+        Ok(concat_outputs(chunk.iter().map(|&i| &self.cached[&(i, v)])))
     }
 
     /// Forward, loss, backward, update; returns the loss.
