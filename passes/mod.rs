@@ -138,6 +138,7 @@ registry! {
     EliminateIdentity => eliminate_identity::EliminateIdentity,
     Canonicalize => canonicalize::Canonicalize,
     Retarget => retarget::Retarget,
+    Resize => resize::Resize,
 }
 
 /// Pipelines shipped in the binary: (name, one-line summary, YAML).

@@ -102,7 +102,9 @@ fn unknown_pass_lists_the_valid_ones() {
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
     assert!(
-        err.contains("unknown pass `squash` (valid: none, fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize, retarget)"),
+        err.contains(
+            "unknown pass `squash` (valid: none, fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize, retarget, resize)"
+        ),
         "{err}"
     );
     assert!(!out.exists());
@@ -125,7 +127,7 @@ fn bad_yaml_is_named() {
         ("passes:\n  - prune: { ratio: lots }\n", "invalid type"),
         (
             "passes:\n  - squash\n",
-            "unknown pass `squash` (valid passes: fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize, retarget)",
+            "unknown pass `squash` (valid passes: fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize, retarget, resize)",
         ),
         ("pipeline: nosuch\n", "unknown pipeline `nosuch` (shipped pipelines: fold, cresnet, cresnet-task)"),
         (

@@ -122,6 +122,9 @@ fn pooled_feature_distillation_caches_the_teachers_features_per_view() {
     assert_eq!(taught.iter().map(|t| t.split(' ').next().unwrap()).collect::<Vec<_>>(), ["40", "0", "0", "0"], "{log:?}");
     assert_eq!(distilled_weights, student_weights, "the adapter is training-only");
     assert!(after < 0.5 * before, "KL on fresh images: before {before:.4}, after {after:.4}");
+    // `holdout: 0`: nothing is scored, the last epoch stays.
+    assert!(log.contains(&"epoch 0 (before training): no hold-out (`holdout: 0`; the last epoch is kept)".to_string()), "{log:?}");
+    assert!(log.iter().any(|l| l.starts_with("kept epoch 4 (no hold-out")), "{log:?}");
 }
 
 #[test]

@@ -36,6 +36,50 @@ fn tiny() -> Model {
     net.model(&["y"]).expect("model")
 }
 
+/// A linear Resize (the `resize` pass's node, half_pixel) of the input,
+/// down, and one between two convs, down in H and up in W.
+fn resized() -> Model {
+    let mut net = Net::new(3).input("x", &[1, 3, 12, 10]);
+    let resize = |net: &mut Net, name: &str, x: &str, sh: f32, sw: f32| {
+        let scales = format!("{name}.scales");
+        net.set_weight(&scales, ndarray::arr1(&[1.0, 1.0, sh, sw]).into_dyn());
+        let mut node = Node::new("Resize", name, &[x, "", &scales], &[name]);
+        node.set_attr_str("mode", "linear");
+        node.set_attr_str("coordinate_transformation_mode", "half_pixel");
+        net.node(node)
+    };
+    let r0 = resize(&mut net, "r0", "x", cresnet_opt::passes::resize::scale_for(12, 9), 0.8);
+    let c1 = net.conv("c1", &r0, ConvSpec::new(3, 6, 3));
+    let r1 = resize(&mut net, "r1", &c1, 0.6, 1.7);
+    let a = net.op("Relu", "a", &[&r1]);
+    let c2 = net.conv("c2", &a, ConvSpec { pad: 0, ..ConvSpec::new(6, 4, 1) });
+    let gap = net.op("GlobalAveragePool", "gap", &[&c2]);
+    let flat = net.op("Flatten", "flat", &[&gap]);
+    let w = net.weight("fc.w", &[5, 4], 0.5);
+    let mut gemm = Node::new("Gemm", "fc", &[&flat, &w], &["y"]);
+    gemm.set_attr_int("transB", 1);
+    net.node(gemm);
+    net.model(&["y"]).expect("model")
+}
+
+#[test]
+fn linear_resize_matches_tract() {
+    let model = resized();
+    let x = random_input(&model, 2, 1.0, 5);
+    let expected = run(&model, &x);
+    let net = network(&model);
+    let acts = net.forward(x.as_slice().unwrap().to_vec(), 2).expect("forward");
+    let got = ndarray::ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
+    let diff = rel_diff(&expected, &got);
+    assert!(diff < 1e-5, "engine vs tract: relative difference {diff}");
+}
+
+#[test]
+fn gradients_through_a_linear_resize_match_finite_differences() {
+    // c1's weight and bias, c2's weight and bias, fc's weight.
+    check_gradients_of(&resized(), network(&resized()), 5);
+}
+
 #[test]
 fn forward_matches_tract_on_the_fixture() {
     let mut model = cresnet_opt::io::load(&fixture_path()).expect("fixture loads");
@@ -112,9 +156,12 @@ fn batchnorm_folds_back_into_the_convs() {
     assert!(d < 1e-5, "folded graph vs evaluation mode: {d}");
 }
 
-fn check_gradients(mut net: Network, params: usize) {
-    let model = tiny();
-    let x = random_input(&model, 2, 1.0, 9).as_slice().unwrap().to_vec();
+fn check_gradients(net: Network, params: usize) {
+    check_gradients_of(&tiny(), net, params)
+}
+
+fn check_gradients_of(model: &Model, mut net: Network, params: usize) {
+    let x = random_input(model, 2, 1.0, 9).as_slice().unwrap().to_vec();
     let mut rng = Rng::new(11);
     let c: Vec<f32> = (0..2 * net.output_len()).map(|_| rng.normal()).collect();
     let acts = net.forward(x.clone(), 2).unwrap();

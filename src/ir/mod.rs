@@ -112,6 +112,14 @@ impl Node {
             ..Default::default()
         });
     }
+    pub fn set_attr_str(&mut self, name: &str, value: &str) {
+        self.set_attr(AttributeProto {
+            name: Some(name.into()),
+            r#type: Some(AttributeType::String as i32),
+            s: Some(value.as_bytes().to_vec().into()),
+            ..Default::default()
+        });
+    }
     fn set_attr(&mut self, attr: AttributeProto) {
         match self.proto.attribute.iter_mut().find(|a| a.name == attr.name) {
             Some(slot) => *slot = attr,

@@ -589,6 +589,8 @@ struct Score {
     kl: f64,
     /// Top-1 against labels, when the hold-out has labelled images.
     top1: Option<f64>,
+    /// Hold-out images scored (0: no hold-out, nothing to show).
+    images: usize,
 }
 
 impl Score {
@@ -599,6 +601,9 @@ impl Score {
 
 impl std::fmt::Display for Score {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        if self.images == 0 {
+            return write!(f, "no hold-out (`holdout: 0`; the last epoch is kept)");
+        }
         if let Some(t) = self.top1 {
             write!(f, "hold-out top-1 {t:.3}, ")?;
         }
@@ -719,7 +724,7 @@ impl Trainer<'_> {
             // the live ones are back in place before any error returns.
             swap_weights(self.net, &mut state.ema);
             let scored = self.holdout(hold, &hold_teacher);
-            let best = Score { agreement: state.best_agreement, kl: state.best_kl, top1: state.best_top1 };
+            let best = Score { agreement: state.best_agreement, kl: state.best_kl, top1: state.best_top1, images: hold.len() };
             // Top-1 against labels first (when the hold-out has labels), then
             // agreement, then KL. Measured: keeping the lowest KL picked a dw
             // rank-1 student with KL 2.36 / agreement 0.397 over its start
@@ -749,7 +754,7 @@ impl Trainer<'_> {
         for (p, best) in self.net.params.iter_mut().zip(state.best_params) {
             p.data = best;
         }
-        let best = Score { agreement: state.best_agreement, kl: state.best_kl, top1: state.best_top1 };
+        let best = Score { agreement: state.best_agreement, kl: state.best_kl, top1: state.best_top1, images: hold.len() };
         self.log.push(format!("kept epoch {} ({best}; {} training / {} hold-out images)", state.best_epoch, train.len(), hold.len()));
         Ok(())
     }
@@ -1022,7 +1027,7 @@ impl Trainer<'_> {
         }
         let n = hold.len() as f64;
         let top1 = (labelled > 0).then(|| right as f64 / labelled as f64);
-        Ok(Score { agreement: agree as f64 / n, kl: kl / n, top1 })
+        Ok(Score { agreement: agree as f64 / n, kl: kl / n, top1, images: hold.len() })
     }
 }
 

@@ -150,6 +150,17 @@ enum Step {
         fh: usize,
         fw: usize,
     },
+    /// Linear resize of H and W (ONNX `Resize`, mode `linear`, half_pixel
+    /// coordinates, scales given): each output row and column reads two
+    /// input ones, `taps` below.
+    Resize {
+        x: usize,
+        y: usize,
+        rows: Vec<Tap>,
+        cols: Vec<Tap>,
+        h: usize,
+        w: usize,
+    },
     /// y = a ⊙ b, with `b` per channel (`hw` = H·W, an SE block's scale)
     /// or of `a`'s shape (`hw` = 1, Swish).
     Mul {
@@ -305,6 +316,30 @@ fn transpose_blocks(v: &[f32], a: usize, b: usize, hw: usize) -> Vec<f32> {
         }
     });
     out
+}
+
+/// One output row (or column) of a linear resize: `w0 · x[i0] + w1 · x[i1]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tap {
+    i0: usize,
+    i1: usize,
+    w0: f32,
+    w1: f32,
+}
+
+/// The taps of `out` outputs resized from `len` inputs by `scale`, as ONNX's
+/// linear mode with half_pixel coordinates computes them: position
+/// `(o + 0.5) / scale − 0.5`, neighbours clamped to the edge.
+fn linear_taps(len: usize, out: usize, scale: f32) -> Vec<Tap> {
+    (0..out)
+        .map(|o| {
+            let x = ((o as f32 + 0.5) / scale - 0.5).max(0.0);
+            let i0 = (x.floor() as usize).min(len - 1);
+            let i1 = (i0 + 1).min(len - 1);
+            let w1 = if i1 == i0 { 0.0 } else { x - i0 as f32 };
+            Tap { i0, i1, w0: 1.0 - w1, w1 }
+        })
+        .collect()
 }
 
 fn unsupported(node: &str, op: &str, why: &str) -> Error {
@@ -468,8 +503,11 @@ impl Builder<'_> {
     fn upsample(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
         let node = self.graph.node(ix);
         let (name, op) = (node.name(), node.op());
+        if op == "Resize" && node.attr_str("mode").as_deref() == Some("linear") {
+            return self.linear_resize(ix, x, x_name, out);
+        }
         if node.attr_str("mode").is_some_and(|m| m != "nearest") {
-            return Err(unsupported(name, op, "only mode `nearest` is supported"));
+            return Err(unsupported(name, op, "only modes `nearest` and `linear` are supported"));
         }
         // Integer upsampling picks x[i / f] only for these coordinate/rounding pairs.
         let coord = node.attr_str("coordinate_transformation_mode").unwrap_or_else(|| "half_pixel".into());
@@ -488,6 +526,24 @@ impl Builder<'_> {
             return Err(unsupported(name, op, "only upsampling of H and W by integer factors is supported"));
         }
         Ok(Step::Upsample { x, y: self.value(out)?, h: xs[1], w: xs[2], fh: ys[1] / xs[1], fw: ys[2] / xs[2] })
+    }
+
+    /// A linear `Resize` by constant scales of H and W (half_pixel coordinates).
+    fn linear_resize(&mut self, ix: petgraph::stable_graph::NodeIndex, x: usize, x_name: &str, out: &str) -> Result<Step> {
+        let node = self.graph.node(ix);
+        let (name, op) = (node.name(), node.op());
+        let coord = node.attr_str("coordinate_transformation_mode").unwrap_or_else(|| "half_pixel".into());
+        if coord != "half_pixel" || node.attr_int("antialias").is_some_and(|a| a != 0) || node.input(3).is_some_and(|t| !t.is_empty()) {
+            return Err(unsupported(name, op, "linear mode is supported with half_pixel coordinates, constant scales and no antialias"));
+        }
+        let scales: Vec<f32> =
+            node.input(2).and_then(|t| self.graph.constant_f32(t)).map(|a| a.iter().copied().collect()).unwrap_or_default();
+        let (xs, ys) = (self.shape(x_name)?, self.shape(out)?);
+        if scales.len() != 4 || scales[0] != 1.0 || scales[1] != 1.0 || xs.len() != 3 || ys.len() != 3 || xs[0] != ys[0] {
+            return Err(unsupported(name, op, "only constant scales [1, 1, sh, sw] of an NxCxHxW tensor are supported"));
+        }
+        let (rows, cols) = (linear_taps(xs[1], ys[1], scales[2]), linear_taps(xs[2], ys[2], scales[3]));
+        Ok(Step::Resize { x, y: self.value(out)?, rows, cols, h: xs[1], w: xs[2] })
     }
 
     /// Mul of two activations: same shape, or one per channel ([C,1,1]).
@@ -874,6 +930,23 @@ impl Network {
                     .collect();
                 (*y, out)
             }
+            Step::Resize { x, y, rows, cols, h, w } => {
+                let (h, w, ow) = (*h, *w, cols.len());
+                let out = vals[*x]
+                    .par_chunks(h * w)
+                    .flat_map_iter(|plane| {
+                        rows.iter().flat_map(move |r| {
+                            cols.iter().map(move |c| {
+                                let at = |i: usize, j: usize| plane[i * w + j];
+                                r.w0 * (c.w0 * at(r.i0, c.i0) + c.w1 * at(r.i0, c.i1))
+                                    + r.w1 * (c.w0 * at(r.i1, c.i0) + c.w1 * at(r.i1, c.i1))
+                            })
+                        })
+                    })
+                    .collect::<Vec<f32>>();
+                debug_assert_eq!(out.len(), vals[*x].len() / (h * w) * rows.len() * ow);
+                (*y, out)
+            }
             Step::Mul { a, b, y, hw } => {
                 let bv = &vals[*b];
                 (*y, vals[*a].par_chunks(*hw).zip(bv.par_iter()).flat_map_iter(|(chunk, &s)| chunk.iter().map(move |&v| v * s)).collect())
@@ -1048,6 +1121,24 @@ impl Network {
                 });
                 vec![(*x, dx)]
             }
+            Step::Resize { x, rows, cols, h, w, .. } => {
+                if *x == self.input {
+                    return vec![];
+                }
+                let (h, w, ow) = (*h, *w, cols.len());
+                let mut dx = vec![0.0; vals[*x].len()];
+                dx.par_chunks_mut(h * w).zip(dy.par_chunks(rows.len() * ow)).for_each(|(dxp, dyp)| {
+                    for (r, g_row) in rows.iter().zip(dyp.chunks(ow)) {
+                        for (c, &g) in cols.iter().zip(g_row) {
+                            dxp[r.i0 * w + c.i0] += r.w0 * c.w0 * g;
+                            dxp[r.i0 * w + c.i1] += r.w0 * c.w1 * g;
+                            dxp[r.i1 * w + c.i0] += r.w1 * c.w0 * g;
+                            dxp[r.i1 * w + c.i1] += r.w1 * c.w1 * g;
+                        }
+                    }
+                });
+                vec![(*x, dx)]
+            }
             Step::Mul { a, b, hw, .. } => {
                 let (av, bv) = (&vals[*a], &vals[*b]);
                 let da: Vec<f32> =
@@ -1126,6 +1217,7 @@ fn step_inputs(step: &Step) -> Vec<usize> {
         | Step::Act { x, .. }
         | Step::Affine { x, .. }
         | Step::Upsample { x, .. }
+        | Step::Resize { x, .. }
         | Step::BatchNorm { x, .. }
         | Step::Gemm { x, .. } => vec![*x],
     }
@@ -1142,6 +1234,7 @@ fn step_output(step: &Step) -> usize {
         | Step::Act { y, .. }
         | Step::Affine { y, .. }
         | Step::Upsample { y, .. }
+        | Step::Resize { y, .. }
         | Step::Mul { y, .. }
         | Step::BatchNorm { y, .. }
         | Step::Gemm { y, .. } => *y,
