@@ -6,7 +6,7 @@
 //! After:   X → Resize (linear, half_pixel, scales [1, 1, s, s]) → Xs [N,C,size,size] → readers of X
 //!
 //! `s` is the smallest f32 with `floor(H * s) == size` (tract and ONNX
-//! Runtime both truncate `H * s`; `size / H` itself may round below). A
+//! Runtime truncate `H * s` in f32; `size / H` itself may round below). A
 //! convolutional network up to a global pooling computes ~(size / H)² of its
 //! MACs; its weights do not change. When it pays: photos whose own size is
 //! below the input size (a 150-px photo upsampled to 224 carries nothing a
@@ -14,12 +14,17 @@
 //! at. Passes after it (refits, `retarget`, `distill`) see the network at
 //! `size`.
 //!
-//! Applies to the model's single 4-d data input with a square, concrete
-//! size (symbolic H and W take 224 unless `--input-shape` says otherwise).
+//! Applies to the model's (first) data input when it is a square 4-d image
+//! of known size (symbolic H and W take 224 unless `--input-shape` says
+//! otherwise; the scale is fixed, so an input of another size is computed at
+//! `floor(H * s)`). `Shape` and `Size` nodes keep reading the input itself.
 //! Declines, with the reason, when: the opset is below 11 (no linear Resize
-//! with half_pixel coordinates), the input is not square or not larger than
-//! `size`, or the network does not accept the smaller size (a Flatten into a
-//! Gemm without global pooling: shape inference fails).
+//! with half_pixel coordinates), the graph has subgraphs (their bodies may
+//! read the input unseen), the input has no readers, is not square or not
+//! larger than `size`, or the network does not accept the smaller size
+//! (shape inference fails, e.g. a Flatten into a Gemm without global
+//! pooling) or would change the shape of a graph output (a network whose
+//! output is an image).
 use super::{Pass, PassContext, PassReport};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Node, Weight};
@@ -62,17 +67,30 @@ impl Pass for Resize {
             report.decline(&input, reason);
             return Ok(report);
         }
-        let side = shape.map_or(0, |s| s[2]);
+        if model.graph.nodes().any(|n| n.has_subgraph()) {
+            report.decline(&input, "the graph has subgraphs, which may read the input from the outer scope");
+            return Ok(report);
+        }
+        if resized_readers(&model.graph, &input).is_empty() {
+            report.decline(&input, "nothing but Shape or Size reads it");
+            return Ok(report);
+        }
+        let shape = shape.unwrap_or_default();
+        let side = shape[2];
         let mut trial = model.graph.clone();
         insert(&mut trial, &input, side, size, opset)?;
-        match crate::shape::infer(&trial, &Default::default()) {
-            Ok(_) => {
-                model.graph = trial;
-                report.change(
-                    &input,
-                    format!("the network computes at {size}x{size} instead of {side}x{side} (linear Resize after the input)"),
-                );
-            }
+        let overrides = [(input.clone(), shape)].into();
+        match crate::shape::infer(&trial, &overrides) {
+            Ok(after) => match changed_output(&trial, ctx.shapes, &after) {
+                Some(out) => report.decline(&input, format!("graph output `{out}` would change its shape")),
+                None => {
+                    model.graph = trial;
+                    report.change(
+                        &input,
+                        format!("the network computes at {size}x{size} instead of {side}x{side} (linear Resize after the input)"),
+                    );
+                }
+            },
             Err(e) => report.decline(&input, format!("the network does not accept {size}x{size}: {e}")),
         }
         Ok(report)
@@ -94,14 +112,26 @@ fn applies(opset: i64, shape: Option<&[usize]>, size: usize) -> std::result::Res
     Ok(())
 }
 
-/// The smallest f32 scale `s` with `floor(side * s) == size`, in f32 (tract)
-/// and f64 (ONNX Runtime, our shape inference) arithmetic alike.
+/// The smallest f32 scale `s` with `floor(side * s) == size`, in f32 (tract,
+/// ONNX Runtime, our shape inference) and f64 arithmetic alike.
 pub fn scale_for(side: usize, size: usize) -> f32 {
     let mut s = size as f32 / side as f32;
     while (side as f32 * s) < size as f32 || (side as f64 * s as f64) < size as f64 {
         s = f32::from_bits(s.to_bits() + 1);
     }
     s
+}
+
+/// The readers of `input` that get the resized image: all but `Shape` and
+/// `Size`, which keep describing the model's input.
+fn resized_readers(graph: &Graph, input: &str) -> Vec<(petgraph::stable_graph::NodeIndex, usize)> {
+    graph.consumers(input).into_iter().filter(|&(ix, _)| !matches!(graph.node(ix).op(), "Shape" | "Size")).collect()
+}
+
+/// A graph output whose shape `after` differs from `before`, if any.
+fn changed_output(graph: &Graph, before: &crate::shape::Shapes, after: &crate::shape::Shapes) -> Option<String> {
+    let shape = |s: &crate::shape::Shapes, name: &str| s.get(name).and_then(|t| t.shape.clone());
+    graph.meta.output.iter().map(|o| o.name().to_string()).find(|name| shape(before, name) != shape(after, name))
 }
 
 /// Puts a Resize of `input` to `size`x`size` between it and every reader.
@@ -118,7 +148,7 @@ fn insert(graph: &mut Graph, input: &str, side: usize, size: usize, opset: i64) 
     } else {
         String::new()
     };
-    for (reader, slot) in graph.consumers(input) {
+    for (reader, slot) in resized_readers(graph, input) {
         graph.update_node(reader, |n| n.proto.input[slot] = out.clone())?;
     }
     let mut node = Node::new("Resize", &graph.fresh_name(&format!("{input}_resize")), &[input, &roi, &scales], &[&out]);

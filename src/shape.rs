@@ -320,7 +320,9 @@ fn resize(graph: &Graph, node: &Node, x: &[usize], values: &HashMap<String, Valu
     let scales =
         node.attr("scales").map(|a| a.floats.clone()).filter(|s| !s.is_empty()).or_else(|| floats_of(graph, node.input(scales_slot)));
     match scales.filter(|s| s.len() == x.len()) {
-        Some(s) => Ok(Some(x.iter().zip(&s).map(|(&d, &f)| (d as f64 * f as f64).floor() as usize).collect())),
+        // In f32, as tract and ONNX Runtime compute it (`(d as f32 * s) as usize`):
+        // in f64, 10 × 0.7f32 is 6.99999… and floors to 6, where they get 7.
+        Some(s) => Ok(Some(x.iter().zip(&s).map(|(&d, &f)| (d as f32 * f).max(0.0) as usize).collect())),
         None => Ok(None),
     }
 }

@@ -52,6 +52,37 @@ fn declines_a_size_that_is_not_smaller_and_requires_a_size() {
     assert!(tiny.contains("`resize.size` is 4, but must be at least 8"), "{tiny}");
 }
 
+/// A network whose output is an image (no pooling): resizing would change it.
+#[test]
+fn declines_when_a_graph_output_would_change_shape() {
+    use cresnet_opt::fixture::{ConvSpec, Net};
+    let mut net = Net::new(1).input("x", &[1, 3, 16, 16]);
+    let c = net.conv("c", "x", ConvSpec::new(3, 4, 3));
+    net.op("Relu", "y", &[&c]);
+    let mut model = net.model(&["y"]).unwrap();
+    let before = model.graph.to_proto().unwrap();
+    let reports = run_passes(&mut model, &[resize(8)]);
+    assert!(reports[0].changed.is_empty());
+    assert_eq!(reports[0].declined[0].reason, "graph output `y` would change its shape");
+    assert_eq!(model.graph.to_proto().unwrap(), before, "a declined resize leaves the graph alone");
+}
+
+/// `Shape` keeps describing the model's input: only image readers move.
+#[test]
+fn shape_readers_keep_reading_the_input() {
+    use cresnet_opt::fixture::{ConvSpec, Net};
+    let mut net = Net::new(1).input("x", &[1, 3, 16, 16]);
+    net.op("Shape", "s", &["x"]);
+    let c = net.conv("c", "x", ConvSpec::new(3, 4, 3));
+    net.op("GlobalAveragePool", "y", &[&c]);
+    let mut model = net.model(&["y", "s"]).unwrap();
+    let reports = run_passes(&mut model, &[resize(8)]);
+    assert_eq!(reports[0].changed.len(), 1, "{:?}", reports[0].declined);
+    let reader = |name: &str| model.graph.node(model.graph.find_node(name).unwrap()).input(0).unwrap().to_string();
+    assert_eq!(reader("s"), "x");
+    assert_eq!(reader("c"), "x_8px");
+}
+
 #[test]
 fn the_training_engine_reads_the_resize() {
     // The engine reads the linear Resize: the resized fixture's forward in

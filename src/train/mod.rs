@@ -542,6 +542,10 @@ impl Builder<'_> {
         if scales.len() != 4 || scales[0] != 1.0 || scales[1] != 1.0 || xs.len() != 3 || ys.len() != 3 || xs[0] != ys[0] {
             return Err(unsupported(name, op, "only constant scales [1, 1, sh, sw] of an NxCxHxW tensor are supported"));
         }
+        let expected = |d: usize, s: f32| (d as f32 * s) as usize;
+        if xs[1..].contains(&0) || ys[1..].contains(&0) || ys[1] != expected(xs[1], scales[2]) || ys[2] != expected(xs[2], scales[3]) {
+            return Err(unsupported(name, op, &format!("resizing {xs:?} by {scales:?} to {ys:?} is not supported")));
+        }
         let (rows, cols) = (linear_taps(xs[1], ys[1], scales[2]), linear_taps(xs[2], ys[2], scales[3]));
         Ok(Step::Resize { x, y: self.value(out)?, rows, cols, h: xs[1], w: xs[2] })
     }
@@ -938,8 +942,9 @@ impl Network {
                         rows.iter().flat_map(move |r| {
                             cols.iter().map(move |c| {
                                 let at = |i: usize, j: usize| plane[i * w + j];
-                                r.w0 * (c.w0 * at(r.i0, c.i0) + c.w1 * at(r.i0, c.i1))
-                                    + r.w1 * (c.w0 * at(r.i1, c.i0) + c.w1 * at(r.i1, c.i1))
+                                // H first, then W, as tract sums them.
+                                c.w0 * (r.w0 * at(r.i0, c.i0) + r.w1 * at(r.i1, c.i0))
+                                    + c.w1 * (r.w0 * at(r.i0, c.i1) + r.w1 * at(r.i1, c.i1))
                             })
                         })
                     })
