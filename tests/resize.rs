@@ -89,12 +89,6 @@ fn the_training_engine_reads_the_resize() {
     // the training engine equals tract's.
     let mut model = cresnet_opt::io::load(&fixture_path()).expect("fixture loads");
     run_passes(&mut model, &[fold(), resize(96)]);
-    let shapes = cresnet_opt::validate::validate(&model.graph, &Default::default()).unwrap();
-    let net = cresnet_opt::train::Network::from_graph(&model.graph, &shapes).expect("the engine supports the resized graph");
-    let x = random_input(&model, 2, 50.0, 4);
-    let expected = run(&model, &x);
-    let acts = net.forward(x.as_slice().unwrap().to_vec(), 2).unwrap();
-    let got = ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
-    let d = rel_diff(&expected, &got);
+    let d = engine_vs_tract(&model, 2, 50.0, 4);
     assert!(d < 1e-5, "engine vs tract on the resized fixture: {d}");
 }

@@ -65,13 +65,7 @@ fn resized() -> Model {
 
 #[test]
 fn linear_resize_matches_tract() {
-    let model = resized();
-    let x = random_input(&model, 2, 1.0, 5);
-    let expected = run(&model, &x);
-    let net = network(&model);
-    let acts = net.forward(x.as_slice().unwrap().to_vec(), 2).expect("forward");
-    let got = ndarray::ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
-    let diff = rel_diff(&expected, &got);
+    let diff = engine_vs_tract(&resized(), 2, 1.0, 5);
     assert!(diff < 1e-5, "engine vs tract: relative difference {diff}");
 }
 
@@ -85,24 +79,14 @@ fn gradients_through_a_linear_resize_match_finite_differences() {
 fn forward_matches_tract_on_the_fixture() {
     let mut model = cresnet_opt::io::load(&fixture_path()).expect("fixture loads");
     run_passes(&mut model, &[fold()]);
-    let x = random_input(&model, 2, 50.0, 3);
-    let expected = run(&model, &x);
-    let net = network(&model);
-    let acts = net.forward(x.as_slice().unwrap().to_vec(), 2).expect("forward");
-    let got = ndarray::ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
-    let diff = rel_diff(&expected, &got);
+    let diff = engine_vs_tract(&model, 2, 50.0, 3);
     assert!(diff < 1e-5, "engine vs tract: relative difference {diff}");
 }
 
 #[test]
 fn forward_matches_tract_on_every_op() {
-    let model = tiny();
-    let x = random_input(&model, 3, 1.0, 5);
-    let expected = run(&model, &x);
-    let net = network(&model);
-    let acts = net.forward(x.as_slice().unwrap().to_vec(), 3).expect("forward");
-    let got = ndarray::ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
-    assert!(rel_diff(&expected, &got) < 1e-5);
+    let diff = engine_vs_tract(&tiny(), 3, 1.0, 5);
+    assert!(diff < 1e-5, "engine vs tract: relative difference {diff}");
 }
 
 /// L = Σ c·y for fixed random c: dL/dy = c.

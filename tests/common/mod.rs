@@ -35,6 +35,18 @@ pub fn run(model: &Model, input: &ArrayD<f32>) -> ArrayD<f32> {
     runner.run(input.clone()).expect("tract runs the model").remove(0)
 }
 
+/// The training engine's forward (evaluation as built from the graph) against
+/// tract's on a seeded input: max |a − b| / max |a|.
+pub fn engine_vs_tract(model: &Model, batch: usize, scale: f32, seed: u64) -> f64 {
+    let shapes = cresnet_opt::validate::validate(&model.graph, &Default::default()).expect("valid");
+    let net = cresnet_opt::train::Network::from_graph(&model.graph, &shapes).expect("the engine supports the graph");
+    let x = random_input(model, batch, scale, seed);
+    let expected = run(model, &x);
+    let acts = net.forward(x.as_slice().unwrap().to_vec(), batch).expect("forward");
+    let got = ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
+    rel_diff(&expected, &got)
+}
+
 /// max |a − b| / max |a|.
 pub fn rel_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
     assert_eq!(a.shape(), b.shape());
