@@ -151,8 +151,8 @@ enum Step {
         fw: usize,
     },
     /// Linear resize of H and W (ONNX `Resize`, mode `linear`, half_pixel
-    /// coordinates, scales given): each output row and column reads two
-    /// input ones, `taps` below.
+    /// coordinates, scales given): each output row (`rows`) and column
+    /// (`cols`) reads two input ones, weighted ([`Tap`]).
     Resize {
         x: usize,
         y: usize,
@@ -320,7 +320,7 @@ fn transpose_blocks(v: &[f32], a: usize, b: usize, hw: usize) -> Vec<f32> {
 
 /// One output row (or column) of a linear resize: `w0 · x[i0] + w1 · x[i1]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Tap {
+struct Tap {
     i0: usize,
     i1: usize,
     w0: f32,
