@@ -43,13 +43,8 @@ impl Selection<'_> {
     /// Whether the output height (1 for a 2-d output such as a Gemm's) lies
     /// within the range; with a bound set, an unknown shape does not.
     fn in_resolution(&self, graph: &Graph, shapes: &Shapes, ix: NodeIndex) -> bool {
-        let (min, max) = (self.min_resolution, self.max_resolution);
-        if min.is_none() && max.is_none() {
-            return true;
-        }
-        let shape = graph.node(ix).output(0).and_then(|y| shapes.get(y)).and_then(|t| t.shape.as_ref());
-        let height = shape.map(|s| if s.len() >= 3 { s[2] } else { 1 });
-        height.is_some_and(|h| min.is_none_or(|m| h >= m) && max.is_none_or(|m| h <= m))
+        let y = graph.node(ix).output(0).unwrap_or("");
+        height_within(shapes, y, self.min_resolution, self.max_resolution)
     }
 
     /// The selected layer's f32 weight and whether `include` names it;
@@ -65,6 +60,18 @@ impl Selection<'_> {
         let w = graph.constant(wname).ok_or("weight is not a constant initializer")?;
         Ok(Some((w.as_f32().ok_or("weight is not f32")?, included)))
     }
+}
+
+/// Whether tensor `name`'s height (1 for a tensor of fewer than 3 dims,
+/// such as a Gemm's output) lies within [min, max]; with a bound set, an
+/// unknown shape does not. Shared by `dw`, `lowrank` and `prune`.
+pub fn height_within(shapes: &Shapes, name: &str, min: Option<usize>, max: Option<usize>) -> bool {
+    if min.is_none() && max.is_none() {
+        return true;
+    }
+    let shape = shapes.get(name).and_then(|t| t.shape.as_ref());
+    let height = shape.map(|s| if s.len() >= 3 { s[2] } else { 1 });
+    height.is_some_and(|h| min.is_none_or(|m| h >= m) && max.is_none_or(|m| h <= m))
 }
 
 /// Whether a layer reading a graph input is skipped: the stem, unless included by name.

@@ -270,6 +270,25 @@ fn inner_scope_leaves_the_residual_stream() {
 }
 
 #[test]
+fn resolution_bounds_prune_only_the_groups_within_them() {
+    // residual_stage: stem and stream at 8 px; the stream also spans the
+    // pooled (1 px) and flattened tensors, so `min_resolution: 8` keeps it.
+    let prune_in = |min: Option<usize>, max: Option<usize>| {
+        let mut m = residual_stage();
+        let opts = PruneOptions { ratio: Some(0.5), min_resolution: min, max_resolution: max, ..Default::default() };
+        let r = run_passes(&mut m, &[prune(opts)]).remove(0);
+        let w = m.graph.weights();
+        (w["stem.w"].shape()[0], w["c1.w"].shape()[0], r.params_after == r.params_before)
+    };
+    assert_eq!(prune_in(Some(8), None), (2, 8, false), "only the stem's group lies wholly at >= 8 px");
+    assert_eq!(prune_in(None, Some(7)), (4, 8, true), "no group lies wholly at <= 7 px");
+    assert_eq!(prune_in(Some(1), Some(8)), (2, 4, false), "every group lies within 1..=8 px");
+    let bad = PruneOptions { ratio: Some(0.5), min_resolution: Some(9), max_resolution: Some(8), ..Default::default() };
+    let err = <cresnet_opt::passes::prune::Prune as cresnet_opt::passes::Pass>::validate(&bad).unwrap_err().to_string();
+    assert!(err.contains("`prune.min_resolution` is 9, above `prune.max_resolution` (8)"), "{err}");
+}
+
+#[test]
 fn concat_ties_channels_with_offsets() {
     let mut net = Net::new(4).input("x", &[1, 3, 6, 6]);
     let a = net.conv("a", "x", ConvSpec::new(3, 4, 3));

@@ -13,7 +13,7 @@ pub(super) struct Class {
 }
 
 /// The prunable classes with their scores, and the number of groups.
-pub(super) fn classes(graph: &Graph, cg: &ChannelGraph, opts: &PruneOptions) -> (Vec<Class>, usize) {
+pub(super) fn classes(graph: &Graph, shapes: &Shapes, cg: &ChannelGraph, opts: &PruneOptions) -> (Vec<Class>, usize) {
     let blocked = cg.blocked_roots();
     let scores = producer_scores(graph, cg, opts);
     let ignored = ignored_roots(graph, cg, opts);
@@ -42,6 +42,10 @@ pub(super) fn classes(graph: &Graph, cg: &ChannelGraph, opts: &PruneOptions) -> 
     }
     let producer_roots: HashSet<usize> = scores.keys().map(|&s| cg.find(s)).collect();
     let residual: HashSet<usize> = (0..cg.tensors.len()).filter(|&t| cg.residual[t]).map(|t| tensor_group.find(t)).collect();
+    let out_of_range: HashSet<usize> = (0..cg.tensors.len())
+        .filter(|&t| !height_within(shapes, &cg.tensors[t], opts.min_resolution, opts.max_resolution))
+        .map(|t| tensor_group.find(t))
+        .collect();
     let mut group_ids: HashMap<usize, usize> = HashMap::new();
     let mut out = Vec::new();
     let mut roots: Vec<(&usize, &usize)> = root_tensor.iter().collect();
@@ -53,6 +57,7 @@ pub(super) fn classes(graph: &Graph, cg: &ChannelGraph, opts: &PruneOptions) -> 
             || ignored.contains(&root)
             || !has_producer
             || (opts.scope == Scope::Inner && residual.contains(&g))
+            || out_of_range.contains(&g)
         {
             continue;
         }

@@ -30,7 +30,10 @@
 //!    reconstruction, calibrated): uniform 0.668 top-1, global 0.560. Every group keeps at least
 //!    `min_channels` and a multiple of `round_to` channels. `scope: inner`
 //!    prunes only groups not tied through an Add/Concat (bottleneck
-//!    insides); `ignore` keeps the groups of the named nodes' outputs.
+//!    insides); `ignore` keeps the groups of the named nodes' outputs;
+//!    `min_resolution`/`max_resolution` keep every group with a tensor
+//!    outside that range of heights (a budget per stage, as in `dw`: the
+//!    stem and the 56-pixel stream are `min_resolution: 56`).
 //!    Without options: `ratio: 0.25`, `scope: all`, `importance: l1`.
 //! 4. Apply: producers lose output filters (weight rows, bias), BN and other
 //!    per-channel parameters lose entries, depthwise convs lose both (and
@@ -64,6 +67,7 @@ pub mod dependency;
 pub mod importance;
 mod on_data;
 
+use super::factorize::height_within;
 use super::{check_unit, Pass, PassContext, PassReport, Refit};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model, Weight};
@@ -127,6 +131,10 @@ pub struct PruneOptions {
     pub min_channels: usize,
     pub ignore: Vec<String>,
     pub compensate: bool,
+    /// Only groups whose every tensor is at least / at most this many
+    /// pixels high (a flattened tensor counts as 1): pruning per stage.
+    pub min_resolution: Option<usize>,
+    pub max_resolution: Option<usize>,
 }
 
 impl Default for PruneOptions {
@@ -144,6 +152,8 @@ impl Default for PruneOptions {
             min_channels: 1,
             ignore: vec![],
             compensate: true,
+            min_resolution: None,
+            max_resolution: None,
         }
     }
 }
@@ -172,6 +182,13 @@ impl Pass for Prune {
         if set > 1 {
             return Err(Error::Config("`prune` takes only one of `ratio`, `target_macs`, `target_params`, `budget`".into()));
         }
+        if let (Some(min), Some(max)) = (o.min_resolution, o.max_resolution) {
+            if min > max {
+                return Err(Error::Config(format!(
+                    "`prune.min_resolution` is {min}, above `prune.max_resolution` ({max}): no group can match"
+                )));
+            }
+        }
         if o.round_to == 0 || o.min_channels == 0 {
             return Err(Error::Config("`prune.round_to` and `prune.min_channels` must be at least 1".into()));
         }
@@ -191,7 +208,7 @@ fn prune(model: &mut Model, ctx: &PassContext, opts: &PruneOptions) -> Result<Pa
     let mut report = PassReport::default();
     let graph = &mut model.graph;
     let cg = ChannelGraph::build(graph, ctx.shapes);
-    let (classes, groups) = classes(graph, &cg, opts);
+    let (classes, groups) = classes(graph, ctx.shapes, &cg, opts);
     let removed = select(graph, ctx.shapes, &cg, &classes, groups, opts);
     let deferred = match opts.importance {
         // Data-free (e.g. the `cresnet` pipeline without calibration): the l1 choice stands.
