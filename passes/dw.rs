@@ -20,7 +20,12 @@
 //! patterns (`*` matches any run of characters); by default the stem — a
 //! conv reading a graph input, ResNet's 7x7 on RGB — is left alone: it
 //! holds 0.04 % of the weights, its 3 input channels make the depthwise
-//! half tiny, and its features feed everything after it. `include` it by name.
+//! half tiny, and its features feed everything after it. `include` it by
+//! name, or `stem: true` (any exporter's names; with `min_resolution` at the
+//! stem's output height, e.g. 112 for a 224-px ResNet, the stem alone). On
+//! the factorized task student the stem at rank 8, `layout: grouped`, cost
+//! nothing in accuracy and 84 M MACs less (docs/RESULTS.md, session 22);
+//! `split` writes 8 branches of 64 channels at 112 px, slower in tract.
 //! `min_resolution`/`max_resolution` keep only convs whose output height lies
 //! in that range (a budget per stage, whatever the names).
 //!
@@ -69,6 +74,8 @@ pub struct DwOptions {
     pub refit: Refit,
     /// How a rank r > 1 factorization is written.
     pub layout: DwLayout,
+    /// Also factorize the stem (a conv reading a graph input), without naming it.
+    pub stem: bool,
 }
 
 /// The ONNX form of a rank-r factorization.
@@ -97,6 +104,7 @@ impl Default for DwOptions {
             alternate: 2,
             refit: Refit::Changed,
             layout: DwLayout::Split,
+            stem: false,
         }
     }
 }
@@ -393,7 +401,7 @@ fn eligible(graph: &Graph, shapes: &Shapes, ix: NodeIndex, opts: &DwOptions) -> 
     if graph.node(ix).attr_int("group").unwrap_or(1) != 1 {
         return Err("grouped conv".into());
     }
-    if factorize::skips_stem(graph, ix, included) {
+    if factorize::skips_stem(graph, ix, included || opts.stem) {
         return Ok(None);
     }
     factorize::shared_weight(graph, ix)?;

@@ -139,13 +139,14 @@ registry! {
     Canonicalize => canonicalize::Canonicalize,
     Retarget => retarget::Retarget,
     Resize => resize::Resize,
+    Subsample => subsample::Subsample,
 }
 
 /// Pipelines shipped in the binary: (name, one-line summary, YAML).
 pub const PIPELINES: &[(&str, &str, &str)] = &[
     ("fold", "fold BatchNormalization into convs: lossless, tract-friendly", include_str!("pipelines/fold.yaml")),
     ("cresnet", "CResNet (Luo et al. 2021) at 1/5 of the weights: fold, low-rank 1x1 convs and classifier, depthwise (rank 2 early, 1 late), distillation (trains only given calibration images)", include_str!("pipelines/cresnet.yaml")),
-    ("cresnet-task", "CResNet for a task model (at most 100 classes; `cresnet` picks it for one): fold, prune to 1/5, head refit, distillation with labels (needs a labelled calibration folder)", include_str!("pipelines/cresnet-task.yaml")),
+    ("cresnet-task", "CResNet for a task model (at most 100 classes; `cresnet` picks it for one): fold, low-rank 1x1 convs within 1/5, depthwise rank 1 (rank 8 on the stem), head refit, subsample; no training (needs a labelled calibration folder)", include_str!("pipelines/cresnet-task.yaml")),
 ];
 
 impl<'de> serde::Deserialize<'de> for PassSpec {
@@ -400,9 +401,11 @@ fn fit_budget(
     calibrated: bool,
 ) -> Result<(PassSpec, Option<String>)> {
     // The lossy passes from here on, data-free, later budgets resolved
-    // against this pipeline's start (not the trial's).
+    // against this pipeline's start (not the trial's); and `subsample`,
+    // exact but adding its taps to the weights.
     let trial_steps = |first: PassSpec| -> Vec<PassSpec> {
-        let mut steps: Vec<PassSpec> = rest.iter().filter(|p| p.lossy() && !matches!(p, PassSpec::Distill(_))).cloned().collect();
+        let counted = |p: &&PassSpec| (p.lossy() && !matches!(p, PassSpec::Distill(_))) || matches!(p, PassSpec::Subsample(_));
+        let mut steps: Vec<PassSpec> = rest.iter().filter(counted).cloned().collect();
         steps[0] = first;
         for s in &mut steps[1..] {
             *s = prune_at(s, prune_limit(s, start_params).unwrap_or(0));

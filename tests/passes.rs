@@ -166,6 +166,33 @@ fn dw_rank9_on_the_fixture_is_exact_and_leaves_the_stem() {
     assert!(d < 1e-4, "rel diff {d}");
 }
 
+#[test]
+fn dw_stem_option_takes_the_stem_without_naming_it() {
+    // The small fixture's stem: 7x7, RGB → 4 channels at 32 px. Rank 4 =
+    // its output count is exact; `min_resolution: 32` leaves the other convs.
+    let original = small_fixture(Layout::Keras);
+    let mut m = original.clone();
+    let stem_only = |stem: bool| {
+        cresnet_opt::passes::PassSpec::Dw(cresnet_opt::passes::dw::DwOptions {
+            rank: Some(4),
+            min_gain: -10.0,
+            min_resolution: Some(32),
+            stem,
+            layout: cresnet_opt::passes::dw::DwLayout::Grouped,
+            ..Default::default()
+        })
+    };
+    let r = run_passes(&mut m.clone(), &[fold(), stem_only(false)]);
+    assert_eq!((r[1].changed.len(), r[1].declined.len()), (0, 0), "the stem stays without `stem: true`");
+    let r = run_passes(&mut m, &[fold(), stem_only(true)]);
+    assert_eq!(r[1].changed.len(), 1);
+    // 3·4 depthwise 7x7 filters and a 12 → 4 pointwise conv for 4·3 7x7 filters.
+    assert_eq!(r[1].macs_after - r[1].macs_before, 32 * 32 * (12 * 49 + 12 * 4 - 4 * 3 * 49));
+    let x = random_input(&original, 1, 1.0, 4);
+    let d = rel_diff(&run(&original, &x), &run(&m, &x));
+    assert!(d < 1e-4, "rel diff {d}");
+}
+
 /// x → a (conv 3x3) → relu → b (conv 1x1) → y, with a's channels 1 and 4 dead.
 fn dead_channel_chain(bias_on_dead: f32) -> Model {
     let mut net = Net::new(8).input("x", &[1, 3, 8, 8]);
