@@ -103,7 +103,7 @@ fn unknown_pass_lists_the_valid_ones() {
     let err = stderr(&o);
     assert!(
         err.contains(
-            "unknown pass `squash` (valid: none, fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize, retarget, resize)"
+            "unknown pass `squash` (valid: none, fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize, retarget, resize, subsample)"
         ),
         "{err}"
     );
@@ -127,7 +127,7 @@ fn bad_yaml_is_named() {
         ("passes:\n  - prune: { ratio: lots }\n", "invalid type"),
         (
             "passes:\n  - squash\n",
-            "unknown pass `squash` (valid passes: fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize, retarget, resize)",
+            "unknown pass `squash` (valid passes: fold, prune, dw, lowrank, distill, eliminate_identity, canonicalize, retarget, resize, subsample)",
         ),
         ("pipeline: nosuch\n", "unknown pipeline `nosuch` (shipped pipelines: fold, cresnet, cresnet-task)"),
         (
