@@ -36,6 +36,10 @@ pub trait Pass {
     /// Whether it loses information: with calibration images, the pipeline
     /// gives it a reference model to refit against.
     const LOSSY: bool = false;
+    /// Whether it changes the weight count data-free, so that a `budget`
+    /// fitted before it must try it: the lossy passes, and exact ones that
+    /// add weights (`subsample`'s taps).
+    const SIZES: bool = Self::LOSSY;
     /// Its options (a pipeline file's `{NAME: {…}}`; `Default` for `--passes`).
     type Options: Default + Clone + PartialEq + std::fmt::Debug + Serialize + DeserializeOwned;
 
@@ -81,6 +85,13 @@ macro_rules! registry {
             pub fn lossy(&self) -> bool {
                 match self {
                     $(PassSpec::$variant(_) => <$module::$pass as Pass>::LOSSY),*
+                }
+            }
+
+            /// Whether a budget fitted before the pass must try it ([`Pass::SIZES`]).
+            fn sizes(&self) -> bool {
+                match self {
+                    $(PassSpec::$variant(_) => <$module::$pass as Pass>::SIZES),*
                 }
             }
 
@@ -400,12 +411,10 @@ fn fit_budget(
     overrides: &InputShapes,
     calibrated: bool,
 ) -> Result<(PassSpec, Option<String>)> {
-    // The lossy passes from here on, data-free, later budgets resolved
-    // against this pipeline's start (not the trial's); and `subsample`,
-    // exact but adding its taps to the weights.
+    // The passes from here on that change the weight count, data-free,
+    // later budgets resolved against this pipeline's start (not the trial's).
     let trial_steps = |first: PassSpec| -> Vec<PassSpec> {
-        let counted = |p: &&PassSpec| (p.lossy() && !matches!(p, PassSpec::Distill(_))) || matches!(p, PassSpec::Subsample(_));
-        let mut steps: Vec<PassSpec> = rest.iter().filter(counted).cloned().collect();
+        let mut steps: Vec<PassSpec> = rest.iter().filter(|p| p.sizes()).cloned().collect();
         steps[0] = first;
         for s in &mut steps[1..] {
             *s = prune_at(s, prune_limit(s, start_params).unwrap_or(0));

@@ -32,6 +32,7 @@
 //! X's shape is unknown.
 use super::{Pass, PassContext, PassReport};
 use crate::error::Result;
+use crate::ir::conv::{explicit_pads, Window};
 use crate::ir::{Graph, Model, Node, Weight};
 use crate::shape::Shapes;
 use ndarray::Array4;
@@ -48,6 +49,8 @@ pub struct Subsample;
 
 impl Pass for Subsample {
     const NAME: &'static str = "subsample";
+    // Exact, but its taps are weights: a budget fitted before it counts them.
+    const SIZES: bool = true;
     type Options = SubsampleOptions;
 
     fn run(model: &mut Model, ctx: &PassContext, _options: &SubsampleOptions) -> Result<PassReport> {
@@ -56,9 +59,10 @@ impl Pass for Subsample {
         // (X, strides) → the subsampled tensor, shared by every such reader.
         let mut made: HashMap<(String, [usize; 2]), String> = HashMap::new();
         for ix in graph.topo_order()? {
-            let Some(strides) = strided_1x1(graph, ix) else { continue };
+            let Some(window) = strided_1x1(graph, ix) else { continue };
+            let strides = [window.strides[0], window.strides[1]];
             let name = graph.node(ix).name().to_string();
-            match plan(graph, ctx.shapes, ix) {
+            match plan(graph, ctx.shapes, ix, &window) {
                 Ok((x, channels, size)) => {
                     let key = (x.clone(), strides);
                     let xs = match made.get(&key) {
@@ -82,33 +86,28 @@ impl Pass for Subsample {
     }
 }
 
-/// The strides of a 1x1 Conv of the default domain that strides, if it is one.
-fn strided_1x1(graph: &Graph, ix: NodeIndex) -> Option<[usize; 2]> {
+/// The window of a 1x1 Conv of the default domain that strides, if it is one.
+fn strided_1x1(graph: &Graph, ix: NodeIndex) -> Option<Window> {
     let node = graph.node(ix);
     if !node.is_standard() || node.op() != "Conv" {
         return None;
     }
-    let w = graph.weight(node.input(1)?)?;
-    let shape = w.shape();
+    let shape = graph.weight(node.input(1)?)?.shape();
     if shape.len() != 4 || shape[2] != 1 || shape[3] != 1 {
         return None;
     }
-    let s = node.attr_ints("strides")?;
-    let strides = match s {
-        [h, w] if *h >= 1 && *w >= 1 => [*h as usize, *w as usize],
-        _ => return None,
-    };
-    (strides != [1, 1]).then_some(strides)
+    let window = Window::of(node, vec![1, 1]).ok()?;
+    window.strides.iter().any(|&s| s > 1).then_some(window)
 }
 
 /// X, its channel count and its (H, W) if the conv can read a subsampled X;
 /// Err with the reason otherwise.
-fn plan(graph: &Graph, shapes: &Shapes, ix: NodeIndex) -> std::result::Result<(String, usize, [usize; 2]), String> {
+fn plan(graph: &Graph, shapes: &Shapes, ix: NodeIndex, window: &Window) -> std::result::Result<(String, usize, [usize; 2]), String> {
     let node = graph.node(ix);
-    if !crate::ir::conv::explicit_pads(node) && node.attr_str("auto_pad").as_deref() != Some("VALID") {
+    if !explicit_pads(node) && node.attr_str("auto_pad").as_deref() != Some("VALID") {
         return Err("`auto_pad` SAME_* pads a strided conv by its stride, not by its 1x1 kernel".into());
     }
-    if node.attr_ints("pads").is_some_and(|p| p.iter().any(|&v| v != 0)) {
+    if window.pads.iter().any(|&p| p != 0) {
         return Err("its pads are not zero".into());
     }
     if node.attr_int("group").unwrap_or(1) != 1 {
