@@ -157,7 +157,7 @@ registry! {
 pub const PIPELINES: &[(&str, &str, &str)] = &[
     ("fold", "fold BatchNormalization into convs: lossless, tract-friendly", include_str!("pipelines/fold.yaml")),
     ("cresnet", "CResNet (Luo et al. 2021) at 1/5 of the weights: fold, low-rank 1x1 convs and classifier, depthwise (rank 2 early, 1 late), distillation (trains only given calibration images)", include_str!("pipelines/cresnet.yaml")),
-    ("cresnet-task", "CResNet for a task model (at most 100 classes; `cresnet` picks it for one): fold, low-rank 1x1 convs within 1/5, depthwise rank 1 (rank 8 on the stem), head refit, subsample; no training (needs a labelled calibration folder)", include_str!("pipelines/cresnet-task.yaml")),
+    ("cresnet-task", "CResNet for a task model (at most 100 classes; `cresnet` picks it for one): fold, low-rank 1x1 convs within 1/5, depthwise rank 1 (rank 8 on the stem), head refit, subsample; no training (needs a labelled calibration folder; refits on 512 of its photos)", include_str!("pipelines/cresnet-task.yaml")),
 ];
 
 impl<'de> serde::Deserialize<'de> for PassSpec {

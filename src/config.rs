@@ -10,7 +10,16 @@
 //!   - dw: { rank: 1 }
 //! calibration:                 # optional: images for data-aware passes
 //!   { data: DIR, classes: FILE, images: 256, preprocess: caffe }
+//! calibration_defaults:        # optional: the recipe's own choice of
+//!   { images: 512 }            #   `calibration:` keys the file leaves out
 //! ```
+//!
+//! A shipped recipe's `calibration_defaults` apply to the calibration of the
+//! file that runs it — a file that names it (or `pipeline: cresnet` on a task
+//! model) and lists no `passes:` of its own: a key the user wrote wins, then
+//! the user's file's own defaults, then the recipe's, then the built-in ones.
+//! A file with its own `passes:` runs them, not the recipe, and gets only its
+//! own defaults.
 pub use crate::data::{DataSource, Preprocess};
 use crate::error::{Error, Result};
 use crate::passes::PassSpec;
@@ -25,16 +34,77 @@ pub struct PipelineFile {
     pub pipeline: Option<String>,
     pub passes: Option<Vec<PassSpec>>,
     pub calibration: Option<Calibration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_defaults: Option<CalibrationDefaults>,
+    /// The keys `calibration:` wrote (the others hold defaults); filled by
+    /// [`PipelineFile::from_yaml`], which reads them from the text.
+    #[serde(skip)]
+    calibration_keys: Vec<String>,
+}
+
+/// Values for the `calibration:` keys a file leaves out, chosen by a recipe
+/// for its own refits (a task recipe fits its layers on more photos than
+/// the built-in 256).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationDefaults {
+    pub images: Option<usize>,
+    pub positions: Option<usize>,
+    pub ridge: Option<f64>,
+}
+
+impl CalibrationDefaults {
+    /// These defaults, with `under`'s where these leave a key unset.
+    pub fn over(self, under: CalibrationDefaults) -> CalibrationDefaults {
+        CalibrationDefaults {
+            images: self.images.or(under.images),
+            positions: self.positions.or(under.positions),
+            ridge: self.ridge.or(under.ridge),
+        }
+    }
+
+    /// `cal` with the keys not in `written` taken from these defaults.
+    pub fn fill(&self, mut cal: Calibration, written: &[String]) -> Calibration {
+        let unset = |key: &str| !written.iter().any(|k| k == key);
+        if let Some(v) = self.images.filter(|_| unset("images")) {
+            cal.images = v;
+        }
+        if let Some(v) = self.positions.filter(|_| unset("positions")) {
+            cal.positions = v;
+        }
+        if let Some(v) = self.ridge.filter(|_| unset("ridge")) {
+            cal.ridge = v;
+        }
+        cal
+    }
+}
+
+/// `section` (`calibration` or `calibration_defaults`) of file `what`.
+fn check_calibration(images: usize, positions: usize, ridge: f64, what: &str, section: &str) -> Result<()> {
+    if images == 0 || positions == 0 || ridge.is_nan() || ridge < 0.0 {
+        return Err(Error::Config(format!("{what}: {section} needs images and positions of at least 1 and a ridge >= 0")));
+    }
+    Ok(())
+}
+
+/// The keys of the `calibration:` mapping in a pipeline file's text.
+fn calibration_keys(text: &str) -> Vec<String> {
+    let Ok(value) = yaml_serde::from_str::<yaml_serde::Value>(text) else { return Vec::new() };
+    let Some(map) = value.get("calibration").and_then(yaml_serde::Value::as_mapping) else { return Vec::new() };
+    map.keys().filter_map(|k| k.as_str().map(str::to_string)).collect()
 }
 
 impl PipelineFile {
     pub fn from_yaml(text: &str, what: &str) -> Result<PipelineFile> {
-        let file: PipelineFile = yaml_serde::from_str(text).map_err(|e| Error::Config(format!("{what}: {e}")))?;
+        let mut file: PipelineFile = yaml_serde::from_str(text).map_err(|e| Error::Config(format!("{what}: {e}")))?;
         if let Some(c) = &file.calibration {
-            if c.images == 0 || c.positions == 0 || c.ridge.is_nan() || c.ridge < 0.0 {
-                return Err(Error::Config(format!("{what}: calibration needs images and positions of at least 1 and a ridge >= 0")));
-            }
+            check_calibration(c.images, c.positions, c.ridge, what, "calibration")?;
         }
+        if let Some(d) = &file.calibration_defaults {
+            let (images, positions, ridge) = (d.images.unwrap_or(1), d.positions.unwrap_or(1), d.ridge.unwrap_or(0.0));
+            check_calibration(images, positions, ridge, what, "calibration_defaults")?;
+        }
+        file.calibration_keys = calibration_keys(text);
         for spec in file.passes.iter().flatten() {
             spec.check()
                 .map_err(|e| Error::Config(format!("{what}: {}", e.to_string().trim_start_matches("bad pipeline configuration: "))))?;
@@ -57,6 +127,14 @@ impl PipelineFile {
             spec.resolve_paths(dir);
         }
         Ok(file)
+    }
+
+    /// The file's calibration, its unwritten keys filled from its own
+    /// `calibration_defaults`, then from `recipe`'s (the shipped recipe it runs).
+    pub fn calibration_with(&self, recipe: Option<CalibrationDefaults>) -> Option<Calibration> {
+        let own = self.calibration_defaults.unwrap_or_default();
+        let defaults = own.over(recipe.unwrap_or_default());
+        self.calibration.clone().map(|c| defaults.fill(c, &self.calibration_keys))
     }
 
     /// The shipped pipeline this file runs, when it names one and lists no passes of its own.

@@ -348,7 +348,7 @@ fn bench_profile_accounts_for_every_node() {
 #[test]
 fn bench_compares_every_model_with_the_first_per_thread_count() {
     let f = fixture_path();
-    let o = bin().arg("bench").args([&f, &f]).args(["--runs", "3", "--threads", "1,2", "--json"]).output().unwrap();
+    let o = bin().arg("bench").args([&f, &f]).args(["--runs", "4", "--threads", "1,2", "--json"]).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let rows = v.as_array().unwrap();
@@ -359,5 +359,18 @@ fn bench_compares_every_model_with_the_first_per_thread_count() {
         assert_eq!(pair[0]["speedup"].as_f64().unwrap(), 1.0);
         assert!((pair[1]["speedup"].as_f64().unwrap() - a / b).abs() < 1e-12, "{pair:?}");
         assert!(pair.iter().all(|r| r["min_ms"].as_f64().unwrap() <= r["median_ms"].as_f64().unwrap()));
+        // Paired: the median over rounds of first / this, from the runs listed.
+        let times = |r: &serde_json::Value| -> Vec<f64> { r["times_ms"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect() };
+        let (ta, tb) = (times(&pair[0]), times(&pair[1]));
+        assert_eq!((ta.len(), tb.len()), (4, 4));
+        let mut ratios: Vec<f64> = ta.iter().zip(&tb).map(|(a, b)| a / b).collect();
+        ratios.sort_by(f64::total_cmp);
+        assert_eq!(pair[0]["paired_speedup"].as_f64().unwrap(), 1.0);
+        // An even count: the mean of the two middle ratios (the upper one would flatter).
+        assert!((pair[1]["paired_speedup"].as_f64().unwrap() - 0.5 * (ratios[1] + ratios[2])).abs() < 1e-12, "{pair:?}");
+        let mut sorted = tb.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(pair[1]["median_ms"].as_f64().unwrap(), sorted[2], "latency: the upper middle run");
+        assert_eq!(pair[1]["min_ms"].as_f64().unwrap(), sorted[0]);
     }
 }

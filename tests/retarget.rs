@@ -233,6 +233,8 @@ fn the_cresnet_pipeline_runs_its_task_recipe_on_a_task_model() {
         err.contains("note: pipeline `cresnet`: the model has 3 classes (at most 100): running its task recipe `cresnet-task`"),
         "{err}"
     );
+    // The file's `images: 12` wins over the recipe's 512.
+    assert!(err.contains("calibration: 12 images for the refits (12 asked of"), "{err}");
     let r = report_of(&report);
     let names: Vec<&str> = r["passes"].as_array().unwrap().iter().map(|p| p["pass"].as_str().unwrap()).collect();
     assert_eq!(names, ["fold", "lowrank", "dw", "dw", "retarget", "subsample"]);
@@ -272,6 +274,35 @@ fn a_model_with_many_classes_keeps_the_imagenet_recipe() {
     assert_eq!(cresnet_opt::config::pipeline_for("cresnet", Some(1000)), "cresnet");
     assert_eq!(cresnet_opt::config::pipeline_for("cresnet", None), "cresnet");
     assert_eq!(cresnet_opt::config::pipeline_for("fold", Some(6)), "fold");
+}
+
+/// A shipped recipe's `calibration_defaults` fill the keys the user's
+/// `calibration:` leaves out; a key the user wrote wins, and so do the
+/// defaults of the user's own file.
+#[test]
+fn the_task_recipes_calibration_defaults_fill_only_what_the_user_left_out() {
+    use cresnet_opt::config::{shipped_pipeline, PipelineFile};
+    let recipe = shipped_pipeline("cresnet-task").unwrap().calibration_defaults;
+    assert_eq!(recipe.and_then(|d| d.images), Some(512));
+    assert_eq!(shipped_pipeline("cresnet").unwrap().calibration_defaults, None);
+    let user = |text: &str| PipelineFile::from_yaml(text, "cfg.yaml").unwrap();
+    let bare = user("pipeline: cresnet\ncalibration: { data: train, classes: c.txt }\n");
+    assert_eq!(bare.calibration.as_ref().unwrap().images, 256, "built-in default before the recipe is known");
+    let cal = bare.calibration_with(recipe).unwrap();
+    assert_eq!((cal.images, cal.positions), (512, 32));
+    let written = user("pipeline: cresnet\ncalibration: { data: train, images: 64 }\n");
+    assert_eq!(written.calibration_with(recipe).unwrap().images, 64);
+    let own = user("pipeline: cresnet\ncalibration: { data: train }\ncalibration_defaults: { positions: 8, ridge: 0.5 }\n");
+    let cal = own.calibration_with(recipe).unwrap();
+    assert_eq!((cal.images, cal.positions, cal.ridge), (512, 8, 0.5));
+    assert_eq!(own.calibration_with(None).unwrap().images, 256);
+    let err = PipelineFile::from_yaml("calibration_defaults: { images: 0 }\n", "cfg.yaml").unwrap_err().to_string();
+    assert!(err.contains("cfg.yaml: calibration_defaults needs images and positions of at least 1"), "{err}");
+    // A file with passes of its own runs them, not a recipe: no recipe defaults.
+    let own_passes = user("pipeline: cresnet-task\npasses: [fold]\ncalibration: { data: train }\n");
+    assert_eq!(own_passes.shipped(), None);
+    let err = PipelineFile::from_yaml("calibration_defaults: { data: x }\n", "cfg.yaml").unwrap_err().to_string();
+    assert!(err.contains("unknown field `data`"), "{err}");
 }
 
 /// distill with `views: 1`: the teacher runs on each training image once
@@ -368,6 +399,8 @@ fn a_task_model_from_another_exporter_takes_the_same_command() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("the model has 10 classes (at most 100): running its task recipe `cresnet-task`"), "{err}");
+    // The recipe asks for 512 refit photos (the file says nothing); the folder has 60.
+    assert!(err.contains("calibration: 60 images for the refits (512 asked of") && err.contains("), 32 positions"), "{err}");
     let r = report_of(&report);
     assert!(r["params_after"].as_f64().unwrap() <= 0.2 * r["params_before"].as_f64().unwrap(), "{}", r["params_after"]);
     let head = changes(pass(&r, "retarget"));

@@ -63,6 +63,32 @@ struct Timing {
     min_ms: f64,
     /// The first model's median over this one's, same thread count.
     speedup: f64,
+    /// The median over runs of the first model's time over this one's in
+    /// the same round: a load that comes and goes between rounds cancels.
+    paired_speedup: f64,
+    /// Every timed run, in order (round k of every model is run k).
+    times_ms: Vec<f64>,
+}
+
+/// The median of a latency list: the upper middle one for an even count
+/// (a time that was measured, and the slower of the two).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// The median of a list of ratios: the mean of the two middle ones for an
+/// even count (the upper one would flatter the faster model).
+fn median_ratio(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        0.5 * (sorted[n / 2 - 1] + sorted[n / 2])
+    }
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -89,21 +115,30 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 times.push(1e3 * t.elapsed().as_secs_f64());
             }
         }
-        let first = timings.len();
-        for ((path, ..), mut times) in runners.iter().zip(ms) {
-            times.sort_by(f64::total_cmp);
-            let median_ms = times[times.len() / 2];
-            let speedup = timings.get(first).map_or(1.0, |t: &Timing| t.median_ms / median_ms);
-            let timing = Timing { model: (*path).clone(), batch: args.batch, threads, median_ms, min_ms: times[0], speedup };
+        let first = ms[0].clone();
+        for ((path, ..), times) in runners.iter().zip(ms) {
+            let median_ms = median(&times);
+            let ratios: Vec<f64> = first.iter().zip(&times).map(|(a, b)| a / b).collect();
+            let timing = Timing {
+                model: (*path).clone(),
+                batch: args.batch,
+                threads,
+                median_ms,
+                min_ms: times.iter().copied().fold(f64::INFINITY, f64::min),
+                speedup: median(&first) / median_ms,
+                paired_speedup: median_ratio(&ratios),
+                times_ms: times,
+            };
             if !args.json {
                 println!(
-                    "{:<40} batch {} threads {}: median {:.1} ms, min {:.1} ms, {:.2}x the first",
+                    "{:<40} batch {} threads {}: median {:.1} ms, min {:.1} ms, {:.2}x the first ({:.2}x paired by run)",
                     path.display(),
                     timing.batch,
                     threads,
                     timing.median_ms,
                     timing.min_ms,
-                    timing.speedup
+                    timing.speedup,
+                    timing.paired_speedup
                 );
             }
             timings.push(timing);

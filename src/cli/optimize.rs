@@ -2,7 +2,7 @@
 use super::{group, input_shapes, load_shaped};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use cresnet_opt::config::{shipped_pipeline, PipelineFile};
+use cresnet_opt::config::{shipped_pipeline, CalibrationDefaults, PipelineFile};
 use cresnet_opt::passes::PassReport;
 use cresnet_opt::passes::{PassSpec, PASS_NAMES};
 use cresnet_opt::shape::InputShapes;
@@ -24,7 +24,7 @@ pub struct OptimizeArgs {
     /// A shipped pipeline by name (see `cresnet-opt pipelines`).
     #[arg(long, group = "source")]
     pipeline: Option<String>,
-    /// A pipeline file (YAML): `pipeline`, `passes`, `calibration`.
+    /// A pipeline file (YAML): `pipeline`, `passes`, `calibration`, `calibration_defaults`.
     #[arg(long, group = "source")]
     config: Option<PathBuf>,
     /// Write the pass reports as JSON (for CI).
@@ -72,23 +72,35 @@ struct RunReport<'a> {
 /// a pipeline file) and, when the passes are a shipped pipeline's, its name.
 struct Plan {
     passes: Vec<PassSpec>,
-    calibration: Option<cresnet_opt::config::Calibration>,
+    /// The pipeline file, whose calibration the run uses (with the defaults
+    /// of the recipe that runs, once chosen).
+    file: Option<PipelineFile>,
     shipped: Option<String>,
+    /// The shipped recipe's calibration defaults (used only with a
+    /// pipeline file: without one there is no calibration).
+    defaults: Option<CalibrationDefaults>,
 }
 
 fn pipeline_passes(args: &OptimizeArgs) -> Result<Plan> {
     if let Some(path) = &args.config {
         let file = PipelineFile::load(path).with_context(|| format!("cannot use pipeline file {}", path.display()))?;
         let shipped = file.shipped().map(str::to_string);
-        return Ok(Plan { passes: file.resolve_passes()?, calibration: file.calibration, shipped });
+        let defaults = shipped.as_deref().map(shipped_pipeline).transpose()?.and_then(|r| r.calibration_defaults);
+        return Ok(Plan { passes: file.resolve_passes()?, file: Some(file), shipped, defaults });
     }
     if let Some(name) = &args.pipeline {
-        return Ok(Plan { passes: shipped_pipeline(name)?.passes.unwrap_or_default(), calibration: None, shipped: Some(name.clone()) });
+        let recipe = shipped_pipeline(name)?;
+        return Ok(Plan {
+            passes: recipe.passes.unwrap_or_default(),
+            file: None,
+            shipped: Some(name.clone()),
+            defaults: recipe.calibration_defaults,
+        });
     }
     if args.passes.is_empty() {
         bail!("nothing to do: give --passes LIST (or `none`), --pipeline NAME or --config FILE");
     }
-    Ok(Plan { passes: args.passes.iter().flatten().cloned().collect(), calibration: None, shipped: None })
+    Ok(Plan { passes: args.passes.iter().flatten().cloned().collect(), file: None, shipped: None, defaults: None })
 }
 
 /// A shipped pipeline that has a recipe for task models (`cresnet` →
@@ -106,7 +118,9 @@ fn for_the_model(plan: &mut Plan, model: &cresnet_opt::ir::Model, overrides: &In
                 cresnet_opt::config::TASK_CLASSES
             );
         }
-        plan.passes = shipped_pipeline(chosen)?.passes.unwrap_or_default();
+        let recipe = shipped_pipeline(chosen)?;
+        plan.passes = recipe.passes.unwrap_or_default();
+        plan.defaults = recipe.calibration_defaults;
     }
     Ok(())
 }
@@ -118,7 +132,8 @@ pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
     let overrides = input_shapes(&args.input_shape)?;
     let mut model = load_shaped(input, &overrides)?;
     for_the_model(&mut plan, &model, &overrides, args.quiet)?;
-    let Plan { mut passes, calibration, .. } = plan;
+    let Plan { mut passes, file, defaults, .. } = plan;
+    let calibration = file.and_then(|f| f.calibration_with(defaults));
     if let Some(path) = &args.checkpoint {
         let mut distills = passes.iter_mut().filter_map(|p| if let PassSpec::Distill(o) = p { Some(o) } else { None }).peekable();
         if distills.peek().is_none() {
@@ -128,7 +143,19 @@ pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
     }
     let calibration = calibration
         .map(|c| {
-            cresnet_opt::refit::Calibration::load(&c).with_context(|| format!("cannot load calibration images from {}", c.data.display()))
+            let loaded = cresnet_opt::refit::Calibration::load(&c)
+                .with_context(|| format!("cannot load calibration images from {}", c.data.display()))?;
+            if !args.quiet {
+                let extra = if c.refit_extra > 0 { format!(", + up to {} `extra` images", c.refit_extra) } else { String::new() };
+                eprintln!(
+                    "calibration: {} images for the refits ({} asked of {}{extra}), {} positions per image and layer (at least)",
+                    loaded.images.len(),
+                    c.images,
+                    c.data.display(),
+                    c.positions
+                );
+            }
+            anyhow::Ok(loaded)
         })
         .transpose()?;
     if calibration.is_none() && passes.iter().any(PassSpec::lossy) && !args.quiet {
