@@ -26,6 +26,14 @@ fn time<T>(runs: usize, mut f: impl FnMut() -> T) -> f64 {
     )
 }
 
+/// Minor page faults of this process so far (0 where /proc is not there):
+/// each is a fresh page the kernel zeroes, a cost a step should not pay.
+fn minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Field 10 (minflt), counted after the parenthesised command name.
+    stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(7)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
 fn main() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/resnet50-imagenet.onnx");
     if !path.exists() {
@@ -99,8 +107,8 @@ fn train_engine_vs_frameworks() {
         let input = vec![0.5f32; 8 * engine.input_len()];
         let seed = vec![1e-3f32; 8 * engine.output_len()];
         let t = time(5, || {
-            let acts = engine.forward(input.clone(), 8).expect("forward");
-            let grads = engine.backward(&acts, vec![(engine.output(), seed.clone())]);
+            let mut acts = engine.forward(input.clone(), 8).expect("forward");
+            let grads = engine.backward(&mut acts, vec![(engine.output(), seed.clone())]);
             opt.update(&mut engine.params, &grads, 1e-3);
         });
         println!("train 3x(dw3x3+1x1) 8x64x56x56 Adam step{}: {:.0} ms", if bn { " (BN after every conv)" } else { "" }, 1e3 * t);
@@ -139,7 +147,10 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
             1e3 * t2 / b as f64
         );
     }
-    for (name, specs) in students {
+    // `--only NAME` times the students whose name contains NAME (for `perf`).
+    let args: Vec<String> = std::env::args().collect();
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
+    for (name, specs) in students.into_iter().filter(|(name, _)| name.contains(only.as_str())) {
         let mut m = model.clone();
         cresnet_opt::passes::run_pipeline(&mut m, &specs, &Default::default(), |_| {}).expect("passes");
         let shapes = cresnet_opt::validate::validate(&m.graph, &Default::default()).expect("valid");
@@ -148,12 +159,16 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
         let seed = vec![1e-3f32; batch * net.output_len()];
         let fwd = time(3, || net.forward(x.clone(), batch).expect("forward"));
         let step = time(3, || {
-            let acts = net.forward(x.clone(), batch).expect("forward");
-            net.backward(&acts, vec![(net.output(), seed.clone())])
+            let mut acts = net.forward(x.clone(), batch).expect("forward");
+            net.backward(&mut acts, vec![(net.output(), seed.clone())])
         });
         let params: usize = net.params.iter().map(|p| p.data.len()).sum();
+        let faults = minor_faults();
+        let acts = net.forward(x.clone(), batch).expect("forward");
+        drop(net.backward(&mut { acts }, vec![(net.output(), seed.clone())]));
+        let faults = minor_faults().saturating_sub(faults);
         println!(
-            "train {name:<22} params {params:>10}  forward {:>6.0} ms  forward+backward {:>6.0} ms per batch of {batch}",
+            "train {name:<22} params {params:>10}  forward {:>6.0} ms  forward+backward {:>6.0} ms per batch of {batch}  ({faults} page faults in a step)",
             1e3 * fwd,
             1e3 * step
         );

@@ -164,12 +164,12 @@ fn training_engine_is_exact_on_the_real_student() {
     let shapes = cresnet_opt::validate::validate(&student.graph, &Default::default()).unwrap();
     let mut net = cresnet_opt::train::Network::from_graph(&student.graph, &shapes).unwrap();
     let xs = x.as_slice().unwrap().to_vec();
-    let acts = net.forward(xs.clone(), 2).unwrap();
+    let mut acts = net.forward(xs.clone(), 2).unwrap();
     let got = ndarray::ArrayD::from_shape_vec(expected.shape(), acts.value(net.output()).to_vec()).unwrap();
     assert!(rel_diff(&expected, &got) < 1e-4, "engine vs tract {}", rel_diff(&expected, &got));
     let t = teacher_logits.as_slice().unwrap();
     let (_, g) = kd_loss(&acts.value(net.output()), t, 1000, 2.0);
-    let grads = net.backward(&acts, vec![(net.output(), g)]);
+    let grads = net.backward(&mut acts, vec![(net.output(), g)]);
     let loss = |net: &cresnet_opt::train::Network| kd_loss(&net.forward(xs.clone(), 2).unwrap().value(net.output()), t, 1000, 2.0).0;
     let mut rng = cresnet_opt::fixture::Rng::new(5);
     let n = net.params.len();

@@ -149,8 +149,8 @@ fn check_gradients_of(model: &Model, mut net: Network, params: usize) {
     let x = random_input(model, 2, 1.0, 9).as_slice().unwrap().to_vec();
     let mut rng = Rng::new(11);
     let c: Vec<f32> = (0..2 * net.output_len()).map(|_| rng.normal()).collect();
-    let acts = net.forward(x.clone(), 2).unwrap();
-    let grads = net.backward(&acts, vec![(net.output(), c.clone())]);
+    let mut acts = net.forward(x.clone(), 2).unwrap();
+    let grads = net.backward(&mut acts, vec![(net.output(), c.clone())]);
     assert_eq!(grads.len(), params);
     let trainable: Vec<bool> = net.params.iter().map(|p| p.trainable).collect();
     for (i, g) in grads.iter().enumerate().filter(|(i, _)| trainable[*i]) {
@@ -173,5 +173,39 @@ fn check_gradients_of(model: &Model, mut net: Network, params: usize) {
         // are compared in absolute terms (5e-4).
         let err = (numeric - analytic).abs() / analytic.abs().max(5e-2);
         assert!(err < 1e-2, "param `{}`: analytic {analytic:.6} vs numeric {numeric:.6}", net.params[i].name);
+    }
+}
+
+/// The engine reuses the buffers of earlier steps without zeroing them
+/// (every kernel writes all of its outputs): with every reused buffer
+/// filled with NaN first, two steps give what they give without, and a
+/// step after another exactly what the same step gives on a fresh network.
+#[test]
+fn reused_buffers_are_written_before_they_are_read() {
+    let mut model = cresnet_opt::io::load(&fixture_path()).expect("fixture loads");
+    run_passes(&mut model, &[fold(), dw(1)]);
+    let shapes = cresnet_opt::validate::validate(&model.graph, &Default::default()).expect("valid");
+    let step = |net: &Network, seed: u64| {
+        let x = random_input(&model, 4, 50.0, seed).as_slice().unwrap().to_vec();
+        let mut acts = net.forward(x, 4).unwrap();
+        let logits = acts.value(net.output()).to_vec();
+        let seeds: Vec<f32> = logits.iter().map(|v| v * 1e-3).collect();
+        (logits, net.backward(&mut acts, vec![(net.output(), seeds)]))
+    };
+    for with_bn in [false, true] {
+        let make = || if with_bn { Network::with_batchnorm(&model.graph, &shapes).unwrap() } else { network(&model) };
+        let (plain, poisoned, fresh) = (make(), make(), make());
+        poisoned.poison_reused_buffers();
+        let (first, first_poisoned) = (step(&plain, 1), step(&poisoned, 1));
+        let (second, second_poisoned) = (step(&plain, 2), step(&poisoned, 2));
+        for (a, b) in [(&first, &first_poisoned), (&second, &second_poisoned)] {
+            assert!(b.0.iter().chain(b.1.iter().flatten()).all(|v| v.is_finite()), "a kernel read an unwritten value (BN: {with_bn})");
+            assert!(a.0 == b.0 && a.1 == b.1, "poisoned buffers changed a result (BN: {with_bn})");
+        }
+        let expected = step(&fresh, 2);
+        assert!(
+            second.0 == expected.0 && second.1 == expected.1,
+            "a step after another differs from it on a fresh network (BN: {with_bn})"
+        );
     }
 }

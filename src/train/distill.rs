@@ -967,7 +967,7 @@ impl Trainer<'_> {
     fn step(&mut self, x: Vec<f32>, targets: &[Vec<f32>], labels: &[Option<usize>], opt: &mut Optimizer, lr: f32) -> Result<f64> {
         let batch = self.teacher.batch();
         let mode = if self.o.batchnorm == BatchNormMode::Train { Mode::Train } else { Mode::Eval };
-        let acts = self.net.forward_mode(x, batch, mode)?;
+        let mut acts = self.net.forward_mode(x, batch, mode)?;
         let out = self.net.output();
         let (mut loss, mut g) = kd_loss(&acts.value(out), &targets[0], self.net.output_len(), self.o.temperature as f32);
         if self.o.label_weight > 0.0 {
@@ -984,7 +984,7 @@ impl Trainer<'_> {
         if !loss.is_finite() {
             return Err(fail("the loss diverged (not finite): lower `lr`"));
         }
-        let grads = self.net.backward(&acts, seeds);
+        let grads = self.net.backward(&mut acts, seeds);
         opt.update(&mut self.net.params, &grads, lr);
         self.net.update_running_stats(&acts, BN_MOMENTUM);
         Ok(loss)

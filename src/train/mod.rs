@@ -208,10 +208,24 @@ pub struct Network {
 
 /// Buffers of finished steps, reused by later ones. Why: a training step
 /// of ResNet-50 at batch 16 allocates ~2 GB of activations and gradients,
-/// and each fresh page costs a fault and a zeroing by the kernel (a tenth
-/// of a step, measured with `perf`).
+/// and each fresh page costs a fault and a zeroing by the kernel (a third
+/// of a step's CPU time for the 1/5 student when every step's gradients
+/// came fresh, measured with `perf`).
+///
+/// Each buffer carries the round (one forward and its backward) that last
+/// gave it back; a backward drops the ones its round did not use, so the
+/// pool keeps what one step needs and no stale size (another batch size,
+/// a network set aside) lingers.
+/// The flag: reused buffers come filled with NaN (tests check that every
+/// kernel writes all of its outputs).
 #[derive(Default)]
-struct Pool(Mutex<Vec<Vec<f32>>>);
+struct Pool(Mutex<PoolState>, std::sync::atomic::AtomicBool);
+
+#[derive(Default)]
+struct PoolState {
+    round: u64,
+    free: Vec<(u64, Vec<f32>)>,
+}
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -221,21 +235,24 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// The smallest pooled buffer that holds `len` values (and not more
-    /// than twice that), emptied.
+    /// than twice that), with what it held.
     fn find(&self, len: usize) -> Option<Vec<f32>> {
-        let mut free = self.0.lock().ok()?;
+        let mut state = self.0.lock().ok()?;
         let fits = |v: &Vec<f32>| v.capacity() >= len && v.capacity() <= 2 * len + 1024;
-        let best = free.iter().enumerate().filter(|(_, v)| fits(v)).min_by_key(|(_, v)| v.capacity()).map(|(i, _)| i)?;
-        let mut v = free.swap_remove(best);
-        v.clear();
-        Some(v)
+        let best = state.free.iter().enumerate().filter(|(_, (_, v))| fits(v)).min_by_key(|(_, (_, v))| v.capacity()).map(|(i, _)| i)?;
+        Some(state.free.swap_remove(best).1)
     }
 
-    /// `len` zeros.
+    /// `len` values for a kernel that writes every one of them (all the
+    /// steps' kernels do): a pooled buffer keeps what an earlier step left
+    /// in it, because zeroing it first was one more pass over the memory.
     fn take(&self, len: usize) -> Vec<f32> {
         match self.find(len) {
             Some(mut v) => {
-                v.par_extend(rayon::iter::repeat_n(0.0, len));
+                v.resize(len, 0.0);
+                if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+                    v.fill(f32::NAN);
+                }
                 v
             }
             None => vec![0.0; len],
@@ -246,6 +263,7 @@ impl Pool {
     fn copy(&self, v: &[f32]) -> Vec<f32> {
         match self.find(v.len()) {
             Some(mut out) => {
+                out.clear();
                 out.extend_from_slice(v);
                 out
             }
@@ -255,16 +273,32 @@ impl Pool {
 
     /// Frees every pooled buffer.
     fn clear(&self) {
-        if let Ok(mut free) = self.0.lock() {
-            free.clear();
+        if let Ok(mut state) = self.0.lock() {
+            state.free.clear();
+        }
+    }
+
+    /// Starts a round (a forward, and the backward that may follow).
+    fn next_round(&self) {
+        if let Ok(mut state) = self.0.lock() {
+            state.round += 1;
+        }
+    }
+
+    /// Frees the buffers that sat unused through the current round.
+    fn drop_unused(&self) {
+        if let Ok(mut state) = self.0.lock() {
+            let round = state.round;
+            state.free.retain(|(r, _)| *r == round);
         }
     }
 
     /// Keeps `v` for a later `take` (small buffers are not worth it).
     fn give(&self, v: Vec<f32>) {
         if v.capacity() >= PARALLEL_LEN {
-            if let Ok(mut free) = self.0.lock() {
-                free.push(v);
+            if let Ok(mut state) = self.0.lock() {
+                let round = state.round;
+                state.free.push((round, v));
             }
         }
     }
@@ -863,6 +897,7 @@ impl Network {
         if x.len() != batch * self.input_len() {
             return Err(Error::Data(format!("distill: input holds {} values, expected {batch} × {}", x.len(), self.input_len())));
         }
+        self.pool.next_round();
         let values = vec![Vec::new(); self.value_len.len()];
         let mut acts = Activations {
             batch,
@@ -1030,7 +1065,11 @@ impl Network {
     }
 
     /// Gradients of every param, given dL/d(value) seeds (e.g. the logits').
-    pub fn backward(&self, acts: &Activations, seeds: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
+    /// The activations go back to the pool as the walk passes their step
+    /// (nothing reads them after it), where the gradients of the earlier
+    /// steps, and the next forward, find them: `acts` keeps only the batch
+    /// statistics and the input.
+    pub fn backward(&self, acts: &mut Activations, seeds: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; self.value_len.len()];
         for (v, g) in seeds {
             self.accumulate(&mut grads[v], self.channel_major(v, g, acts.batch));
@@ -1038,22 +1077,30 @@ impl Network {
         let mut pgrads: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.data.len()]).collect();
         for (i, step) in self.steps.iter().enumerate().rev() {
             let y = step_output(step);
-            let Some(mut dy) = grads[y].take() else { continue };
-            let outs = self.backward_step(i, step, acts, &mut dy, &mut pgrads);
-            self.pool.give(dy);
-            for (v, g) in outs {
-                if v != self.input {
-                    self.accumulate(&mut grads[v], g);
+            if let Some(mut dy) = grads[y].take() {
+                let outs = self.backward_step(i, step, acts, &mut dy, &mut pgrads);
+                self.pool.give(dy);
+                for (v, g) in outs {
+                    if v != self.input {
+                        self.accumulate(&mut grads[v], g);
+                    }
                 }
             }
+            // Steps run in topological order: every reader of `y` comes after
+            // its producer, and the walk has passed them all.
+            self.pool.give(std::mem::take(&mut acts.values[y]));
         }
-        // The gradients' buffers go: between steps the pool keeps only the
-        // activations (given back when the caller drops them), which the
-        // next forward takes size for size. Keeping both held ~2.7 GB more
-        // than the step's peak while the teacher ran (one size class of
-        // gradients reuses another's buffers only within a step).
-        self.pool.clear();
+        // Buffers no step of this round used (an earlier batch size's) go:
+        // the pool keeps one step's worth for the next forward.
+        self.pool.drop_unused();
         pgrads
+    }
+
+    /// Fills every reused buffer with NaN before a kernel writes it: a test
+    /// hook (a kernel that leaves a value unwritten then shows as NaN).
+    #[doc(hidden)]
+    pub fn poison_reused_buffers(&self) {
+        self.pool.1.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Frees the activation buffers kept for the next step: a network set
