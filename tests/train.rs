@@ -209,3 +209,34 @@ fn reused_buffers_are_written_before_they_are_read() {
         );
     }
 }
+
+/// The pool keeps one step's buffers: it must not grow over forward-only
+/// rounds (BN re-estimation, hold-out scoring) nor over training steps.
+#[test]
+fn the_buffer_pool_does_not_grow_from_step_to_step() {
+    let mut model = cresnet_opt::io::load(&fixture_path()).expect("fixture loads");
+    run_passes(&mut model, &[fold()]);
+    let net = network(&model);
+    let x = random_input(&model, 4, 50.0, 1).as_slice().unwrap().to_vec();
+    let forward_only = |rounds: usize| {
+        for _ in 0..rounds {
+            drop(net.forward(x.clone(), 4).unwrap());
+        }
+        net.pooled_values()
+    };
+    // The buffers settle after a few rounds (which one a value takes
+    // depends on what the round before left), then stay.
+    let settled = forward_only(6);
+    assert!(settled > 0, "nothing pooled");
+    assert_eq!(forward_only(6), settled, "forward-only rounds grow the pool");
+    let train = |rounds: usize| {
+        for _ in 0..rounds {
+            let mut acts = net.forward(x.clone(), 4).unwrap();
+            let seeds = vec![1e-3; 4 * net.output_len()];
+            drop(net.backward(&mut acts, vec![(net.output(), seeds)]));
+        }
+        net.pooled_values()
+    };
+    let settled = train(4);
+    assert_eq!(train(4), settled, "training steps grow the pool");
+}

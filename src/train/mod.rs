@@ -213,9 +213,9 @@ pub struct Network {
 /// came fresh, measured with `perf`).
 ///
 /// Each buffer carries the round (one forward and its backward) that last
-/// gave it back; a backward drops the ones its round did not use, so the
-/// pool keeps what one step needs and no stale size (another batch size,
-/// a network set aside) lingers.
+/// gave it back; a backward drops the ones its round did not use, and a new
+/// round the ones the last round did not, so the pool keeps what one step
+/// needs and no stale size (another batch size) lingers.
 /// The flag: reused buffers come filled with NaN (tests check that every
 /// kernel writes all of its outputs).
 #[derive(Default)]
@@ -278,9 +278,14 @@ impl Pool {
         }
     }
 
-    /// Starts a round (a forward, and the backward that may follow).
+    /// Starts a round (a forward, and the backward that may follow), and
+    /// drops what the last round neither used nor gave back: without a
+    /// backward to trim it (forward-only loops), the values built outside
+    /// the pool (the input's copy, say) would pile up a buffer per round.
     fn next_round(&self) {
         if let Ok(mut state) = self.0.lock() {
+            let last = state.round;
+            state.free.retain(|(r, _)| *r == last);
             state.round += 1;
         }
     }
@@ -321,6 +326,8 @@ pub struct Activations {
 
 impl Activations {
     /// The batch of value `v`, image-major (batch × per-image length).
+    /// After `Network::backward` only the input is left (the others went
+    /// back to the pool): read what you need before.
     pub fn value(&self, v: usize) -> std::borrow::Cow<'_, [f32]> {
         match self.dims[v] {
             Some((c, hw)) => std::borrow::Cow::Owned(transpose_blocks(&self.values[v], c, self.batch, hw)),
@@ -1101,6 +1108,13 @@ impl Network {
     #[doc(hidden)]
     pub fn poison_reused_buffers(&self) {
         self.pool.1.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The values the pool holds for later steps: a test hook (it must not
+    /// grow from step to step).
+    #[doc(hidden)]
+    pub fn pooled_values(&self) -> usize {
+        self.pool.0.lock().map(|state| state.free.iter().map(|(_, v)| v.capacity()).sum()).unwrap_or(0)
     }
 
     /// Frees the activation buffers kept for the next step: a network set
