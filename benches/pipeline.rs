@@ -164,8 +164,8 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
         });
         let params: usize = net.params.iter().map(|p| p.data.len()).sum();
         let faults = minor_faults();
-        let acts = net.forward(x.clone(), batch).expect("forward");
-        drop(net.backward(&mut { acts }, vec![(net.output(), seed.clone())]));
+        let mut acts = net.forward(x.clone(), batch).expect("forward");
+        drop(net.backward(&mut acts, vec![(net.output(), seed.clone())]));
         let faults = minor_faults().saturating_sub(faults);
         println!(
             "train {name:<22} params {params:>10}  forward {:>6.0} ms  forward+backward {:>6.0} ms per batch of {batch}  ({faults} page faults in a step)",

@@ -216,15 +216,26 @@ pub struct Network {
 /// gave it back; a backward drops the ones its round did not use, and a new
 /// round the ones the last round did not, so the pool keeps what one step
 /// needs and no stale size (another batch size) lingers.
-/// The flag: reused buffers come filled with NaN (tests check that every
-/// kernel writes all of its outputs).
 #[derive(Default)]
-struct Pool(Mutex<PoolState>, std::sync::atomic::AtomicBool);
+struct Pool {
+    state: Mutex<PoolState>,
+    /// Reused buffers come filled with NaN (a test hook: every kernel must
+    /// write all of its outputs).
+    poison: std::sync::atomic::AtomicBool,
+}
 
 #[derive(Default)]
 struct PoolState {
     round: u64,
     free: Vec<(u64, Vec<f32>)>,
+}
+
+impl PoolState {
+    /// Frees the buffers the current round neither used nor gave back.
+    fn drop_unused(&mut self) {
+        let round = self.round;
+        self.free.retain(|(r, _)| *r == round);
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -237,7 +248,7 @@ impl Pool {
     /// The smallest pooled buffer that holds `len` values (and not more
     /// than twice that), with what it held.
     fn find(&self, len: usize) -> Option<Vec<f32>> {
-        let mut state = self.0.lock().ok()?;
+        let mut state = self.state.lock().ok()?;
         let fits = |v: &Vec<f32>| v.capacity() >= len && v.capacity() <= 2 * len + 1024;
         let best = state.free.iter().enumerate().filter(|(_, (_, v))| fits(v)).min_by_key(|(_, (_, v))| v.capacity()).map(|(i, _)| i)?;
         Some(state.free.swap_remove(best).1)
@@ -250,7 +261,7 @@ impl Pool {
         match self.find(len) {
             Some(mut v) => {
                 v.resize(len, 0.0);
-                if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+                if self.poison.load(std::sync::atomic::Ordering::Relaxed) {
                     v.fill(f32::NAN);
                 }
                 v
@@ -273,7 +284,7 @@ impl Pool {
 
     /// Frees every pooled buffer.
     fn clear(&self) {
-        if let Ok(mut state) = self.0.lock() {
+        if let Ok(mut state) = self.state.lock() {
             state.free.clear();
         }
     }
@@ -283,25 +294,23 @@ impl Pool {
     /// backward to trim it (forward-only loops), the values built outside
     /// the pool (the input's copy, say) would pile up a buffer per round.
     fn next_round(&self) {
-        if let Ok(mut state) = self.0.lock() {
-            let last = state.round;
-            state.free.retain(|(r, _)| *r == last);
+        if let Ok(mut state) = self.state.lock() {
+            state.drop_unused();
             state.round += 1;
         }
     }
 
     /// Frees the buffers that sat unused through the current round.
     fn drop_unused(&self) {
-        if let Ok(mut state) = self.0.lock() {
-            let round = state.round;
-            state.free.retain(|(r, _)| *r == round);
+        if let Ok(mut state) = self.state.lock() {
+            state.drop_unused();
         }
     }
 
     /// Keeps `v` for a later `take` (small buffers are not worth it).
     fn give(&self, v: Vec<f32>) {
         if v.capacity() >= PARALLEL_LEN {
-            if let Ok(mut state) = self.0.lock() {
+            if let Ok(mut state) = self.state.lock() {
                 let round = state.round;
                 state.free.push((round, v));
             }
@@ -1107,14 +1116,14 @@ impl Network {
     /// hook (a kernel that leaves a value unwritten then shows as NaN).
     #[doc(hidden)]
     pub fn poison_reused_buffers(&self) {
-        self.pool.1.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.pool.poison.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The values the pool holds for later steps: a test hook (it must not
     /// grow from step to step).
     #[doc(hidden)]
     pub fn pooled_values(&self) -> usize {
-        self.pool.0.lock().map(|state| state.free.iter().map(|(_, v)| v.capacity()).sum()).unwrap_or(0)
+        self.pool.state.lock().map(|state| state.free.iter().map(|(_, v)| v.capacity()).sum()).unwrap_or(0)
     }
 
     /// Frees the activation buffers kept for the next step: a network set
