@@ -495,34 +495,81 @@ impl PoolGeom {
     pub fn output_len(&self) -> usize {
         self.c * self.ho * self.wo
     }
+    /// The input rows output row `oy` reads (inside the image).
+    fn tap_rows(&self, oy: usize) -> Range<usize> {
+        let top = oy * self.stride[0];
+        top.max(self.pad[0]) - self.pad[0]..(top + self.kh).min(self.h + self.pad[0]).saturating_sub(self.pad[0])
+    }
+    /// The output columns whose taps all fall inside the input row.
+    fn inner_columns(&self) -> Range<usize> {
+        let s = self.stride[1];
+        let first = self.pad[1].div_ceil(s);
+        let end = if self.w + self.pad[1] >= self.kw { (self.w + self.pad[1] - self.kw) / s + 1 } else { 0 };
+        let end = end.min(self.wo);
+        first.min(end)..end
+    }
 }
 
 /// Max pooling of `g.c` planes (any planes: the layout does not matter);
-/// `arg` gets each output's source index in its plane.
+/// `arg` gets each output's source index in its plane (the first maximum
+/// in tap order).
 pub fn maxpool_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], arg: &mut [u32]) {
-    let (hw, ohw) = (g.h * g.w, g.ho * g.wo);
+    let (hw, ohw, s) = (g.h * g.w, g.ho * g.wo, g.stride[1]);
+    let inner = g.inner_columns();
+    // An input row split by column phase (column j at phase j % s, place
+    // j / s), so that each tap reads a contiguous run for every output.
+    let per_phase = g.w.div_ceil(s);
+    let mut phases = vec![0.0f32; s * per_phase];
     for c in 0..g.c {
         let plane = &x[c * hw..][..hw];
         for oy in 0..g.ho {
-            for ox in 0..g.wo {
-                let (mut best, mut at) = (f32::NEG_INFINITY, 0u32);
-                for ky in 0..g.kh {
-                    let Some(iy) = (oy * g.stride[0] + ky).checked_sub(g.pad[0]).filter(|&i| i < g.h) else { continue };
-                    for kx in 0..g.kw {
-                        let Some(ix) = (ox * g.stride[1] + kx).checked_sub(g.pad[1]).filter(|&i| i < g.w) else { continue };
-                        let v = plane[iy * g.w + ix];
-                        if v > best {
-                            (best, at) = (v, (iy * g.w + ix) as u32);
-                        }
+            let taps = g.tap_rows(oy);
+            let (yrow, arow) = (&mut y[c * ohw + oy * g.wo..][..g.wo], &mut arg[c * ohw + oy * g.wo..][..g.wo]);
+            // Columns whose taps all fall inside the row: tap after tap over
+            // the whole run (a select per value, which vectorizes).
+            let (best, at) = (&mut yrow[inner.clone()], &mut arow[inner.clone()]);
+            best.fill(f32::NEG_INFINITY);
+            at.fill(0);
+            for iy in taps.clone().filter(|_| !inner.is_empty()) {
+                let row = &plane[iy * g.w..][..g.w];
+                for r in 0..s {
+                    row[r..].iter().step_by(s).zip(&mut phases[r * per_phase..]).for_each(|(&v, p)| *p = v);
+                }
+                for kx in 0..g.kw {
+                    let first = inner.start * s + kx - g.pad[1];
+                    let src = &phases[(first % s) * per_phase + first / s..][..inner.len()];
+                    let base = (iy * g.w + first) as u32;
+                    for (i, ((b, a), &v)) in best.iter_mut().zip(at.iter_mut()).zip(src).enumerate() {
+                        // All ones where v is larger: bit selects, no branch.
+                        let more = 0u32.wrapping_sub((v > *b) as u32);
+                        *b = f32::from_bits(b.to_bits() & !more | v.to_bits() & more);
+                        *a = *a & !more | (base + (i * s) as u32) & more;
                     }
                 }
-                let o = c * ohw + oy * g.wo + ox;
-                (y[o], arg[o]) = (best, at);
+            }
+            for ox in (0..g.wo).filter(|ox| !inner.contains(ox)) {
+                let cols = (0..g.kw).filter_map(|kx| (ox * s + kx).checked_sub(g.pad[1]).filter(|&i| i < g.w));
+                let (lo, hi) = cols.fold((usize::MAX, 0), |(lo, hi), i| (lo.min(i), hi.max(i + 1)));
+                let (lo, len) = if hi > lo { (lo, hi - lo) } else { (0, 0) };
+                (yrow[ox], arow[ox]) = max_over(taps.clone().map(|iy| (iy * g.w + lo, len)), plane);
             }
         }
     }
 }
 
+/// The maximum over runs `(start, len)` of `plane`, and where it is (the
+/// first one); a select rather than a branch, which mispredicts on images.
+fn max_over(runs: impl Iterator<Item = (usize, usize)>, plane: &[f32]) -> (f32, u32) {
+    let (mut best, mut at) = (f32::NEG_INFINITY, 0u32);
+    for (start, len) in runs {
+        for (i, &v) in plane[start..][..len].iter().enumerate() {
+            let more = v > best;
+            best = if more { v } else { best };
+            at = if more { (start + i) as u32 } else { at };
+        }
+    }
+    (best, at)
+}
 /// dL/dx of a max pooling of `g.c` planes (overwrites `dx`).
 pub fn maxpool_backward(g: &PoolGeom, dy: &[f32], arg: &[u32], dx: &mut [f32]) {
     let (hw, ohw) = (g.h * g.w, g.ho * g.wo);
@@ -632,6 +679,47 @@ mod tests {
                 let err = a.iter().zip(b.iter()).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
                 assert!(err < 1e-4, "{g:?} batch {n}: {name} differs by {err}");
             }
+        }
+    }
+
+    /// Max pooling by direct loops with bounds checks on every tap.
+    fn reference_maxpool(g: &PoolGeom, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
+        let (mut y, mut arg) = (vec![f32::NEG_INFINITY; g.output_len()], vec![0u32; g.output_len()]);
+        for c in 0..g.c {
+            for (oy, ox, ky, kx) in (0..g.ho)
+                .flat_map(|oy| (0..g.wo).flat_map(move |ox| (0..g.kh).flat_map(move |ky| (0..g.kw).map(move |kx| (oy, ox, ky, kx)))))
+            {
+                let (iy, ix) = ((oy * g.stride[0] + ky) as isize - g.pad[0] as isize, (ox * g.stride[1] + kx) as isize - g.pad[1] as isize);
+                if iy < 0 || ix < 0 || iy as usize >= g.h || ix as usize >= g.w {
+                    continue;
+                }
+                let (at, o) = (iy as usize * g.w + ix as usize, (c * g.ho + oy) * g.wo + ox);
+                if x[c * g.h * g.w + at] > y[o] {
+                    (y[o], arg[o]) = (x[c * g.h * g.w + at], at as u32);
+                }
+            }
+        }
+        (y, arg)
+    }
+
+    #[test]
+    fn maxpool_equals_direct_loops_with_ties_and_borders() {
+        let mut rng = Rng::new(5);
+        for (c, (h, w), k, s, p) in [
+            (2, (112, 112), 3, 2, 1),
+            (3, (7, 6), 3, 1, 1),
+            (2, (5, 5), 2, 2, 0),
+            (1, (2, 3), 3, 2, 1),
+            (2, (9, 4), 3, 3, 2),
+            (1, (1, 1), 3, 1, 1),
+        ] {
+            let out = |len: usize| (len + 2 * p - k) / s + 1;
+            let g = PoolGeom { c, kh: k, kw: k, stride: [s; 2], pad: [p; 2], h, w, ho: out(h), wo: out(w) };
+            // Rounded values tie often (the first maximum must win), negatives check the padding.
+            let x: Vec<f32> = (0..g.input_len()).map(|_| (rng.normal() * 2.0).round()).collect();
+            let (mut y, mut arg) = (vec![9.0; g.output_len()], vec![7u32; g.output_len()]);
+            maxpool_forward(&g, &x, &mut y, &mut arg);
+            assert_eq!((y, arg), reference_maxpool(&g, &x), "{g:?}");
         }
     }
 }

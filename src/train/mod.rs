@@ -106,10 +106,12 @@ enum Step {
         x: usize,
         y: usize,
     },
+    /// With `relu`, y = max(a + b, 0) (the Relu that alone read the sum).
     Add {
         a: usize,
         b: usize,
         y: usize,
+        relu: bool,
     },
     MaxPool {
         x: usize,
@@ -474,7 +476,7 @@ impl Builder<'_> {
                 if self.shape(&x_name)? != self.shape(&b_name)? {
                     return Err(unsupported(name, op, "inputs of different shapes (broadcasting) are not supported"));
                 }
-                Step::Add { a: x, b, y: self.value(&out)? }
+                Step::Add { a: x, b, y: self.value(&out)?, relu: false }
             }
             "MaxPool" => self.maxpool(ix, x, &x_name, &out)?,
             "GlobalAveragePool" => {
@@ -757,9 +759,11 @@ impl Network {
         Ok(b.net)
     }
 
-    /// Fuses every BN with the Relu that alone reads its output: the BN
-    /// step then writes the Relu's output. The BN's own output is no longer
-    /// computed, so it stops being a value one can ask for by name.
+    /// Fuses every BN and every Add with the Relu that alone reads its
+    /// output: the step then writes the Relu's output (one pass over the
+    /// values fewer each way, and one buffer). The BN's or Add's own output
+    /// is no longer computed, so it stops being a value one can ask for by
+    /// name.
     fn fuse_relus(&mut self) {
         let mut reads = vec![0usize; self.value_len.len()];
         for v in self.steps.iter().flat_map(step_inputs) {
@@ -767,10 +771,12 @@ impl Network {
         }
         let mut i = 0;
         while i < self.steps.len() {
-            if let Step::BatchNorm { y, relu: false, .. } = self.steps[i] {
+            if let Step::BatchNorm { y, relu: false, .. } | Step::Add { y, relu: false, .. } = self.steps[i] {
                 let relu = self.steps[i + 1..].iter().position(|s| matches!(s, Step::Relu { x, .. } if *x == y));
                 let fused = relu.filter(|_| reads[y] == 1 && y != self.output).map(|j| self.steps.remove(i + 1 + j));
-                if let (Some(Step::Relu { y: r, .. }), Step::BatchNorm { y: out, relu, .. }) = (fused, &mut self.steps[i]) {
+                if let (Some(Step::Relu { y: r, .. }), Step::BatchNorm { y: out, relu, .. } | Step::Add { y: out, relu, .. }) =
+                    (fused, &mut self.steps[i])
+                {
                     (*out, *relu) = (r, true);
                     self.values.retain(|_, v| *v != y);
                 }
@@ -947,9 +953,14 @@ impl Network {
                 out.par_iter_mut().zip(&vals[*x]).for_each(|(o, v)| *o = v.max(0.0));
                 (*y, out)
             }
-            Step::Add { a, b, y } => {
+            Step::Add { a, b, y, relu } => {
                 let mut out = self.pool.take(vals[*a].len());
-                out.par_iter_mut().zip(vals[*a].par_iter().zip(&vals[*b])).for_each(|(o, (p, q))| *o = p + q);
+                let sums = out.par_iter_mut().zip(vals[*a].par_iter().zip(&vals[*b]));
+                if *relu {
+                    sums.for_each(|(o, (p, q))| *o = (p + q).max(0.0));
+                } else {
+                    sums.for_each(|(o, (p, q))| *o = p + q);
+                }
                 (*y, out)
             }
             Step::MaxPool { x, y, geom } => {
@@ -1162,7 +1173,21 @@ impl Network {
                 relu_backward(dy, &vals[*y]);
                 vec![(*x, std::mem::take(dy))]
             }
-            Step::Add { a, b, .. } => vec![(*a, self.pool.copy(dy)), (*b, std::mem::take(dy))],
+            Step::Add { a, b, relu: false, .. } => vec![(*a, self.pool.copy(dy)), (*b, std::mem::take(dy))],
+            Step::Add { a, b, y, relu: true } => {
+                // The Relu's backward and the copy for the second input in one pass.
+                let mut other = self.pool.take(dy.len());
+                let chunks = other.par_chunks_mut(PARALLEL_LEN).zip(dy.par_chunks_mut(PARALLEL_LEN));
+                chunks.zip(vals[*y].par_chunks(PARALLEL_LEN)).for_each(|((o, g), out)| {
+                    for ((o, g), &out) in o.iter_mut().zip(g.iter_mut()).zip(out) {
+                        if out <= 0.0 {
+                            *g = 0.0;
+                        }
+                        *o = *g;
+                    }
+                });
+                vec![(*a, other), (*b, std::mem::take(dy))]
+            }
             Step::MaxPool { x, geom, .. } => {
                 let arg = &acts.argmax[&i];
                 let mut dx = self.pool.take(vals[*x].len());
