@@ -162,6 +162,9 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
             let mut acts = net.forward(x.clone(), batch).expect("forward");
             net.backward(&mut acts, vec![(net.output(), seed.clone())])
         });
+        if args.iter().any(|a| a == "--profile") {
+            profile_steps(&net, &x, &seed, batch);
+        }
         let params: usize = net.params.iter().map(|p| p.data.len()).sum();
         let faults = minor_faults();
         let mut acts = net.forward(x.clone(), batch).expect("forward");
@@ -172,6 +175,25 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
             1e3 * fwd,
             1e3 * step
         );
+    }
+}
+
+/// Wall time per kind of step over three warm training steps (after the
+/// timed ones): where a step goes, op by op.
+fn profile_steps(net: &cresnet_opt::train::Network, x: &[f32], seed: &[f32], batch: usize) {
+    const STEPS: usize = 3;
+    net.profile(true);
+    for _ in 0..STEPS {
+        let mut acts = net.forward(x.to_vec(), batch).expect("forward");
+        drop(net.backward(&mut acts, vec![(net.output(), seed.to_vec())]));
+    }
+    net.profile(false);
+    let rows = net.step_times();
+    let total: f64 = rows.iter().map(|r| r.1 + r.2).sum();
+    println!("  {:<34} {:>6} {:>10} {:>10} {:>7}", "step kind", "count", "forward", "backward", "share");
+    for (kind, fwd, bwd, count) in rows {
+        let ms = |secs: f64| 1e3 * secs / STEPS as f64;
+        println!("  {kind:<34} {:>6} {:>7.1} ms {:>7.1} ms {:>6.1} %", count / STEPS, ms(fwd), ms(bwd), 100.0 * (fwd + bwd) / total);
     }
 }
 

@@ -9,7 +9,9 @@
 //! 1x1, stride-1, unpadded conv multiplies the input in place, and a
 //! depthwise conv (one input channel per group) runs direct loops over its
 //! taps: there a GEMM per channel would be 1×(kh·kw)×(ho·wo), all call
-//! overhead.
+//! overhead. With a column stride of 1 its forward and input gradient read
+//! a zero-bordered copy of each plane and sum every output's taps in
+//! registers (AVX2 when the CPU has it), bit-identical to the tap loops.
 //!
 //! Threads: the images of a batch are split into one fixed range per
 //! thread, and weight gradients are summed per range, then in range order,
@@ -158,6 +160,13 @@ impl ConvGeom {
         // ox·s + offset − pad ≤ w − 1
         let last = (self.w + self.pad[1]).checked_sub(offset + 1).map_or(0, |v| v / s + 1);
         first..last.min(self.wo).max(first)
+    }
+    /// Rows and columns of a plane inside its zero border: the top and left
+    /// pads, the image, and below and right of it as far as any tap reads.
+    fn padded_size(&self) -> (usize, usize) {
+        let reach = |out: usize, s: usize, k: usize, d: usize| if out == 0 { 0 } else { (out - 1) * s + (k - 1) * d + 1 };
+        let rows = reach(self.ho, self.stride[0], self.kh, self.dilation[0]).max(self.pad[0] + self.h);
+        (rows, reach(self.wo, self.stride[1], self.kw, self.dilation[1]).max(self.pad[1] + self.w))
     }
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == [1, 1] && self.pad == [0, 0] && (self.ho, self.wo) == (self.h, self.w)
@@ -398,7 +407,7 @@ pub fn conv_input_grad(g: &ConvGeom, n: usize, w: &[f32], dy: &[f32], dx: &mut [
 }
 
 /// y += the depthwise conv of one input plane `x` with one output
-/// channel's taps `wk`.
+/// channel's taps `wk`, tap after tap over whole rows.
 fn depthwise_plane(g: &ConvGeom, x: &[f32], wk: &[f32], y: &mut [f32]) {
     g.rows(|ky, kx, iy, oy, cols| {
         let wv = wk[ky * g.kw + kx];
@@ -407,14 +416,155 @@ fn depthwise_plane(g: &ConvGeom, x: &[f32], wk: &[f32], y: &mut [f32]) {
     });
 }
 
+/// Values summed in registers by the depthwise kernels: one AVX register
+/// (two SSE ones).
+const LANES: usize = 8;
+
+/// Whether this CPU has AVX2 (the depthwise kernels are then compiled for it).
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The taps of one depthwise channel on a zero-bordered plane: output
+/// (oy, ox) sums `wk[ky·kw + kx] · src[oy·stride + rows[ky]][ox + cols[kx]]`
+/// over (ky, kx) in order.
+struct Correlation<'a> {
+    wk: &'a [f32],
+    rows: Vec<usize>,
+    cols: Vec<usize>,
+    stride: usize,
+}
+
+impl Correlation<'_> {
+    /// The forward conv of `g` on a plane bordered by `pad_plane`.
+    fn forward<'a>(g: &ConvGeom, wk: &'a [f32]) -> Correlation<'a> {
+        let rows = (0..g.kh).map(|ky| ky * g.dilation[0]).collect();
+        Correlation { wk, rows, cols: (0..g.kw).map(|kx| kx * g.dilation[1]).collect(), stride: g.stride[0] }
+    }
+    /// dL/dx of `g` (strides 1) from dL/dy bordered by `pad_grad`: the taps
+    /// mirrored, in the same (ky, kx) order.
+    fn input_grad<'a>(g: &ConvGeom, wk: &'a [f32]) -> Correlation<'a> {
+        let rows = (0..g.kh).map(|ky| (g.kh - 1 - ky) * g.dilation[0]).collect();
+        Correlation { wk, rows, cols: (0..g.kw).map(|kx| (g.kw - 1 - kx) * g.dilation[1]).collect(), stride: 1 }
+    }
+
+    /// out (rows of `out_w`) from `src` (rows of `src_w`), overwritten.
+    /// The sums are those of the tap-by-tap loops (`depthwise_plane`,
+    /// the input gradient's) bit for bit, finite weights given: the same
+    /// order, a multiply and an add per tap (never fused), and a border tap
+    /// adds ±0 to a sum that is never −0.
+    fn run(&self, src: &[f32], src_w: usize, out: &mut [f32], out_w: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { self.run_avx2(src, src_w, out, out_w) };
+        }
+        self.run_body(src, src_w, out, out_w)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, src: &[f32], src_w: usize, out: &mut [f32], out_w: usize) {
+        self.run_body(src, src_w, out, out_w)
+    }
+
+    #[inline(always)]
+    fn run_body(&self, src: &[f32], src_w: usize, out: &mut [f32], out_w: usize) {
+        if out_w == 0 {
+            return;
+        }
+        // Four registers of sums at a time (their adds do not wait on each
+        // other), then one, then single columns.
+        let (wide, narrow) = (out_w / (4 * LANES) * (4 * LANES), out_w / LANES * LANES);
+        for (oy, orow) in out.chunks_exact_mut(out_w).enumerate() {
+            let row = |ky: usize| &src[(oy * self.stride + self.rows[ky]) * src_w..][..src_w];
+            for ox in (0..wide).step_by(4 * LANES) {
+                orow[ox..][..4 * LANES].copy_from_slice(&self.sums::<{ 4 * LANES }>(row, ox));
+            }
+            for ox in (wide..narrow).step_by(LANES) {
+                orow[ox..][..LANES].copy_from_slice(&self.sums::<LANES>(row, ox));
+            }
+            for (ox, o) in orow.iter_mut().enumerate().skip(narrow) {
+                *o = self.sums::<1>(row, ox)[0];
+            }
+        }
+    }
+
+    /// The sums of W outputs from column `ox` on, tap row `ky` being `row(ky)`.
+    #[inline(always)]
+    fn sums<'s, const W: usize>(&self, row: impl Fn(usize) -> &'s [f32], ox: usize) -> [f32; W] {
+        let mut acc = [0.0f32; W];
+        let kw = self.cols.len();
+        for (ky, wrow) in self.wk.chunks_exact(kw).enumerate() {
+            let r = row(ky);
+            for (&wv, &col) in wrow.iter().zip(&self.cols) {
+                for (a, &v) in acc.iter_mut().zip(&r[ox + col..][..W]) {
+                    *a += wv * v;
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// `plane` (h×w) inside a border of zeros (`ConvGeom::padded_size`).
+fn pad_plane(g: &ConvGeom, plane: &[f32], padded: &mut Vec<f32>) {
+    let (ph, pw) = g.padded_size();
+    padded.clear();
+    padded.resize(ph * pw, 0.0);
+    for (iy, row) in plane.chunks_exact(g.w).enumerate() {
+        padded[(iy + g.pad[0]) * pw + g.pad[1]..][..g.w].copy_from_slice(row);
+    }
+}
+
+/// Columns of the bordered output gradient `pad_grad` makes.
+fn grad_width(g: &ConvGeom) -> usize {
+    g.w + (g.kw - 1) * g.dilation[1]
+}
+
+/// The output gradient of one plane (ho×wo, strides 1) inside a border of
+/// zeros such that dx[iy][ix] reads tap (ky, kx) at row iy + (kh−1−ky)·d,
+/// column ix + (kw−1−kx)·d: dy[oy][ox] sits at (oy + (kh−1)·d − pad, ox +
+/// (kw−1)·d − pad); rows and columns that land outside are never read.
+fn pad_grad(g: &ConvGeom, dy: &[f32], padded: &mut Vec<f32>) {
+    let (ph, pw) = (g.h + (g.kh - 1) * g.dilation[0], grad_width(g));
+    padded.clear();
+    padded.resize(ph * pw, 0.0);
+    let (top, left) = ((g.kh - 1) * g.dilation[0], (g.kw - 1) * g.dilation[1]);
+    for (oy, row) in dy.chunks_exact(g.wo.max(1)).enumerate().take(g.ho) {
+        let Some(r) = (oy + top).checked_sub(g.pad[0]).filter(|&r| r < ph) else { continue };
+        // Columns ox with 0 ≤ ox + left − pad < pw.
+        let skip = g.pad[1].saturating_sub(left);
+        let first = (left + skip) - g.pad[1];
+        let len = row.len().saturating_sub(skip).min(pw.saturating_sub(first));
+        padded[r * pw + first..][..len].copy_from_slice(&row[skip..][..len]);
+    }
+}
+
 fn depthwise_forward(g: &ConvGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
     let (og, p, hw, taps) = (g.per_group_out(), g.positions(), g.plane(), g.taps());
-    y.par_chunks_mut(og * n * p).enumerate().for_each(|(gi, yg)| {
-        yg.fill(0.0);
+    // A column stride of 1 reads padded planes (contiguous taps for runs of outputs).
+    let padded = g.stride[1] == 1;
+    y.par_chunks_mut(og * n * p).enumerate().for_each_init(Vec::new, |buf, (gi, yg)| {
+        if !padded {
+            yg.fill(0.0);
+        }
         for (o, yo) in yg.chunks_mut(n * p).enumerate() {
             let wk = &w[(gi * og + o) * taps..][..taps];
             for (img, yp) in yo.chunks_mut(p).enumerate() {
-                depthwise_plane(g, &x[(gi * n + img) * hw..][..hw], wk, yp);
+                let xp = &x[(gi * n + img) * hw..][..hw];
+                if padded {
+                    pad_plane(g, xp, buf);
+                    Correlation::forward(g, wk).run(buf, g.padded_size().1, yp, g.wo);
+                } else {
+                    depthwise_plane(g, xp, wk, yp);
+                }
             }
         }
     });
@@ -454,22 +604,37 @@ fn dy_row<'a>(dyp: &'a [f32], g: &ConvGeom, oy: usize) -> &'a [f32] {
 
 fn depthwise_input_grad(g: &ConvGeom, n: usize, w: &[f32], dy: &[f32], dx: &mut [f32]) {
     let (og, p, hw, taps) = (g.per_group_out(), g.positions(), g.plane(), g.taps());
+    if og == 1 && g.stride == [1, 1] {
+        // A correlation of the bordered dL/dy with the mirrored taps.
+        return dx.par_chunks_mut(n * hw).enumerate().for_each_init(Vec::new, |buf, (gi, dxg)| {
+            let wk = &w[gi * taps..][..taps];
+            for (img, dxp) in dxg.chunks_mut(hw).enumerate() {
+                pad_grad(g, &dy[(gi * n + img) * p..][..p], buf);
+                Correlation::input_grad(g, wk).run(buf, grad_width(g), dxp, g.w);
+            }
+        });
+    }
     dx.par_chunks_mut(n * hw).enumerate().for_each(|(gi, dxg)| {
         dxg.fill(0.0);
         for (img, dxp) in dxg.chunks_mut(hw).enumerate() {
             for o in 0..og {
                 let wk = &w[(gi * og + o) * taps..][..taps];
-                let dyp = &dy[((gi * og + o) * n + img) * p..][..p];
-                g.rows(|ky, kx, iy, oy, cols| {
-                    let (wv, start) = (wk[ky * g.kw + kx], g.input_column(cols.start, kx));
-                    let (dst, d) = (&mut dxp[iy * g.w..][..g.w], &dy_row(dyp, g, oy)[cols]);
-                    if g.stride[1] == 1 {
-                        dst[start..].iter_mut().zip(d).for_each(|(t, &v)| *t += wv * v);
-                    } else {
-                        dst[start..].iter_mut().step_by(g.stride[1]).zip(d).for_each(|(t, &v)| *t += wv * v);
-                    }
-                });
+                depthwise_plane_input_grad(g, &dy[((gi * og + o) * n + img) * p..][..p], wk, dxp);
             }
+        }
+    });
+}
+
+/// dx += dL/dx of one plane from one output channel's `dyp` and taps `wk`,
+/// tap after tap over whole rows.
+fn depthwise_plane_input_grad(g: &ConvGeom, dyp: &[f32], wk: &[f32], dxp: &mut [f32]) {
+    g.rows(|ky, kx, iy, oy, cols| {
+        let (wv, start) = (wk[ky * g.kw + kx], g.input_column(cols.start, kx));
+        let (dst, d) = (&mut dxp[iy * g.w..][..g.w], &dy_row(dyp, g, oy)[cols]);
+        if g.stride[1] == 1 {
+            dst[start..].iter_mut().zip(d).for_each(|(t, &v)| *t += wv * v);
+        } else {
+            dst[start..].iter_mut().step_by(g.stride[1]).zip(d).for_each(|(t, &v)| *t += wv * v);
         }
     });
 }
@@ -720,6 +885,43 @@ mod tests {
             let (mut y, mut arg) = (vec![9.0; g.output_len()], vec![7u32; g.output_len()]);
             maxpool_forward(&g, &x, &mut y, &mut arg);
             assert_eq!((y, arg), reference_maxpool(&g, &x), "{g:?}");
+        }
+    }
+
+    #[test]
+    fn depthwise_fast_paths_equal_the_tap_loop_bit_for_bit() {
+        let mut rng = Rng::new(7);
+        for (k, p, d, hw) in [
+            (3, 1, 1, (56, 56)),
+            (3, 1, 1, (7, 7)),
+            (5, 2, 1, (13, 11)),
+            (3, 2, 2, (12, 19)),
+            (3, 0, 1, (3, 2)),
+            (3, 1, 1, (1, 1)),
+            (3, 1, 1, (2, 30)),
+            (2, 0, 1, (6, 37)),
+            (3, 3, 1, (5, 9)),
+        ] {
+            let mut g = geometry(2, 2, 2, k, 1, p, d, hw);
+            if k == 2 {
+                // Pads after the image only (ho, wo one more than without them).
+                (g.pad, g.ho, g.wo) = ([0, 0], hw.0, hw.1);
+            }
+            let mut random = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+            let (x, wk) = (random(g.plane()), random(g.taps()));
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let (mut tap_loop, mut fast, mut padded) = (vec![0.0; g.positions()], vec![9.0; g.positions()], Vec::new());
+            depthwise_plane(&g, &x, &wk, &mut tap_loop);
+            pad_plane(&g, &x, &mut padded);
+            Correlation::forward(&g, &wk).run(&padded, g.padded_size().1, &mut fast, g.wo);
+            assert_eq!(bits(&fast), bits(&tap_loop), "forward {g:?}");
+            // The input gradient, tap loop against correlation.
+            let dy = random(g.positions());
+            let (mut dx_loop, mut dx_fast) = (vec![0.0; g.plane()], vec![9.0; g.plane()]);
+            depthwise_plane_input_grad(&g, &dy, &wk, &mut dx_loop);
+            pad_grad(&g, &dy, &mut padded);
+            Correlation::input_grad(&g, &wk).run(&padded, grad_width(&g), &mut dx_fast, g.w);
+            assert_eq!(bits(&dx_fast), bits(&dx_loop), "input gradient {g:?}");
         }
     }
 }

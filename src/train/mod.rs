@@ -206,6 +206,26 @@ pub struct Network {
     input: usize,
     output: usize,
     pool: Arc<Pool>,
+    times: Arc<StepTimes>,
+}
+
+/// Wall time summed per kind of step while `Network::profile` is on: where
+/// a training step goes, op by op (the bench's `--profile`).
+#[derive(Default, Debug)]
+struct StepTimes {
+    on: std::sync::atomic::AtomicBool,
+    sums: Mutex<std::collections::BTreeMap<(String, bool), (f64, usize)>>,
+}
+
+impl StepTimes {
+    fn start(&self) -> Option<std::time::Instant> {
+        self.on.load(std::sync::atomic::Ordering::Relaxed).then(std::time::Instant::now)
+    }
+    fn add(&self, start: Option<std::time::Instant>, step: &Step, backward: bool) {
+        let (Some(start), Ok(mut sums)) = (start, self.sums.lock()) else { return };
+        let sum = sums.entry((step.kind(), backward)).or_default();
+        (sum.0, sum.1) = (sum.0 + start.elapsed().as_secs_f64(), sum.1 + 1);
+    }
 }
 
 /// Buffers of finished steps, reused by later ones. Why: a training step
@@ -748,6 +768,7 @@ impl Network {
             input: 0,
             output: 0,
             pool: Default::default(),
+            times: Default::default(),
         };
         let mut b = Builder { graph, shapes, net, param_ix: HashMap::new(), with_bn };
         b.net.input = b.value(&input)?;
@@ -932,7 +953,9 @@ impl Network {
         };
         acts.values[self.input] = self.channel_major(self.input, x, batch);
         for (i, step) in self.steps.iter().enumerate() {
+            let start = self.times.start();
             let (y, out) = self.forward_step(i, step, &mut acts);
+            self.times.add(start, step, false);
             acts.values[y] = out;
         }
         Ok(acts)
@@ -1105,7 +1128,9 @@ impl Network {
         for (i, step) in self.steps.iter().enumerate().rev() {
             let y = step_output(step);
             if let Some(mut dy) = grads[y].take() {
+                let start = self.times.start();
                 let outs = self.backward_step(i, step, acts, &mut dy, &mut pgrads);
+                self.times.add(start, step, true);
                 self.pool.give(dy);
                 for (v, g) in outs {
                     if v != self.input {
@@ -1135,6 +1160,30 @@ impl Network {
     #[doc(hidden)]
     pub fn pooled_values(&self) -> usize {
         self.pool.state.lock().map(|state| state.free.iter().map(|(_, v)| v.capacity()).sum()).unwrap_or(0)
+    }
+
+    /// Starts (or stops) summing the wall time of each kind of step.
+    pub fn profile(&self, on: bool) {
+        self.times.on.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The sums since the last call, per kind of step: (kind, seconds
+    /// forward, seconds backward, steps run forward), in kind order.
+    pub fn step_times(&self) -> Vec<(String, f64, f64, usize)> {
+        let Ok(mut sums) = self.times.sums.lock() else { return vec![] };
+        let mut rows: Vec<(String, f64, f64, usize)> = Vec::new();
+        for ((kind, backward), (secs, count)) in std::mem::take(&mut *sums) {
+            if rows.last().is_none_or(|r| r.0 != kind) {
+                rows.push((kind, 0.0, 0.0, 0));
+            }
+            let row = rows.last_mut().expect("pushed above");
+            if backward {
+                row.2 += secs;
+            } else {
+                (row.1, row.3) = (row.1 + secs, row.3 + count);
+            }
+        }
+        rows
     }
 
     /// Frees the activation buffers kept for the next step: a network set
@@ -1278,6 +1327,28 @@ impl Network {
                 kernels::gemm(batch, *n, *k, dy, false, &self.params[*w].data, !*trans_b, &mut dx, 0.0);
                 vec![(*x, dx)]
             }
+        }
+    }
+}
+
+impl Step {
+    /// A step's kind for `Network::step_times`: the op, and for a conv its
+    /// kernel, stride and whether it is depthwise or pointwise.
+    fn kind(&self) -> String {
+        match self {
+            Step::Conv { geom: g, .. } => {
+                let form = if g.group > 1 && g.group == g.c_in {
+                    " depthwise"
+                } else if g.kh * g.kw == 1 {
+                    " pointwise"
+                } else {
+                    ""
+                };
+                format!("Conv {}x{}{} stride {}", g.kh, g.kw, form, g.stride[0])
+            }
+            Step::BatchNorm { relu: true, .. } => "BatchNorm+Relu".into(),
+            Step::Add { relu: true, .. } => "Add+Relu".into(),
+            other => format!("{other:?}").split([' ', '{']).next().unwrap_or_default().to_string(),
         }
     }
 }
