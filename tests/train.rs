@@ -240,3 +240,29 @@ fn the_buffer_pool_does_not_grow_from_step_to_step() {
     let settled = train(4);
     assert_eq!(train(4), settled, "training steps grow the pool");
 }
+
+#[test]
+fn the_step_profile_counts_every_step_of_a_profiled_round_only() {
+    let mut model = cresnet_opt::io::load(&fixture_path()).expect("fixture loads");
+    run_passes(&mut model, &[fold()]);
+    let convs = model.graph.nodes().filter(|n| n.op() == "Conv").count();
+    let net = network(&model);
+    let x = random_input(&model, 2, 50.0, 1).as_slice().unwrap().to_vec();
+    let step = || {
+        let mut acts = net.forward(x.clone(), 2).unwrap();
+        drop(net.backward(&mut acts, vec![(net.output(), vec![1e-3; 2 * net.output_len()])]));
+    };
+    step();
+    assert!(net.step_times().is_empty(), "timed while the profile was off");
+    net.profile(true);
+    step();
+    step();
+    net.profile(false);
+    step();
+    let rows = net.step_times();
+    let conv_steps: usize = rows.iter().filter(|r| r.0.starts_with("Conv")).map(|r| r.3).sum();
+    assert_eq!(conv_steps, 2 * convs, "{rows:?}");
+    assert!(rows.iter().all(|r| r.1 > 0.0 && r.2 >= 0.0), "{rows:?}");
+    assert!(rows.iter().any(|r| r.0 == "Add+Relu"), "the fixture's residual Add+Relu is fused: {rows:?}");
+    assert!(net.step_times().is_empty(), "step_times clears the sums");
+}
