@@ -496,6 +496,71 @@ impl Correlation<'_> {
         }
     }
 
+    /// For the 3x3 taps, Σ over images and output rows of dy[oy][ox + l] ·
+    /// plane[oy·stride + rows[ky]][ox + l + cols[kx]], for W columns from
+    /// `ox` (planes of `plane_len` values, rows of `pw`; dys of `p`, rows of
+    /// `wo`), summed in image-then-row order.
+    #[inline(always)]
+    fn tap_products<const W: usize>(
+        &self,
+        planes: &[f32],
+        (plane_len, pw): (usize, usize),
+        (dys, p, wo): (&[f32], usize, usize),
+        (n, ho): (usize, usize),
+        ox: usize,
+    ) -> [[f32; W]; TAPS3] {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { self.tap_products_avx2::<W>(planes, (plane_len, pw), (dys, p, wo), (n, ho), ox) };
+        }
+        self.tap_products_body::<W>(planes, (plane_len, pw), (dys, p, wo), (n, ho), ox)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn tap_products_avx2<const W: usize>(
+        &self,
+        planes: &[f32],
+        (plane_len, pw): (usize, usize),
+        (dys, p, wo): (&[f32], usize, usize),
+        (n, ho): (usize, usize),
+        ox: usize,
+    ) -> [[f32; W]; TAPS3] {
+        self.tap_products_body::<W>(planes, (plane_len, pw), (dys, p, wo), (n, ho), ox)
+    }
+
+    #[inline(always)]
+    fn tap_products_body<const W: usize>(
+        &self,
+        planes: &[f32],
+        (plane_len, pw): (usize, usize),
+        (dys, p, wo): (&[f32], usize, usize),
+        (n, ho): (usize, usize),
+        ox: usize,
+    ) -> [[f32; W]; TAPS3] {
+        let mut acc = [[0.0f32; W]; TAPS3];
+        // Fixed-size offsets: the tap loops unroll and the sums stay in registers.
+        let rows: [usize; 3] = std::array::from_fn(|ky| self.rows[ky]);
+        let cols: [usize; 3] = std::array::from_fn(|kx| self.cols[kx]);
+        for img in 0..n {
+            let (plane, dyp) = (&planes[img * plane_len..][..plane_len], &dys[img * p..][..p]);
+            for oy in 0..ho {
+                let d = &dyp[oy * wo + ox..][..W];
+                for ky in 0..3 {
+                    let row = &plane[(oy * self.stride + rows[ky]) * pw..][..pw];
+                    for kx in 0..3 {
+                        let src = &row[ox + cols[kx]..][..W];
+                        for l in 0..W {
+                            acc[ky * 3 + kx][l] += d[l] * src[l];
+                        }
+                    }
+                }
+            }
+        }
+        acc
+    }
+
     /// The sums of W outputs from column `ox` on, tap row `ky` being `row(ky)`.
     #[inline(always)]
     fn sums<'s, const W: usize>(&self, row: impl Fn(usize) -> &'s [f32], ox: usize) -> [f32; W] {
@@ -571,31 +636,83 @@ fn depthwise_forward(g: &ConvGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f32]
 }
 
 fn depthwise_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-    let (og, p, hw, taps, wo) = (g.per_group_out(), g.positions(), g.plane(), g.taps(), g.wo);
+    let (og, p, hw, taps) = (g.per_group_out(), g.positions(), g.plane(), g.taps());
+    if og == 1 && g.stride == [1, 1] && taps == TAPS3 {
+        return dw.par_chunks_mut(taps).enumerate().for_each_init(Vec::new, |planes: &mut Vec<f32>, (gi, dwg)| {
+            let xs = &x[gi * n * hw..][..n * hw];
+            depthwise_weight_grad_3x3(g, xs, &dy[gi * n * p..][..n * p], planes, dwg);
+        });
+    }
     dw.par_chunks_mut(og * taps).enumerate().for_each_init(Vec::new, |acc: &mut Vec<f32>, (gi, dwg)| {
         for (o, dwo) in dwg.chunks_mut(taps).enumerate() {
-            // Products summed per tap and output column, reduced at the end:
-            // elementwise adds vectorize, a running f32 sum does not.
-            acc.clear();
-            acc.resize(taps * wo, 0.0);
-            for img in 0..n {
-                let (xp, dyp) = (&x[(gi * n + img) * hw..][..hw], &dy[((gi * og + o) * n + img) * p..][..p]);
-                g.rows(|ky, kx, iy, oy, cols| {
-                    let start = g.input_column(cols.start, kx);
-                    let (row, d) = (&xp[iy * g.w..][..g.w], &dy_row(dyp, g, oy)[cols.clone()]);
-                    let a = &mut acc[(ky * g.kw + kx) * wo..][cols];
-                    if g.stride[1] == 1 {
-                        a.iter_mut().zip(d).zip(&row[start..]).for_each(|((a, &d), &v)| *a += d * v);
-                    } else {
-                        a.iter_mut().zip(d).zip(row[start..].iter().step_by(g.stride[1])).for_each(|((a, &d), &v)| *a += d * v);
-                    }
-                });
-            }
-            for (t, w) in dwo.iter_mut().enumerate() {
-                *w += acc[t * wo..][..wo].iter().sum::<f32>();
-            }
+            let dys = &dy[(gi * og + o) * n * p..][..n * p];
+            depthwise_weight_grad_loops(g, &x[gi * n * hw..][..n * hw], dys, acc, dwo);
         }
     });
+}
+
+/// dw += dL/dw of one depthwise output channel over the planes `xs` and
+/// their output gradients `dys`, tap after tap over whole rows: products
+/// summed per tap and output column, reduced at the end (elementwise adds
+/// vectorize, a running f32 sum does not).
+fn depthwise_weight_grad_loops(g: &ConvGeom, xs: &[f32], dys: &[f32], acc: &mut Vec<f32>, dw: &mut [f32]) {
+    let (p, hw, wo) = (g.positions(), g.plane(), g.wo);
+    acc.clear();
+    acc.resize(g.taps() * wo, 0.0);
+    for (xp, dyp) in xs.chunks_exact(hw.max(1)).zip(dys.chunks_exact(p.max(1))) {
+        g.rows(|ky, kx, iy, oy, cols| {
+            let start = g.input_column(cols.start, kx);
+            let (row, d) = (&xp[iy * g.w..][..g.w], &dy_row(dyp, g, oy)[cols.clone()]);
+            let a = &mut acc[(ky * g.kw + kx) * wo..][cols];
+            if g.stride[1] == 1 {
+                a.iter_mut().zip(d).zip(&row[start..]).for_each(|((a, &d), &v)| *a += d * v);
+            } else {
+                a.iter_mut().zip(d).zip(row[start..].iter().step_by(g.stride[1])).for_each(|((a, &d), &v)| *a += d * v);
+            }
+        });
+    }
+    for (t, w) in dw.iter_mut().enumerate() {
+        *w += acc[t * wo..][..wo].iter().sum::<f32>();
+    }
+}
+
+/// Taps of a 3x3 kernel: the depthwise weight gradient's fast path keeps
+/// one register of sums per tap.
+const TAPS3: usize = 9;
+
+/// dw += dL/dw of one 3x3 depthwise channel (strides 1) over the `n`
+/// planes `xs` and their output gradients `dys`. The sums per tap and
+/// output column are those of the general loop in the same order (image,
+/// then row; the zero border adds ±0 to sums that are never −0), each run
+/// of LANES columns held in registers over all images and rows; the
+/// columns then summed in order, as there.
+fn depthwise_weight_grad_3x3(g: &ConvGeom, xs: &[f32], dys: &[f32], planes: &mut Vec<f32>, dw: &mut [f32]) {
+    let ((ph, pw), (hw, p)) = (g.padded_size(), (g.plane(), g.positions()));
+    let n = xs.len() / hw.max(1);
+    planes.clear();
+    let mut padded = Vec::new();
+    for plane in xs.chunks_exact(hw.max(1)) {
+        pad_plane(g, plane, &mut padded);
+        planes.extend_from_slice(&padded);
+    }
+    let mut per_column = vec![0.0f32; TAPS3 * g.wo];
+    let sums = Correlation::forward(g, &[0.0; TAPS3]);
+    let narrow = g.wo / LANES * LANES;
+    for ox in (0..narrow).step_by(LANES) {
+        let acc = sums.tap_products::<LANES>(planes, (ph * pw, pw), (dys, p, g.wo), (n, g.ho), ox);
+        for (t, a) in acc.iter().enumerate() {
+            per_column[t * g.wo + ox..][..LANES].copy_from_slice(a);
+        }
+    }
+    for ox in narrow..g.wo {
+        let acc = sums.tap_products::<1>(planes, (ph * pw, pw), (dys, p, g.wo), (n, g.ho), ox);
+        for (t, a) in acc.iter().enumerate() {
+            per_column[t * g.wo + ox] = a[0];
+        }
+    }
+    for (t, w) in dw.iter_mut().enumerate() {
+        *w += per_column[t * g.wo..][..g.wo].iter().sum::<f32>();
+    }
 }
 
 fn dy_row<'a>(dyp: &'a [f32], g: &ConvGeom, oy: usize) -> &'a [f32] {
@@ -922,6 +1039,14 @@ mod tests {
             pad_grad(&g, &dy, &mut padded);
             Correlation::input_grad(&g, &wk).run(&padded, grad_width(&g), &mut dx_fast, g.w);
             assert_eq!(bits(&dx_fast), bits(&dx_loop), "input gradient {g:?}");
+            // The weight gradient over three images (3x3 only), from a nonzero start.
+            if k == 3 {
+                let (xs, dys) = (random(3 * g.plane()), random(3 * g.positions()));
+                let (mut dw_loop, mut dw_fast, mut acc) = (vec![0.5; 9], vec![0.5; 9], Vec::new());
+                depthwise_weight_grad_loops(&g, &xs, &dys, &mut acc, &mut dw_loop);
+                depthwise_weight_grad_3x3(&g, &xs, &dys, &mut acc, &mut dw_fast);
+                assert_eq!(bits(&dw_fast), bits(&dw_loop), "weight gradient {g:?}");
+            }
         }
     }
 }
