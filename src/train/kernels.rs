@@ -498,53 +498,32 @@ impl Correlation<'_> {
 
     /// For the 3x3 taps, Σ over images and output rows of dy[oy][ox + l] ·
     /// plane[oy·stride + rows[ky]][ox + l + cols[kx]], for W columns from
-    /// `ox` (planes of `plane_len` values, rows of `pw`; dys of `p`, rows of
-    /// `wo`), summed in image-then-row order.
+    /// `ox`, summed in image-then-row order.
     #[inline(always)]
-    fn tap_products<const W: usize>(
-        &self,
-        planes: &[f32],
-        (plane_len, pw): (usize, usize),
-        (dys, p, wo): (&[f32], usize, usize),
-        (n, ho): (usize, usize),
-        ox: usize,
-    ) -> [[f32; W]; TAPS3] {
+    fn tap_products<const W: usize>(&self, planes: &GradPlanes, ox: usize) -> [[f32; W]; TAPS3] {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { self.tap_products_avx2::<W>(planes, (plane_len, pw), (dys, p, wo), (n, ho), ox) };
+            return unsafe { self.tap_products_avx2::<W>(planes, ox) };
         }
-        self.tap_products_body::<W>(planes, (plane_len, pw), (dys, p, wo), (n, ho), ox)
+        self.tap_products_body::<W>(planes, ox)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn tap_products_avx2<const W: usize>(
-        &self,
-        planes: &[f32],
-        (plane_len, pw): (usize, usize),
-        (dys, p, wo): (&[f32], usize, usize),
-        (n, ho): (usize, usize),
-        ox: usize,
-    ) -> [[f32; W]; TAPS3] {
-        self.tap_products_body::<W>(planes, (plane_len, pw), (dys, p, wo), (n, ho), ox)
+    unsafe fn tap_products_avx2<const W: usize>(&self, planes: &GradPlanes, ox: usize) -> [[f32; W]; TAPS3] {
+        self.tap_products_body::<W>(planes, ox)
     }
 
     #[inline(always)]
-    fn tap_products_body<const W: usize>(
-        &self,
-        planes: &[f32],
-        (plane_len, pw): (usize, usize),
-        (dys, p, wo): (&[f32], usize, usize),
-        (n, ho): (usize, usize),
-        ox: usize,
-    ) -> [[f32; W]; TAPS3] {
+    fn tap_products_body<const W: usize>(&self, planes: &GradPlanes, ox: usize) -> [[f32; W]; TAPS3] {
+        let GradPlanes { xs, plane_len, pw, dys, p, wo, n, ho } = *planes;
         let mut acc = [[0.0f32; W]; TAPS3];
         // Fixed-size offsets: the tap loops unroll and the sums stay in registers.
         let rows: [usize; 3] = std::array::from_fn(|ky| self.rows[ky]);
         let cols: [usize; 3] = std::array::from_fn(|kx| self.cols[kx]);
         for img in 0..n {
-            let (plane, dyp) = (&planes[img * plane_len..][..plane_len], &dys[img * p..][..p]);
+            let (plane, dyp) = (&xs[img * plane_len..][..plane_len], &dys[img * p..][..p]);
             for oy in 0..ho {
                 let d = &dyp[oy * wo + ox..][..W];
                 for ky in 0..3 {
@@ -676,6 +655,21 @@ fn depthwise_weight_grad_loops(g: &ConvGeom, xs: &[f32], dys: &[f32], acc: &mut 
     }
 }
 
+/// One depthwise channel's weight-gradient operands: `n` zero-bordered
+/// input planes (`plane_len` values, rows of `pw`) and their output
+/// gradients (`p` values, `ho` rows of `wo`).
+#[derive(Clone, Copy)]
+struct GradPlanes<'a> {
+    xs: &'a [f32],
+    plane_len: usize,
+    pw: usize,
+    dys: &'a [f32],
+    p: usize,
+    wo: usize,
+    n: usize,
+    ho: usize,
+}
+
 /// Taps of a 3x3 kernel: the depthwise weight gradient's fast path keeps
 /// one register of sums per tap.
 const TAPS3: usize = 9;
@@ -697,15 +691,16 @@ fn depthwise_weight_grad_3x3(g: &ConvGeom, xs: &[f32], dys: &[f32], planes: &mut
     }
     let mut per_column = vec![0.0f32; TAPS3 * g.wo];
     let sums = Correlation::forward(g, &[0.0; TAPS3]);
+    let operands = GradPlanes { xs: planes, plane_len: ph * pw, pw, dys, p, wo: g.wo, n, ho: g.ho };
     let narrow = g.wo / LANES * LANES;
     for ox in (0..narrow).step_by(LANES) {
-        let acc = sums.tap_products::<LANES>(planes, (ph * pw, pw), (dys, p, g.wo), (n, g.ho), ox);
+        let acc = sums.tap_products::<LANES>(&operands, ox);
         for (t, a) in acc.iter().enumerate() {
             per_column[t * g.wo + ox..][..LANES].copy_from_slice(a);
         }
     }
     for ox in narrow..g.wo {
-        let acc = sums.tap_products::<1>(planes, (ph * pw, pw), (dys, p, g.wo), (n, g.ho), ox);
+        let acc = sums.tap_products::<1>(&operands, ox);
         for (t, a) in acc.iter().enumerate() {
             per_column[t * g.wo + ox] = a[0];
         }
