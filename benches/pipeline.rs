@@ -162,9 +162,6 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
             let mut acts = net.forward(x.clone(), batch).expect("forward");
             net.backward(&mut acts, vec![(net.output(), seed.clone())])
         });
-        if args.iter().any(|a| a == "--profile") {
-            profile_steps(&net, &x, &seed, batch);
-        }
         let params: usize = net.params.iter().map(|p| p.data.len()).sum();
         let faults = minor_faults();
         let mut acts = net.forward(x.clone(), batch).expect("forward");
@@ -175,6 +172,9 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
             1e3 * fwd,
             1e3 * step
         );
+        if args.iter().any(|a| a == "--profile") {
+            profile_steps(&net, &x, &seed, batch);
+        }
     }
 }
 

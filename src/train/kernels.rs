@@ -9,9 +9,10 @@
 //! 1x1, stride-1, unpadded conv multiplies the input in place, and a
 //! depthwise conv (one input channel per group) runs direct loops over its
 //! taps: there a GEMM per channel would be 1×(kh·kw)×(ho·wo), all call
-//! overhead. With a column stride of 1 its forward and input gradient read
-//! a zero-bordered copy of each plane and sum every output's taps in
-//! registers (AVX2 when the CPU has it), bit-identical to the tap loops.
+//! overhead. Its forward (column stride 1), input gradient (strides 1, one
+//! output per group) and 3x3 weight gradient (strides 1) read zero-bordered
+//! planes and sum in registers (AVX2 when the CPU has it), bit-identical to
+//! the tap loops for finite values.
 //!
 //! Threads: the images of a batch are split into one fixed range per
 //! thread, and weight gradients are summed per range, then in range order,
@@ -562,7 +563,7 @@ fn pad_plane(g: &ConvGeom, plane: &[f32], padded: &mut Vec<f32>) {
     let (ph, pw) = g.padded_size();
     padded.clear();
     padded.resize(ph * pw, 0.0);
-    for (iy, row) in plane.chunks_exact(g.w).enumerate() {
+    for (iy, row) in plane.chunks_exact(g.w.max(1)).enumerate() {
         padded[(iy + g.pad[0]) * pw + g.pad[1]..][..g.w].copy_from_slice(row);
     }
 }
@@ -616,7 +617,7 @@ fn depthwise_forward(g: &ConvGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f32]
 
 fn depthwise_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     let (og, p, hw, taps) = (g.per_group_out(), g.positions(), g.plane(), g.taps());
-    if og == 1 && g.stride == [1, 1] && taps == TAPS3 {
+    if og == 1 && g.stride == [1, 1] && (g.kh, g.kw) == (3, 3) {
         return dw.par_chunks_mut(taps).enumerate().for_each_init(Vec::new, |planes: &mut Vec<f32>, (gi, dwg)| {
             let xs = &x[gi * n * hw..][..n * hw];
             depthwise_weight_grad_3x3(g, xs, &dy[gi * n * p..][..n * p], planes, dwg);
@@ -679,7 +680,8 @@ const TAPS3: usize = 9;
 /// output column are those of the general loop in the same order (image,
 /// then row; the zero border adds ±0 to sums that are never −0), each run
 /// of LANES columns held in registers over all images and rows; the
-/// columns then summed in order, as there.
+/// columns then summed in order, as there. (The border is x's, so a
+/// non-finite dy on a border tap gives NaN where the loop skipped it.)
 fn depthwise_weight_grad_3x3(g: &ConvGeom, xs: &[f32], dys: &[f32], planes: &mut Vec<f32>, dw: &mut [f32]) {
     let ((ph, pw), (hw, p)) = (g.padded_size(), (g.plane(), g.positions()));
     let n = xs.len() / hw.max(1);
@@ -690,6 +692,7 @@ fn depthwise_weight_grad_3x3(g: &ConvGeom, xs: &[f32], dys: &[f32], planes: &mut
         planes.extend_from_slice(&padded);
     }
     let mut per_column = vec![0.0f32; TAPS3 * g.wo];
+    // Only its tap offsets are used: the products are dy·x, not weights.
     let sums = Correlation::forward(g, &[0.0; TAPS3]);
     let operands = GradPlanes { xs: planes, plane_len: ph * pw, pw, dys, p, wo: g.wo, n, ho: g.ho };
     let narrow = g.wo / LANES * LANES;
@@ -810,7 +813,7 @@ pub fn maxpool_forward(g: &PoolGeom, x: &[f32], y: &mut [f32], arg: &mut [u32]) 
             for iy in taps.clone().filter(|_| !inner.is_empty()) {
                 let row = &plane[iy * g.w..][..g.w];
                 for r in 0..s {
-                    row[r..].iter().step_by(s).zip(&mut phases[r * per_phase..]).for_each(|(&v, p)| *p = v);
+                    row.iter().skip(r).step_by(s).zip(&mut phases[r * per_phase..]).for_each(|(&v, p)| *p = v);
                 }
                 for kx in 0..g.kw {
                     let first = inner.start * s + kx - g.pad[1];
@@ -942,20 +945,40 @@ mod tests {
             (2, 2, 2, 3, 2, 1, 1, (1, 1), 3),
             (2, 3, 1, 3, 2, 1, 2, (6, 5), 4),
         ] {
-            let g = geometry(c_in, c_out, group, k, s, p, d, hw);
-            let mut random = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
-            let (x, w, dy) = (random(n * g.input_len()), random(g.weight_len()), random(n * g.output_len()));
-            let (y0, dw0, dx0) = reference(&g, n, &x, &w, &dy);
-            let (xc, dyc) = (swap(&x, n, c_in, g.plane()), swap(&dy, n, c_out, g.positions()));
-            let (mut y, mut dw, mut dx) = (vec![9.0; y0.len()], vec![0.0; dw0.len()], vec![9.0; dx0.len()]);
-            conv_forward(&g, n, &xc, &w, None, &mut y);
-            conv_weight_grad(&g, n, &xc, &dyc, &mut dw);
-            conv_input_grad(&g, n, &w, &dyc, &mut dx);
-            let (y, dx) = (swap(&y, c_out, n, g.positions()), swap(&dx, c_in, n, g.plane()));
-            for (name, a, b) in [("y", &y, &y0), ("dw", &dw, &dw0), ("dx", &dx, &dx0)] {
-                let err = a.iter().zip(b.iter()).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
-                assert!(err < 1e-4, "{g:?} batch {n}: {name} differs by {err}");
-            }
+            check_against_direct_loops(&geometry(c_in, c_out, group, k, s, p, d, hw), n, &mut rng);
+        }
+        // Non-square depthwise kernels (they must not take the 3x3 paths), a
+        // row stride of 2 with a column stride of 1, and pads past the kernel.
+        let base = geometry(2, 2, 2, 3, 1, 1, 1, (9, 11));
+        let wide = |kh: usize, kw: usize, pad: [usize; 2]| ConvGeom {
+            kh,
+            kw,
+            pad,
+            ho: 9 + 2 * pad[0] + 1 - kh,
+            wo: 11 + 2 * pad[1] + 1 - kw,
+            ..base.clone()
+        };
+        for g in [wide(1, 9, [0, 4]), wide(9, 1, [4, 0]), wide(1, 3, [0, 1]), wide(3, 3, [4, 4])] {
+            check_against_direct_loops(&g, 3, &mut rng);
+        }
+        check_against_direct_loops(&ConvGeom { stride: [2, 1], ho: 5, ..base }, 2, &mut rng);
+    }
+
+    /// conv forward, weight and input gradients of `g` on random values
+    /// against `reference`, to 1e-4.
+    fn check_against_direct_loops(g: &ConvGeom, n: usize, rng: &mut Rng) {
+        let mut random = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+        let (x, w, dy) = (random(n * g.input_len()), random(g.weight_len()), random(n * g.output_len()));
+        let (y0, dw0, dx0) = reference(g, n, &x, &w, &dy);
+        let (xc, dyc) = (swap(&x, n, g.c_in, g.plane()), swap(&dy, n, g.c_out, g.positions()));
+        let (mut y, mut dw, mut dx) = (vec![9.0; y0.len()], vec![0.0; dw0.len()], vec![9.0; dx0.len()]);
+        conv_forward(g, n, &xc, &w, None, &mut y);
+        conv_weight_grad(g, n, &xc, &dyc, &mut dw);
+        conv_input_grad(g, n, &w, &dyc, &mut dx);
+        let (y, dx) = (swap(&y, g.c_out, n, g.positions()), swap(&dx, g.c_in, n, g.plane()));
+        for (name, a, b) in [("y", &y, &y0), ("dw", &dw, &dw0), ("dx", &dx, &dx0)] {
+            let err = a.iter().zip(b.iter()).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
+            assert!(err < 1e-4, "{g:?} batch {n}: {name} differs by {err}");
         }
     }
 
@@ -989,6 +1012,8 @@ mod tests {
             (1, (2, 3), 3, 2, 1),
             (2, (9, 4), 3, 3, 2),
             (1, (1, 1), 3, 1, 1),
+            (1, (1, 1), 1, 3, 0),
+            (2, (2, 2), 2, 4, 0),
         ] {
             let out = |len: usize| (len + 2 * p - k) / s + 1;
             let g = PoolGeom { c, kh: k, kw: k, stride: [s; 2], pad: [p; 2], h, w, ho: out(h), wo: out(w) };

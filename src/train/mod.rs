@@ -222,9 +222,13 @@ impl StepTimes {
         self.on.load(std::sync::atomic::Ordering::Relaxed).then(std::time::Instant::now)
     }
     fn add(&self, start: Option<std::time::Instant>, step: &Step, backward: bool) {
-        let (Some(start), Ok(mut sums)) = (start, self.sums.lock()) else { return };
-        let sum = sums.entry((step.kind(), backward)).or_default();
-        (sum.0, sum.1) = (sum.0 + start.elapsed().as_secs_f64(), sum.1 + 1);
+        let Some(start) = start else { return };
+        // Read the clock before naming the step or waiting for the lock.
+        let secs = start.elapsed().as_secs_f64();
+        let kind = step.kind();
+        let Ok(mut sums) = self.sums.lock() else { return };
+        let sum = sums.entry((kind, backward)).or_default();
+        (sum.0, sum.1) = (sum.0 + secs, sum.1 + 1);
     }
 }
 
@@ -1344,7 +1348,8 @@ impl Step {
                 } else {
                     ""
                 };
-                format!("Conv {}x{}{} stride {}", g.kh, g.kw, form, g.stride[0])
+                let stride = if g.stride[0] == g.stride[1] { g.stride[0].to_string() } else { format!("{}x{}", g.stride[0], g.stride[1]) };
+                format!("Conv {}x{}{} stride {}", g.kh, g.kw, form, stride)
             }
             Step::BatchNorm { relu: true, .. } => "BatchNorm+Relu".into(),
             Step::Add { relu: true, .. } => "Add+Relu".into(),
