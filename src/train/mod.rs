@@ -1000,7 +1000,9 @@ impl Network {
                 acts.argmax.insert(i, arg);
                 (*y, out)
             }
-            Step::GlobalAvgPool { x, y, hw, .. } => (*y, vals[*x].par_chunks(*hw).map(|p| p.iter().sum::<f32>() / *hw as f32).collect()),
+            Step::GlobalAvgPool { x, y, hw, .. } => {
+                (*y, vals[*x].par_chunks((*hw).max(1)).map(|p| p.iter().sum::<f32>() / *hw as f32).collect())
+            }
             Step::Flatten { x, y } => match self.dims[*x] {
                 Some((c, hw)) => (*y, transpose_blocks(&vals[*x], c, batch, hw)),
                 None => (*y, vals[*x].clone()),
@@ -1046,19 +1048,8 @@ impl Network {
                 (*y, vals[*a].par_chunks(*hw).zip(bv.par_iter()).flat_map_iter(|(chunk, &s)| chunk.iter().map(move |&v| v * s)).collect())
             }
             Step::BatchNorm { x, y, c, p, relu, .. } => {
-                let stats = (acts.mode != Mode::Eval).then(|| channel_stats(&vals[*x], *c));
-                let (scale, shift) = match (&stats, acts.mode) {
-                    (Some((mean, var)), Mode::Train) => self.bn_affine(p, mean, var, *c),
-                    (_, Mode::Eval) => self.bn_affine(p, &self.params[p[2]].data, &self.params[p[3]].data, *c),
-                    _ => (vec![1.0; *c], vec![0.0; *c]),
-                };
-                let floor = if *relu { 0.0 } else { f32::NEG_INFINITY };
                 let mut out = self.pool.take(vals[*x].len());
-                let run = out.len() / c.max(&1);
-                out.par_chunks_mut(run.max(1)).zip(vals[*x].par_chunks(run.max(1))).enumerate().for_each(|(k, (o, xr))| {
-                    o.iter_mut().zip(xr).for_each(|(v, &xv)| *v = (xv * scale[k] + shift[k]).max(floor));
-                });
-                if let Some(stats) = stats {
+                if let Some(stats) = self.batchnorm_forward(&vals[*x], *c, p, acts.mode, *relu, &mut out) {
                     acts.bn_batch.insert(i, stats);
                 }
                 (*y, out)
@@ -1110,12 +1101,38 @@ impl Network {
         }
     }
 
-    /// The per-channel scale and shift of a BN on statistics (`mean`, `var`).
-    fn bn_affine(&self, p: &[usize; 4], mean: &[f32], var: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
-        let (g, b) = (&self.params[p[0]].data, &self.params[p[1]].data);
-        let scale: Vec<f32> = crate::ir::batchnorm::scale(&g[..c], &var[..c], BN_EPS);
-        let shift = (0..c).map(|k| b[k] - mean[k] * scale[k]).collect();
-        (scale, shift)
+    /// BN of channel-major `x` into `out` (then the Relu, if fused): each
+    /// channel's batch statistics are taken (Train, Bypass) and applied
+    /// while its run of N·H·W values is still in cache — one pass over the
+    /// tensor from memory instead of two. Returns the batch statistics.
+    fn batchnorm_forward(
+        &self,
+        x: &[f32],
+        c: usize,
+        p: &[usize; 4],
+        mode: Mode,
+        relu: bool,
+        out: &mut [f32],
+    ) -> Option<(Vec<f32>, Vec<f32>)> {
+        let run = (x.len() / c.max(1)).max(1);
+        let [gamma, beta, mean, var] = p.map(|i| self.params[i].data.as_slice());
+        let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+        let stats: Vec<(f32, f32)> = out
+            .par_chunks_mut(run)
+            .zip(x.par_chunks(run))
+            .enumerate()
+            .map(|(k, (o, xr))| {
+                let stats = (mode != Mode::Eval).then(|| run_stats(xr));
+                let (scale, shift) = match (stats, mode) {
+                    (Some((m, v)), Mode::Train) => bn_affine(gamma[k], beta[k], m, v),
+                    (_, Mode::Eval) => bn_affine(gamma[k], beta[k], mean[k], var[k]),
+                    _ => (1.0, 0.0),
+                };
+                o.iter_mut().zip(xr).for_each(|(v, &xv)| *v = (xv * scale + shift).max(floor));
+                stats.unwrap_or_default()
+            })
+            .collect();
+        (mode != Mode::Eval).then(|| stats.into_iter().unzip())
     }
 
     /// Gradients of every param, given dL/d(value) seeds (e.g. the logits').
@@ -1249,7 +1266,13 @@ impl Network {
                     .for_each(|(dxn, (dyn_, an))| kernels::maxpool_backward(geom, dyn_, an, dxn));
                 vec![(*x, dx)]
             }
-            Step::GlobalAvgPool { x, hw, .. } => vec![(*x, dy.iter().flat_map(|&g| std::iter::repeat_n(g / *hw as f32, *hw)).collect())],
+            Step::GlobalAvgPool { x, hw, .. } => {
+                // A pooled buffer filled in parallel (a fresh one page-faulted
+                // in every step).
+                let mut dx = self.pool.take(dy.len() * hw);
+                dx.par_chunks_mut((*hw).max(1)).zip(dy.par_iter()).for_each(|(plane, &g)| plane.fill(g / *hw as f32));
+                vec![(*x, dx)]
+            }
             Step::Flatten { x, .. } => vec![(*x, self.channel_major(*x, std::mem::take(dy), acts.batch))],
             Step::Act { x, y, f } => {
                 let dx = dy.par_iter().zip(vals[*x].par_iter().zip(&vals[*y])).map(|(g, (&xv, &yv))| g * f.slope(xv, yv)).collect();
@@ -1305,11 +1328,9 @@ impl Network {
                     Some((m, v)) => (m.as_slice(), v.as_slice(), true),
                     None => (self.params[p[2]].data.as_slice(), self.params[p[3]].data.as_slice(), false),
                 };
-                if *relu {
-                    relu_backward(dy, &vals[*y]);
-                }
                 let mut dx = self.pool.take(dy.len());
-                let (dg, db) = batchnorm_backward(&vals[*x], dy, *c, &self.params[p[0]].data, stats, &mut dx);
+                let relu = relu.then(|| vals[*y].as_slice());
+                let (dg, db) = batchnorm_backward(&vals[*x], dy, relu, *c, &self.params[p[0]].data, stats, &mut dx);
                 add_into(&mut pgrads[p[0]], &dg);
                 add_into(&mut pgrads[p[1]], &db);
                 vec![(*x, dx)]
@@ -1430,15 +1451,18 @@ fn add_into(acc: &mut [f32], g: &[f32]) {
 /// Elementwise work below this many values stays on the calling thread.
 const PARALLEL_LEN: usize = 1 << 15;
 
-/// Per-channel mean and (biased) variance of a channel-major batch
-/// ([C][N][hw]), summed in f64; channels in parallel.
-fn channel_stats(x: &[f32], c: usize) -> (Vec<f32>, Vec<f32>) {
-    let run = (x.len() / c.max(1)).max(1);
-    let sums: Vec<(f64, f64)> = x.par_chunks(run).map(|ch| sums(ch, ch)).collect();
-    let n = run as f64;
-    let mean: Vec<f64> = sums.iter().map(|(s, _)| s / n).collect();
-    let var = sums.iter().zip(&mean).map(|((_, q), m)| ((q / n) - m * m).max(0.0) as f32).collect();
-    (mean.into_iter().map(|m| m as f32).collect(), var)
+/// Mean and (biased) variance of one channel's run, summed in f64.
+fn run_stats(x: &[f32]) -> (f32, f32) {
+    let (s, q) = sums(x, x);
+    let n = x.len().max(1) as f64;
+    let mean = s / n;
+    (mean as f32, ((q / n) - mean * mean).max(0.0) as f32)
+}
+
+/// The scale and shift of one BN channel on statistics (`mean`, `var`).
+fn bn_affine(gamma: f32, beta: f32, mean: f32, var: f32) -> (f32, f32) {
+    let scale = gamma / (var + BN_EPS).sqrt();
+    (scale, beta - mean * scale)
 }
 
 /// (Σ a, Σ a·b) over paired runs, in f64, with eight partial sums per
@@ -1465,10 +1489,13 @@ fn sums(a: &[f32], b: &[f32]) -> (f64, f64) {
 /// Backward of a BN step given the statistics its forward used: with batch
 /// statistics dx = s/N·(N·dy − Σdy − x̂·Σ(dy·x̂)), s = γ/σ; with running
 /// (frozen) statistics dx = s·dy. Per channel that is dx = A·dy + B·x + C,
-/// its coefficients formed in f64.
+/// its coefficients formed in f64. With a fused Relu (its output `relu`),
+/// dy is masked first. Each channel's run is masked, summed and turned
+/// into dx while it is in cache: one pass over the tensors from memory.
 fn batchnorm_backward(
     x: &[f32],
-    dy: &[f32],
+    dy: &mut [f32],
+    relu: Option<&[f32]>,
     c: usize,
     gamma: &[f32],
     (mean, var, train): (&[f32], &[f32], bool),
@@ -1476,28 +1503,30 @@ fn batchnorm_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     let run = (x.len() / c.max(1)).max(1);
     let n = run as f64;
-    let inv: Vec<f64> = var.iter().map(|v| 1.0 / ((*v + BN_EPS) as f64).sqrt()).collect();
-    // Σdy and Σ(dy·x̂) = (Σ(dy·x) − μ·Σdy)/σ per channel.
-    let (sdy, sdyx): (Vec<f64>, Vec<f64>) = dy
-        .par_chunks(run)
-        .zip(x.par_chunks(run))
-        .enumerate()
-        .map(|(k, (gc, xc))| {
-            let (g, gx) = sums(gc, xc);
-            (g, (gx - mean[k] as f64 * g) * inv[k])
-        })
-        .unzip();
-    let coefficients = |k: usize| -> (f32, f32, f32) {
-        let s = gamma[k] as f64 * inv[k];
-        if !train {
-            return (s as f32, 0.0, 0.0);
+    let channel = |k: usize, dc: &mut [f32], xc: &[f32], gc: &mut [f32]| -> (f32, f32) {
+        if let Some(y) = relu {
+            gc.iter_mut().zip(&y[k * run..][..run]).filter(|(_, &o)| o <= 0.0).for_each(|(g, _)| *g = 0.0);
         }
-        let b = -s * inv[k] * sdyx[k] / n;
-        (s as f32, b as f32, (-s * sdy[k] / n - b * mean[k] as f64) as f32)
+        let inv = 1.0 / ((var[k] + BN_EPS) as f64).sqrt();
+        // Σdy and Σ(dy·x̂) = (Σ(dy·x) − μ·Σdy)/σ.
+        let (sdy, sdyx) = {
+            let (g, gx) = sums(gc, xc);
+            (g, (gx - mean[k] as f64 * g) * inv)
+        };
+        let s = gamma[k] as f64 * inv;
+        let (a, b, c0) = if train {
+            let b = -s * inv * sdyx / n;
+            (s as f32, b as f32, (-s * sdy / n - b * mean[k] as f64) as f32)
+        } else {
+            (s as f32, 0.0, 0.0)
+        };
+        dc.iter_mut().zip(xc).zip(&*gc).for_each(|((d, &xv), &g)| *d = a * g + b * xv + c0);
+        (sdyx as f32, sdy as f32)
     };
-    dx.par_chunks_mut(run).zip(x.par_chunks(run)).zip(dy.par_chunks(run)).enumerate().for_each(|(k, ((dc, xc), gc))| {
-        let (a, b, c0) = coefficients(k);
-        dc.iter_mut().zip(xc).zip(gc).for_each(|((d, &xv), &g)| *d = a * g + b * xv + c0);
-    });
-    (sdyx.iter().map(|v| *v as f32).collect(), sdy.iter().map(|v| *v as f32).collect())
+    dx.par_chunks_mut(run)
+        .zip(x.par_chunks(run))
+        .zip(dy.par_chunks_mut(run))
+        .enumerate()
+        .map(|(k, ((dc, xc), gc))| channel(k, dc, xc, gc))
+        .unzip()
 }
