@@ -22,7 +22,12 @@ impl Real for f64 {
 
 /// The per-channel scale s = γ/√(σ² + ε).
 pub fn scale<T: Real>(gamma: &[T], var: &[T], eps: T) -> Vec<T> {
-    gamma.iter().zip(var).map(|(&g, &v)| g / (v + eps).sqrt()).collect()
+    gamma.iter().zip(var).map(|(&g, &v)| channel_scale(g, v, eps)).collect()
+}
+
+/// One channel's scale γ/√(σ² + ε).
+pub fn channel_scale<T: Real>(gamma: T, var: T, eps: T) -> T {
+    gamma / (var + eps).sqrt()
 }
 
 /// One channel's output for input `x`.

@@ -504,8 +504,11 @@ impl Builder<'_> {
             }
             "MaxPool" => self.maxpool(ix, x, &x_name, &out)?,
             "GlobalAveragePool" => {
-                let s = self.shape(&x_name)?;
-                Step::GlobalAvgPool { x, y: self.value(&out)?, hw: s[1..].iter().product() }
+                let hw = self.shape(&x_name)?[1..].iter().product();
+                if hw == 0 {
+                    return Err(unsupported(name, op, "an empty input (a dimension of size 0)"));
+                }
+                Step::GlobalAvgPool { x, y: self.value(&out)?, hw }
             }
             "Flatten" if node.attr_int("axis").unwrap_or(1) == 1 => Step::Flatten { x, y: self.value(&out)? },
             "Gemm" => self.gemm(ix, x, &x_name, &out)?,
@@ -1000,9 +1003,7 @@ impl Network {
                 acts.argmax.insert(i, arg);
                 (*y, out)
             }
-            Step::GlobalAvgPool { x, y, hw, .. } => {
-                (*y, vals[*x].par_chunks((*hw).max(1)).map(|p| p.iter().sum::<f32>() / *hw as f32).collect())
-            }
+            Step::GlobalAvgPool { x, y, hw, .. } => (*y, vals[*x].par_chunks(*hw).map(|p| p.iter().sum::<f32>() / *hw as f32).collect()),
             Step::Flatten { x, y } => match self.dims[*x] {
                 Some((c, hw)) => (*y, transpose_blocks(&vals[*x], c, batch, hw)),
                 None => (*y, vals[*x].clone()),
@@ -1101,10 +1102,12 @@ impl Network {
         }
     }
 
-    /// BN of channel-major `x` into `out` (then the Relu, if fused): each
-    /// channel's batch statistics are taken (Train, Bypass) and applied
-    /// while its run of N·H·W values is still in cache — one pass over the
-    /// tensor from memory instead of two. Returns the batch statistics.
+    /// BN of channel-major `x` into `out` (then the Relu, if fused). In
+    /// Train each channel's batch statistics are taken and applied while
+    /// its run of N·H·W values is still in cache — one pass over the tensor
+    /// from memory instead of two; Bypass takes them and passes x through
+    /// (to the Relu); Eval applies the running ones. Returns the batch
+    /// statistics (None in Eval).
     fn batchnorm_forward(
         &self,
         x: &[f32],
@@ -1270,7 +1273,7 @@ impl Network {
                 // A pooled buffer filled in parallel (a fresh one page-faulted
                 // in every step).
                 let mut dx = self.pool.take(dy.len() * hw);
-                dx.par_chunks_mut((*hw).max(1)).zip(dy.par_iter()).for_each(|(plane, &g)| plane.fill(g / *hw as f32));
+                dx.par_chunks_mut(*hw).zip(dy.par_iter()).for_each(|(plane, &g)| plane.fill(g / *hw as f32));
                 vec![(*x, dx)]
             }
             Step::Flatten { x, .. } => vec![(*x, self.channel_major(*x, std::mem::take(dy), acts.batch))],
@@ -1461,7 +1464,7 @@ fn run_stats(x: &[f32]) -> (f32, f32) {
 
 /// The scale and shift of one BN channel on statistics (`mean`, `var`).
 fn bn_affine(gamma: f32, beta: f32, mean: f32, var: f32) -> (f32, f32) {
-    let scale = gamma / (var + BN_EPS).sqrt();
+    let scale = crate::ir::batchnorm::channel_scale(gamma, var, BN_EPS);
     (scale, beta - mean * scale)
 }
 
@@ -1505,7 +1508,8 @@ fn batchnorm_backward(
     let n = run as f64;
     let channel = |k: usize, dc: &mut [f32], xc: &[f32], gc: &mut [f32]| -> (f32, f32) {
         if let Some(y) = relu {
-            gc.iter_mut().zip(&y[k * run..][..run]).filter(|(_, &o)| o <= 0.0).for_each(|(g, _)| *g = 0.0);
+            let len = gc.len();
+            gc.iter_mut().zip(&y[k * run..][..len]).filter(|(_, &o)| o <= 0.0).for_each(|(g, _)| *g = 0.0);
         }
         let inv = 1.0 / ((var[k] + BN_EPS) as f64).sqrt();
         // Σdy and Σ(dy·x̂) = (Σ(dy·x) − μ·Σdy)/σ.
