@@ -563,6 +563,12 @@ fn pad_plane(g: &ConvGeom, plane: &[f32], padded: &mut Vec<f32>) {
     let (ph, pw) = g.padded_size();
     padded.clear();
     padded.resize(ph * pw, 0.0);
+    pad_plane_into(g, plane, padded);
+}
+
+/// `pad_plane` into `padded`, zeros of the bordered plane's size.
+fn pad_plane_into(g: &ConvGeom, plane: &[f32], padded: &mut [f32]) {
+    let pw = g.padded_size().1;
     for (iy, row) in plane.chunks_exact(g.w.max(1)).enumerate() {
         padded[(iy + g.pad[0]) * pw + g.pad[1]..][..g.w].copy_from_slice(row);
     }
@@ -596,17 +602,19 @@ fn depthwise_forward(g: &ConvGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f32]
     let (og, p, hw, taps) = (g.per_group_out(), g.positions(), g.plane(), g.taps());
     // A column stride of 1 reads padded planes (contiguous taps for runs of outputs).
     let padded = g.stride[1] == 1;
+    let pw = g.padded_size().1;
     y.par_chunks_mut(og * n * p).enumerate().for_each_init(Vec::new, |buf, (gi, yg)| {
         if !padded {
             yg.fill(0.0);
         }
         for (o, yo) in yg.chunks_mut(n * p).enumerate() {
             let wk = &w[(gi * og + o) * taps..][..taps];
+            let correlation = Correlation::forward(g, wk);
             for (img, yp) in yo.chunks_mut(p).enumerate() {
                 let xp = &x[(gi * n + img) * hw..][..hw];
                 if padded {
                     pad_plane(g, xp, buf);
-                    Correlation::forward(g, wk).run(buf, g.padded_size().1, yp, g.wo);
+                    correlation.run(buf, pw, yp, g.wo);
                 } else {
                     depthwise_plane(g, xp, wk, yp);
                 }
@@ -686,10 +694,9 @@ fn depthwise_weight_grad_3x3(g: &ConvGeom, xs: &[f32], dys: &[f32], planes: &mut
     let ((ph, pw), (hw, p)) = (g.padded_size(), (g.plane(), g.positions()));
     let n = xs.len() / hw.max(1);
     planes.clear();
-    let mut padded = Vec::new();
-    for plane in xs.chunks_exact(hw.max(1)) {
-        pad_plane(g, plane, &mut padded);
-        planes.extend_from_slice(&padded);
+    planes.resize(n * ph * pw, 0.0);
+    for (plane, padded) in xs.chunks_exact(hw.max(1)).zip(planes.chunks_exact_mut((ph * pw).max(1))) {
+        pad_plane_into(g, plane, padded);
     }
     let mut per_column = vec![0.0f32; TAPS3 * g.wo];
     // Only its tap offsets are used: the products are dy·x, not weights.
@@ -722,10 +729,10 @@ fn depthwise_input_grad(g: &ConvGeom, n: usize, w: &[f32], dy: &[f32], dx: &mut 
     if og == 1 && g.stride == [1, 1] {
         // A correlation of the bordered dL/dy with the mirrored taps.
         return dx.par_chunks_mut(n * hw).enumerate().for_each_init(Vec::new, |buf, (gi, dxg)| {
-            let wk = &w[gi * taps..][..taps];
+            let mirrored = Correlation::input_grad(g, &w[gi * taps..][..taps]);
             for (img, dxp) in dxg.chunks_mut(hw).enumerate() {
                 pad_grad(g, &dy[(gi * n + img) * p..][..p], buf);
-                Correlation::input_grad(g, wk).run(buf, grad_width(g), dxp, g.w);
+                mirrored.run(buf, grad_width(g), dxp, g.w);
             }
         });
     }
@@ -850,6 +857,7 @@ fn max_over(runs: impl Iterator<Item = (usize, usize)>, plane: &[f32]) -> (f32, 
     }
     (best, at)
 }
+
 /// dL/dx of a max pooling of `g.c` planes (overwrites `dx`).
 pub fn maxpool_backward(g: &PoolGeom, dy: &[f32], arg: &[u32], dx: &mut [f32]) {
     let (hw, ohw) = (g.h * g.w, g.ho * g.wo);

@@ -1390,13 +1390,16 @@ fn dims_of(shape: &[usize]) -> Dims {
 
 /// dL/dx of a ReLU from dL/dy, in place: zero where the output `y` is not positive.
 fn relu_backward(dy: &mut [f32], y: &[f32]) {
-    dy.par_chunks_mut(PARALLEL_LEN).zip(y.par_chunks(PARALLEL_LEN)).for_each(|(g, o)| {
-        g.iter_mut().zip(o).for_each(|(g, &o)| {
-            if o <= 0.0 {
-                *g = 0.0
-            }
-        })
-    });
+    dy.par_chunks_mut(PARALLEL_LEN).zip(y.par_chunks(PARALLEL_LEN)).for_each(|(g, o)| mask_by_relu(g, o));
+}
+
+/// Zeroes the gradient `g` where the Relu's output `out` is not positive.
+fn mask_by_relu(g: &mut [f32], out: &[f32]) {
+    g.iter_mut().zip(out).for_each(|(g, &o)| {
+        if o <= 0.0 {
+            *g = 0.0
+        }
+    })
 }
 
 /// Whether a constant of `shape` holds one value per channel of `c` (`[C]`
@@ -1509,7 +1512,7 @@ fn batchnorm_backward(
     let channel = |k: usize, dc: &mut [f32], xc: &[f32], gc: &mut [f32]| -> (f32, f32) {
         if let Some(y) = relu {
             let len = gc.len();
-            gc.iter_mut().zip(&y[k * run..][..len]).filter(|(_, &o)| o <= 0.0).for_each(|(g, _)| *g = 0.0);
+            mask_by_relu(gc, &y[k * run..][..len]);
         }
         let inv = 1.0 / ((var[k] + BN_EPS) as f64).sqrt();
         // Σdy and Σ(dy·x̂) = (Σ(dy·x) − μ·Σdy)/σ.
