@@ -63,6 +63,14 @@
 //! and the epoch kept is the average at that epoch (Polyak averaging: the
 //! noise of small batches averaged out).
 //!
+//! Teacher outputs: with `views: k` they are kept in memory per (image,
+//! view) and the teacher runs in the first k epochs only; with
+//! `teacher_cache: DIR` they are also kept on disk, keyed by the SHA-256
+//! of the input tensor (`src/train/teacher_cache.rs`), so a later run on
+//! the same teacher, photos and seed (another student, lr) reuses them and
+//! writes the same bytes as a run without the cache. Stage features (MBs
+//! per view) with a cache are refused at validation.
+//!
 //! The engine is `src/train/distill.rs`; this pass picks the teacher and
 //! the images and reports what training did.
 use super::{Pass, PassContext, PassReport};
@@ -108,6 +116,11 @@ impl Pass for Distill {
         if o.features != FeatureSet::default() && o.feature_weight == 0.0 {
             return Err(Error::Config("`distill.features` names what `distill.feature_weight` weighs: give that a weight > 0".into()));
         }
+        if o.teacher_cache.is_some() && o.feature_weight > 0.0 && o.features == FeatureSet::Stages {
+            return Err(Error::Config(
+                "`distill.teacher_cache` keeps logits and pooled features, not stage outputs (MBs per view): use `features: pooled`".into(),
+            ));
+        }
         if o.views == Some(0) {
             return Err(Error::Config("`distill.views` must be at least 1".into()));
         }
@@ -143,6 +156,7 @@ impl Pass for Distill {
             p.resolve(dir);
         }
         o.teacher = o.teacher.as_ref().map(|c| dir.join(c));
+        o.teacher_cache = o.teacher_cache.as_ref().map(|c| dir.join(c));
     }
 
     /// The default teacher is the model as loaded.

@@ -80,6 +80,13 @@ impl Runner {
         outputs.into_iter().map(|t| t.into_tensor().into_plain_array::<f32>().map_err(tract_err)).collect()
     }
 
+    /// Values per output, when every output's shape is known.
+    pub fn output_lens(&self) -> Option<Vec<usize>> {
+        let model = self.plan.model();
+        let outlets = model.output_outlets().ok()?;
+        outlets.iter().map(|&o| model.outlet_fact(o).ok()?.shape.as_concrete().map(|s| s.iter().product())).collect()
+    }
+
     /// Like `run`, with tract's matrix products spread over `threads` threads.
     pub fn run_threads(&self, input: ArrayD<f32>, threads: usize) -> Result<Vec<ArrayD<f32>>> {
         if threads <= 1 {

@@ -374,3 +374,17 @@ fn bench_compares_every_model_with_the_first_per_thread_count() {
         assert_eq!(pair[1]["min_ms"].as_f64().unwrap(), sorted[0]);
     }
 }
+
+/// `--teacher-cache` sets the cache of every `distill` pass: without one it
+/// would do nothing, and with stage features it cannot hold them.
+#[test]
+fn teacher_cache_needs_a_distill_pass_that_it_can_serve() {
+    let d = out_dir();
+    let out = d.path().join("out.onnx");
+    let o = bin().arg(fixture_path()).arg("-o").arg(&out).args(["--passes", "fold", "--teacher-cache", "labels"]).output().unwrap();
+    assert_fails(&o, "--teacher-cache is for the `distill` pass, and the pipeline has none", &out);
+    let cfg = write(d.path(), "p.yaml", b"passes:\n  - fold\n  - distill: { feature_weight: 1.0 }\n");
+    let o = bin().arg(fixture_path()).arg("-o").arg(&out).arg("--config").arg(&cfg).args(["--teacher-cache", "labels"]).output().unwrap();
+    assert_fails(&o, "--teacher-cache: bad pipeline configuration: `distill.teacher_cache` keeps logits and pooled features", &out);
+    assert!(!d.path().join("labels").exists() && !Path::new("labels").exists(), "no cache directory made for a refused run");
+}

@@ -163,6 +163,53 @@ fn a_run_resumes_from_its_checkpoint() {
     assert!(second[1].starts_with("epoch 2/2"), "{second:?}");
 }
 
+/// `teacher_cache`: a second run on the same teacher and photos takes every
+/// teacher output from the cache (the teacher runs on no image), and the
+/// student it writes is the same, bit for bit, as the first run's and as a
+/// run without a cache.
+#[test]
+fn a_warm_teacher_cache_runs_no_teacher_and_changes_no_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("train"), 24, 6);
+    let cache = dir.path().join("labels");
+    let distill = |teacher_cache: Option<&Path>| {
+        let mut passes = student_passes();
+        let o = DistillOptions { teacher_cache: teacher_cache.map(Path::to_path_buf), ..options(dir.path(), 2) };
+        passes.push(PassSpec::Distill(o));
+        let mut m = teacher();
+        let reports = run_passes(&mut m, &passes);
+        let log: Vec<String> = reports.last().unwrap().changed.iter().map(|c| c.what.clone()).collect();
+        (cresnet_opt::io::to_bytes(&m).unwrap(), log)
+    };
+    // Images the teacher ran on, per epoch.
+    let taught = |log: &[String]| -> Vec<String> {
+        log.iter()
+            .filter(|l| l.contains("/2: loss"))
+            .map(|l| l.split("s on ").nth(1).unwrap().split(' ').next().unwrap().to_string())
+            .collect()
+    };
+    let (plain, plain_log) = distill(None);
+    let (cold, cold_log) = distill(Some(&cache));
+    let (warm, warm_log) = distill(Some(&cache));
+    // 24 images: 2 held out (their centre crops padded to a batch of 8 with
+    // blank images: 3 distinct views of 8, each computed once), 22 to train
+    // in 2 steps of 8 an epoch: 16 fresh crops per epoch; 3 + 2 × 16 = 35.
+    assert_eq!(taught(&plain_log), ["16", "16"], "{plain_log:?}");
+    assert_eq!(taught(&cold_log), ["16", "16"], "{cold_log:?}");
+    assert_eq!(taught(&warm_log), ["0", "0"], "{warm_log:?}");
+    let note = |log: &[String]| log.iter().find(|l| l.starts_with("teacher cache ")).cloned().unwrap_or_default();
+    assert!(note(&cold_log).ends_with(": 0 views reused, 35 computed by the teacher, 35 stored (35 views indexed)"), "{cold_log:?}");
+    assert!(note(&warm_log).ends_with(": 40 views reused, 0 computed by the teacher, 0 stored (35 views indexed)"), "{warm_log:?}");
+    assert!(plain == cold && cold == warm, "the cache changed the student");
+}
+
+#[test]
+fn a_teacher_cache_of_stage_features_is_refused() {
+    let opts = DistillOptions { feature_weight: 1.0, teacher_cache: Some("labels".into()), ..Default::default() };
+    let err = PassSpec::Distill(opts).check().unwrap_err();
+    assert!(err.to_string().contains("`distill.teacher_cache` keeps logits and pooled features"), "{err}");
+}
+
 #[test]
 fn a_checkpoint_of_another_student_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@ use super::{group, input_shapes, load_shaped};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use cresnet_opt::config::{shipped_pipeline, CalibrationDefaults, PipelineFile};
+use cresnet_opt::passes::distill::DistillOptions;
 use cresnet_opt::passes::PassReport;
 use cresnet_opt::passes::{PassSpec, PASS_NAMES};
 use cresnet_opt::shape::InputShapes;
@@ -39,6 +40,10 @@ pub struct OptimizeArgs {
     /// Checkpoint file of the `distill` pass: resumed if it exists, rewritten after every epoch.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Directory of the `distill` pass's teacher-output cache: later runs on
+    /// the same teacher and photos reuse the outputs instead of recomputing them.
+    #[arg(long)]
+    teacher_cache: Option<PathBuf>,
     /// No per-pass summary on stderr (warnings still show).
     #[arg(short, long)]
     quiet: bool,
@@ -125,6 +130,16 @@ fn for_the_model(plan: &mut Plan, model: &cresnet_opt::ir::Model, overrides: &In
     Ok(())
 }
 
+/// The options of every `distill` pass, for a `flag` that sets one of them
+/// (an error when there is none: the flag would do nothing).
+fn distill_options<'a>(passes: &'a mut [PassSpec], flag: &str) -> Result<impl Iterator<Item = &'a mut DistillOptions>> {
+    let mut distills = passes.iter_mut().filter_map(|p| if let PassSpec::Distill(o) = p { Some(o) } else { None }).peekable();
+    if distills.peek().is_none() {
+        bail!("{flag} is for the `distill` pass, and the pipeline has none");
+    }
+    Ok(distills)
+}
+
 pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
     let started = std::time::Instant::now();
     let (input, output) = (args.input.as_deref().expect("required"), args.output.as_deref().expect("required"));
@@ -135,11 +150,11 @@ pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
     let Plan { mut passes, file, defaults, .. } = plan;
     let calibration = file.and_then(|f| f.calibration_with(defaults));
     if let Some(path) = &args.checkpoint {
-        let mut distills = passes.iter_mut().filter_map(|p| if let PassSpec::Distill(o) = p { Some(o) } else { None }).peekable();
-        if distills.peek().is_none() {
-            bail!("--checkpoint is for the `distill` pass, and the pipeline has none");
-        }
-        distills.for_each(|o| o.checkpoint = Some(path.clone()));
+        distill_options(&mut passes, "--checkpoint")?.for_each(|o| o.checkpoint = Some(path.clone()));
+    }
+    if let Some(dir) = &args.teacher_cache {
+        distill_options(&mut passes, "--teacher-cache")?.for_each(|o| o.teacher_cache = Some(dir.clone()));
+        passes.iter().try_for_each(PassSpec::check).context("--teacher-cache")?;
     }
     let calibration = calibration
         .map(|c| {

@@ -89,6 +89,11 @@ pub struct DistillOptions {
     /// per step (0: off; e.g. 0.998 averages over the last ~500 steps): the
     /// hold-out scores it, and the epoch kept is its weights at that epoch.
     pub ema: f64,
+    /// Keep the teacher's outputs in this directory, keyed by the SHA-256
+    /// of each input it saw, and reuse them in later runs (another student,
+    /// lr, epoch count on the same teacher, photos and `seed`):
+    /// see `src/train/teacher_cache.rs`. Logits and pooled features only.
+    pub teacher_cache: Option<PathBuf>,
 }
 
 /// The feature maps feature distillation compares, student against teacher.
@@ -147,14 +152,18 @@ impl Default for DistillOptions {
             recalibrate: 1024,
             teacher_at_model_size: false,
             ema: 0.0,
+            teacher_cache: None,
         }
     }
 }
 
 /// Weight of a training batch in the BN running statistics.
 const BN_MOMENTUM: f32 = 0.1;
+use super::teacher_cache::{self, Key, TeacherCache};
 use rayon::prelude::*;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 /// Where the training images come from when `distill.data` is empty: the
@@ -233,7 +242,7 @@ pub fn distill(
         let (model_size, training_size) = (student_input(graph, model_shapes)?, student_input(graph, shapes)?);
         let teacher_input = if o.teacher_at_model_size { &model_size } else { &training_size };
         let teacher_size = (teacher_input != &training_size).then_some(teacher_input[2] as u32);
-        let teacher = Teacher::new(teacher_model, o.batch.min(train.len()), names, teacher_input)?;
+        let teacher = Teacher::new(teacher_model, o.batch.min(train.len()), names, teacher_input, o.teacher_cache.as_deref())?;
         Trainer {
             net: &mut net,
             teacher: &teacher,
@@ -251,6 +260,10 @@ pub fn distill(
             swapped: false,
         }
         .run(&train, &hold)?;
+        if let Some(line) = teacher.cache_note() {
+            progress.log("distill", &line);
+            log.push(line);
+        }
         drop(images);
         if o.batchnorm == BatchNormMode::Train && o.recalibrate > 0 && o.resolution.is_some_and(|r| r != model_size[2]) {
             let at = AtModelSize { graph, shapes: model_shapes, teacher: teacher_model, paths: &paths, pre: model_pre, labels: &labels };
@@ -299,7 +312,7 @@ impl AtModelSize<'_> {
         let (local_train, local_hold): (Vec<usize>, Vec<usize>) = ((0..chosen.len()).collect(), (chosen.len()..picked.len()).collect());
         let mut full = Network::with_batchnorm(self.graph, self.shapes)?;
         copy_params(net, &mut full, |_| true);
-        let teacher = Teacher::new(self.teacher, batch, vec![], &student_input(self.graph, self.shapes)?)?;
+        let teacher = Teacher::new(self.teacher, batch, vec![], &student_input(self.graph, self.shapes)?, o.teacher_cache.as_deref())?;
         let mut notes = Vec::new();
         let t = Trainer {
             net: &mut full,
@@ -318,6 +331,7 @@ impl AtModelSize<'_> {
             swapped: false,
         };
         let hold_teacher = t.teacher_logits(&local_hold)?;
+        log.extend(teacher.cache_note());
         let before = t.holdout(&local_hold, &hold_teacher)?;
         let steps = local_train.len() / batch;
         progress.start("distill: BN statistics at the model's size", steps as u64);
@@ -505,14 +519,75 @@ fn student_input(graph: &Graph, shapes: &Shapes) -> Result<Vec<usize>> {
 struct Teacher {
     runner: Runner,
     batch: usize,
+    /// Outputs kept between runs (`teacher_cache`).
+    cache: Option<Mutex<Cache>>,
+    /// Images the teacher ran on (the others came from `cache`).
+    ran: AtomicUsize,
+}
+
+/// The teacher's cache, the length of each of its outputs (a stored view
+/// of other lengths is not used), and why it was given up, if it was.
+struct Cache {
+    store: TeacherCache,
+    lens: Vec<usize>,
+    failed: Option<String>,
+}
+
+impl Cache {
+    /// The stored outputs of view `key`, if they have the teacher's lengths.
+    fn get(&mut self, key: &Key) -> Option<Vec<Vec<f32>>> {
+        let lens = &self.lens;
+        self.store.get(key).filter(|o| o.len() == lens.len() && o.iter().zip(lens).all(|(v, &l)| v.len() == l))
+    }
+
+    /// Stores computed views. A failed write gives the cache up rather
+    /// than the run: a full disk ends the caching, not hours of training.
+    fn add(&mut self, views: impl IntoIterator<Item = (Key, Vec<Vec<f32>>)>) {
+        if let Err(e) = self.store.add(views) {
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why += &format!(": {s}");
+                source = s.source();
+            }
+            self.failed = Some(why);
+        }
+    }
 }
 
 impl Teacher {
     /// `input` is the student's input shape: both see the same images.
-    fn new(model: &Model, batch: usize, features: Vec<String>, input: &[usize]) -> Result<Teacher> {
+    fn new(model: &Model, batch: usize, features: Vec<String>, input: &[usize], cache: Option<&Path>) -> Result<Teacher> {
         let mut shape = input.to_vec();
         shape[0] = 1;
-        Ok(Teacher { runner: Runner::at(model, &shape, &features)?, batch })
+        let runner = Runner::at(model, &shape, &features)?;
+        let cache = match (cache, runner.output_lens()) {
+            (Some(dir), Some(lens)) => Some(Mutex::new(Cache { store: open_cache(dir, model, &shape, &features)?, lens, failed: None })),
+            (Some(_), None) => return Err(fail("`teacher_cache`: the teacher's output shapes are not fixed")),
+            (None, _) => None,
+        };
+        Ok(Teacher { runner, batch, cache, ran: AtomicUsize::new(0) })
+    }
+
+    /// Images the teacher has run on so far.
+    fn ran(&self) -> usize {
+        self.ran.load(Ordering::Relaxed)
+    }
+
+    /// What the cache did, for the log.
+    fn cache_note(&self) -> Option<String> {
+        let cache = self.cache.as_ref()?.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = &cache.store;
+        let cut = if c.cut > 0 { format!("; cut {} bytes of torn or corrupt records", c.cut) } else { String::new() };
+        let failed = cache.failed.as_ref().map(|e| format!("; given up, the run went on without it: {e}")).unwrap_or_default();
+        Some(format!(
+            "teacher cache {}: {} views reused, {} computed by the teacher, {} stored ({} views indexed{cut}){failed}",
+            c.path().display(),
+            c.hits,
+            self.ran(),
+            c.added,
+            c.len()
+        ))
     }
 
     fn batch(&self) -> usize {
@@ -524,9 +599,49 @@ impl Teacher {
         self.runner.input_shape.iter().product()
     }
 
-    /// Per image of a batch, its logits and feature outputs.
+    /// Per image of a batch, its logits and feature outputs: from the
+    /// cache when it has them, else computed (and stored there).
     fn run_each(&self, x: &[f32]) -> Result<Vec<Vec<Vec<f32>>>> {
-        x.par_chunks(self.input_len().max(1))
+        let Some(cache) = &self.cache else { return self.compute(x) };
+        let lock = || cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if lock().failed.is_some() {
+            return self.compute(x);
+        }
+        let images: Vec<&[f32]> = x.chunks(self.input_len().max(1)).collect();
+        let keys: Vec<Key> = images.par_iter().map(|xi| teacher_cache::key(xi)).collect();
+        let mut found: Vec<Option<Vec<Vec<f32>>>> = {
+            let mut c = lock();
+            keys.iter().map(|k| c.get(k)).collect()
+        };
+        // Each missing input once (a batch padded with blank images has it several times).
+        let mut missing: Vec<usize> = Vec::new();
+        for s in 0..keys.len() {
+            if found[s].is_none() && !missing.iter().any(|&m| keys[m] == keys[s]) {
+                missing.push(s);
+            }
+        }
+        if !missing.is_empty() {
+            let sub: Vec<f32> = missing.iter().flat_map(|&s| images[s].iter().copied()).collect();
+            let computed = self.compute(&sub)?;
+            lock().add(missing.iter().map(|&s| keys[s]).zip(computed.iter().cloned()));
+            for (&s, outputs) in missing.iter().zip(computed) {
+                found[s] = Some(outputs);
+            }
+            // Repeats take the outputs of the first occurrence.
+            for s in 0..found.len() {
+                if found[s].is_none() {
+                    found[s] = missing.iter().find(|&&m| keys[m] == keys[s]).and_then(|&m| found[m].clone());
+                }
+            }
+        }
+        found.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| fail("teacher cache: a view was left without outputs"))
+    }
+
+    /// Per image of a batch, its logits and feature outputs, by tract.
+    fn compute(&self, x: &[f32]) -> Result<Vec<Vec<Vec<f32>>>> {
+        let n = self.input_len().max(1);
+        self.ran.fetch_add(x.len() / n, Ordering::Relaxed);
+        x.par_chunks(n)
             .map(|xi| {
                 let input = ndarray::ArrayD::from_shape_vec(self.runner.input_shape.clone(), xi.to_vec())
                     .map_err(|e| fail(format!("teacher input: {e}")))?;
@@ -539,6 +654,39 @@ impl Teacher {
     fn run(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
         Ok(concat_outputs(self.run_each(x)?.iter()))
     }
+}
+
+/// tract's version, as `Cargo.toml` pins it (a test checks the two agree).
+const TRACT_VERSION: &str = "0.23.9";
+
+/// The cache of `model`'s outputs at input `shape` with the extra outputs
+/// `features`: a file per teacher and question (see `teacher_cache`). The
+/// identity names what can change the bits of an output: the model, the
+/// question, tract (its kernels differ by version and by CPU features) and
+/// our runner (its code changes only with our version).
+fn open_cache(dir: &Path, model: &Model, shape: &[usize], features: &[String]) -> Result<TeacherCache> {
+    let onnx = crate::io::to_bytes(model)?;
+    let engine = format!("cresnet-opt {} / tract {TRACT_VERSION} / {}", env!("CARGO_PKG_VERSION"), cpu());
+    let (shape, features) = (format!("{shape:?}"), features.join("\n"));
+    TeacherCache::open(dir, &[engine.as_bytes(), &onnx, shape.as_bytes(), features.as_bytes()])
+}
+
+/// The architecture and the CPU features tract picks its kernels by.
+fn cpu() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let has = [
+            ("fma", is_x86_feature_detected!("fma")),
+            ("avx2", is_x86_feature_detected!("avx2")),
+            ("avx512f", is_x86_feature_detected!("avx512f")),
+            ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+            ("f16c", is_x86_feature_detected!("f16c")),
+        ];
+        let on: Vec<&str> = has.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect();
+        format!("x86_64 {}", on.join(","))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    std::env::consts::ARCH.to_string()
 }
 
 /// Per output, its values for each image in turn (`per_image`: per image,
@@ -836,7 +984,8 @@ impl Trainer<'_> {
 
     /// One pass over the training images; returns the mean loss, the
     /// seconds spent on data, teacher and student, and how many images the
-    /// teacher ran on (fewer than the epoch's when views are cached).
+    /// teacher ran on (fewer than the epoch's when views are cached, in
+    /// memory with `views` or on disk with `teacher_cache`).
     fn epoch(
         &mut self,
         epoch: usize,
@@ -850,7 +999,7 @@ impl Trainer<'_> {
         shuffle(&mut order, self.o.seed ^ (epoch as u64) << 32);
         let steps = order.len() / batch;
         self.progress.start(&format!("distill epoch {epoch}"), steps as u64);
-        let (mut sum, mut times, mut taught) = (0.0, [0.0f64; 3], 0usize);
+        let (mut sum, mut times, ran) = (0.0, [0.0f64; 3], self.teacher.ran());
         let view = self.cacheable().then(|| (epoch - 1) % self.o.views.unwrap_or(1));
         let full = self.images.preprocessing.crop;
         let size = self.resize_for(epoch)?;
@@ -876,11 +1025,8 @@ impl Trainer<'_> {
             times[0] += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let targets = match view {
-                Some(v) => self.cached_teacher(xt, chunk, v, &mut taught)?,
-                None => {
-                    taught += chunk.len();
-                    self.teacher.run(xt)?
-                }
+                Some(v) => self.cached_teacher(xt, chunk, v)?,
+                None => self.teacher.run(xt)?,
             };
             times[1] += t.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -895,7 +1041,7 @@ impl Trainer<'_> {
         }
         self.progress.finish();
         self.restore_size();
-        Ok((sum / steps.max(1) as f64, times, taught))
+        Ok((sum / steps.max(1) as f64, times, self.teacher.ran() - ran))
     }
 
     /// With progressive resizing, puts the student at `epoch`'s size in
@@ -950,10 +1096,9 @@ impl Trainer<'_> {
     /// The teacher's logits and features for a batch of views `v` of
     /// `chunk`'s images (`x`): those seen before from the cache, the others
     /// computed now.
-    fn cached_teacher(&mut self, x: &[f32], chunk: &[usize], v: usize, taught: &mut usize) -> Result<Vec<Vec<f32>>> {
+    fn cached_teacher(&mut self, x: &[f32], chunk: &[usize], v: usize) -> Result<Vec<Vec<f32>>> {
         let per_image = x.len() / chunk.len().max(1);
         let missing: Vec<usize> = (0..chunk.len()).filter(|&slot| !self.cached.contains_key(&(chunk[slot], v))).collect();
-        *taught += missing.len();
         if !missing.is_empty() {
             let sub: Vec<f32> = missing.iter().flat_map(|&slot| x[slot * per_image..(slot + 1) * per_image].iter().copied()).collect();
             for (&slot, outputs) in missing.iter().zip(self.teacher.run_each(&sub)?) {
@@ -1107,6 +1252,13 @@ fn shuffle(v: &mut [usize], seed: u64) {
 #[cfg(test)]
 mod tests {
     use super::{epoch_size, mixup};
+
+    /// The teacher cache's identity names tract's version: it must be the pinned one.
+    #[test]
+    fn the_cache_names_the_pinned_tract() {
+        let pin = format!("tract-onnx = \"={}\"", super::TRACT_VERSION);
+        assert!(include_str!("../../Cargo.toml").contains(&pin), "Cargo.toml does not pin {pin}");
+    }
 
     #[test]
     fn progressive_sizes_grow_in_steps_of_16_px_to_the_full_size_by_three_quarters() {

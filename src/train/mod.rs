@@ -24,6 +24,7 @@ pub mod checkpoint;
 pub mod distill;
 pub mod kernels;
 pub mod optim;
+pub mod teacher_cache;
 
 use crate::error::{Error, Result};
 use crate::ir::Graph;
