@@ -613,13 +613,7 @@ impl Teacher {
             let mut c = lock();
             keys.iter().map(|k| c.get(k)).collect()
         };
-        // Each missing input once (a batch padded with blank images has it several times).
-        let mut missing: Vec<usize> = Vec::new();
-        for s in 0..keys.len() {
-            if found[s].is_none() && !missing.iter().any(|&m| keys[m] == keys[s]) {
-                missing.push(s);
-            }
-        }
+        let missing = first_of_each(&keys, &found);
         if !missing.is_empty() {
             let sub: Vec<f32> = missing.iter().flat_map(|&s| images[s].iter().copied()).collect();
             let computed = self.compute(&sub)?;
@@ -627,10 +621,10 @@ impl Teacher {
             for (&s, outputs) in missing.iter().zip(computed) {
                 found[s] = Some(outputs);
             }
-            // Repeats take the outputs of the first occurrence.
+            // Repeats take the outputs of their first occurrence.
             for s in 0..found.len() {
                 if found[s].is_none() {
-                    found[s] = missing.iter().find(|&&m| keys[m] == keys[s]).and_then(|&m| found[m].clone());
+                    found[s] = keys.iter().position(|k| *k == keys[s]).and_then(|first| found[first].clone());
                 }
             }
         }
@@ -654,6 +648,12 @@ impl Teacher {
     fn run(&self, x: &[f32]) -> Result<Vec<Vec<f32>>> {
         Ok(concat_outputs(self.run_each(x)?.iter()))
     }
+}
+
+/// The slots of the views not `found`, each input once: a batch padded
+/// with blank images holds the same input several times.
+fn first_of_each<T>(keys: &[Key], found: &[Option<T>]) -> Vec<usize> {
+    (0..keys.len()).filter(|&s| found[s].is_none() && keys.iter().position(|k| *k == keys[s]) == Some(s)).collect()
 }
 
 /// tract's version, as `Cargo.toml` pins it (a test checks the two agree).
