@@ -41,7 +41,7 @@ pub struct OptimizeArgs {
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// Directory of the `distill` pass's teacher-output cache: later runs on
-    /// the same teacher and photos reuse the outputs instead of recomputing them.
+    /// the same teacher, photos and seed reuse the outputs instead of recomputing them.
     #[arg(long)]
     teacher_cache: Option<PathBuf>,
     /// No per-pass summary on stderr (warnings still show).
