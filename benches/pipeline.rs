@@ -35,6 +35,9 @@ fn minor_faults() -> u64 {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--peak") {
+        peak_benches();
+    }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/resnet50-imagenet.onnx");
     if !path.exists() {
         eprintln!("skipped: {} not found", path.display());
@@ -154,7 +157,18 @@ fn train_benches(model: &cresnet_opt::ir::Model, with_teacher: bool) {
         let mut m = model.clone();
         cresnet_opt::passes::run_pipeline(&mut m, &specs, &Default::default(), |_| {}).expect("passes");
         let shapes = cresnet_opt::validate::validate(&m.graph, &Default::default()).expect("valid");
-        let net = cresnet_opt::train::Network::with_batchnorm(&m.graph, &shapes).expect("engine");
+        // `--no-bn`: the student as `distill` trains it by default (BN folded, none added).
+        let net = if args.iter().any(|a| a == "--no-bn") {
+            cresnet_opt::train::Network::from_graph(&m.graph, &shapes)
+        } else {
+            cresnet_opt::train::Network::with_batchnorm(&m.graph, &shapes)
+        }
+        .expect("engine");
+        let mut net = net;
+        // `--bf16`: the products in bf16 with f32 sums (`distill.precision: bf16`).
+        if args.iter().any(|a| a == "--bf16") {
+            net.set_precision(cresnet_opt::train::kernels::Precision::Bf16).expect("bf16");
+        }
         let x = vec![0.5f32; batch * net.input_len()];
         let seed = vec![1e-3f32; batch * net.output_len()];
         let fwd = time(3, || net.forward(x.clone(), batch).expect("forward"));
@@ -227,4 +241,118 @@ fn tract_benches(path: &Path, model: &cresnet_opt::ir::Model) {
     let (a, b) = (Runner::new(&folded, 4, &[]).expect("tract"), Runner::new(model, 4, &[]).expect("tract"));
     let t = time(3, || cresnet_opt::evaluate::evaluate(&a, Some(&b), &inputs, 4, &|_| {}).expect("check"));
     println!("check throughput (model + reference, 2 cores, batch 4): {:.1} images/s", samples.len() as f64 / t);
+}
+
+/// This CPU's arithmetic ceiling, the yardstick for the engine's GFLOP/s:
+/// independent fused multiply-adds held in registers (AVX2 and AVX-512
+/// f32, and AVX512-BF16's pairwise dot product), then a large square
+/// `matrixmultiply` product, on 1 and 2 threads.
+fn peak_benches() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const FLOPS: f64 = 2e10;
+        type Kernel = fn(f64) -> f32;
+        let kinds: [(&str, bool, Kernel); 3] = [
+            ("f32 FMA, AVX2 (8 lanes)", std::arch::is_x86_feature_detected!("fma"), |f| unsafe { fma_ymm(f) }),
+            ("f32 FMA, AVX-512 (16 lanes)", std::arch::is_x86_feature_detected!("avx512f"), |f| unsafe { fma_zmm(f) }),
+            ("bf16 pair dot, AVX512-BF16", std::arch::is_x86_feature_detected!("avx512bf16"), |f| unsafe { dot_bf16(f) }),
+        ];
+        for (name, present, run) in kinds {
+            if !present {
+                println!("peak {name:<30} not on this CPU");
+                continue;
+            }
+            for threads in [1, 2] {
+                let t = time(3, || {
+                    std::thread::scope(|s| {
+                        let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| run(FLOPS))).collect();
+                        handles.into_iter().map(|h| h.join().unwrap()).sum::<f32>()
+                    })
+                });
+                println!("peak {name:<30} {threads} thread(s): {:>6.1} GFLOP/s", threads as f64 * FLOPS / t / 1e9);
+            }
+        }
+    }
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 7) as f32 - 3.0).collect();
+    let mut c = vec![0f32; n * n];
+    for threads in [1, 2] {
+        let t = time(5, || {
+            // Each thread computes its own rows of C (the engine splits work the same way).
+            let rows = n / threads;
+            std::thread::scope(|s| {
+                for part in c.chunks_mut(rows * n) {
+                    let a = &a;
+                    s.spawn(move || unsafe {
+                        let r = part.len() / n;
+                        matrixmultiply::sgemm(
+                            r,
+                            n,
+                            n,
+                            1.0,
+                            a.as_ptr(),
+                            n as isize,
+                            1,
+                            a.as_ptr(),
+                            n as isize,
+                            1,
+                            0.0,
+                            part.as_mut_ptr(),
+                            n as isize,
+                            1,
+                        )
+                    });
+                }
+            })
+        });
+        println!("peak sgemm 1024^3 (matrixmultiply)  {threads} thread(s): {:>6.1} GFLOP/s", 2.0 * (n * n * n) as f64 / t / 1e9);
+    }
+}
+
+/// `flops` worth of FMAs on 12 independent 8-lane sums (enough to cover
+/// the FMA latency on both pipes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fma_ymm(flops: f64) -> f32 {
+    use std::arch::x86_64::*;
+    let (b, c) = (_mm256_set1_ps(0.999), _mm256_set1_ps(1e-6));
+    let mut acc = [_mm256_setzero_ps(); 12];
+    for _ in 0..(flops / (12.0 * 16.0)) as usize {
+        for a in acc.iter_mut() {
+            *a = _mm256_fmadd_ps(*a, b, c);
+        }
+    }
+    let mut out = [0f32; 8];
+    let sum = acc.iter().fold(_mm256_setzero_ps(), |s, a| _mm256_add_ps(s, *a));
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
+    out[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_zmm(flops: f64) -> f32 {
+    use std::arch::x86_64::*;
+    let (b, c) = (_mm512_set1_ps(0.999), _mm512_set1_ps(1e-6));
+    let mut acc = [_mm512_setzero_ps(); 12];
+    for _ in 0..(flops / (12.0 * 32.0)) as usize {
+        for a in acc.iter_mut() {
+            *a = _mm512_fmadd_ps(*a, b, c);
+        }
+    }
+    _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, a| _mm512_add_ps(s, *a)))
+}
+
+/// Each `vdpbf16ps` on 16 lanes is 32 multiply-adds of bf16 pairs into f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn dot_bf16(flops: f64) -> f32 {
+    use std::arch::x86_64::*;
+    let ones = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0), _mm512_set1_ps(1.0));
+    let mut acc = [_mm512_setzero_ps(); 12];
+    for _ in 0..(flops / (12.0 * 64.0)) as usize {
+        for a in acc.iter_mut() {
+            *a = _mm512_dpbf16_ps(*a, ones, ones);
+        }
+    }
+    _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, a| _mm512_add_ps(s, *a)))
 }

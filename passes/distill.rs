@@ -71,6 +71,16 @@
 //! writes the same bytes as a run without the cache. Stage features (MBs
 //! per view) with a cache are refused at validation.
 //!
+//! Precision: with `precision: bf16` every matrix product (convs, fully
+//! connected layers) of the student's training and of the teacher takes
+//! bf16 operands and sums in f32 (`src/train/kernels/bf16.rs`; AVX512-BF16,
+//! twice the f32 FMA rate: refused at validation on a CPU without it).
+//! Weights, gradients, optimizer state, BN, losses stay f32. The teacher
+//! then runs in this engine (BN folded, a batch per forward) instead of
+//! tract. Its outputs differ from f32's by ~2^-8 relative (the shared
+//! ResNet-50's top-1 on the 744 evaluation photos: README); the same seed
+//! still gives the same bytes on the same CPU.
+//!
 //! The engine is `src/train/distill.rs`; this pass picks the teacher and
 //! the images and reports what training did.
 use super::{Pass, PassContext, PassReport};
@@ -119,6 +129,11 @@ impl Pass for Distill {
         if o.teacher_cache.is_some() && o.feature_weight > 0.0 && o.features == FeatureSet::Stages {
             return Err(Error::Config(
                 "`distill.teacher_cache` keeps logits and pooled features, not stage outputs (MBs per view): use `features: pooled`".into(),
+            ));
+        }
+        if o.precision == crate::train::kernels::Precision::Bf16 && !crate::train::kernels::bf16_available() {
+            return Err(Error::Config(
+                "`distill.precision: bf16` needs a CPU with AVX512-BF16 (and AVX-512 F, BW); this one has not: use `f32`".into(),
             ));
         }
         if o.views == Some(0) {

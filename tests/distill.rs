@@ -8,6 +8,7 @@ use cresnet_opt::passes::distill::{DistillOptions, FeatureSet};
 use cresnet_opt::passes::prune::PruneOptions;
 use cresnet_opt::passes::PassSpec;
 use cresnet_opt::train::distill::kd_loss;
+use cresnet_opt::train::kernels::{bf16_available, Precision};
 use std::path::Path;
 
 #[test]
@@ -201,6 +202,40 @@ fn a_warm_teacher_cache_runs_no_teacher_and_changes_no_bit() {
     assert!(note(&cold_log).ends_with(": 0 views reused, 35 computed by the teacher, 35 stored (35 views indexed)"), "{cold_log:?}");
     assert!(note(&warm_log).ends_with(": 40 views reused, 0 computed by the teacher, 0 stored (35 views indexed)"), "{warm_log:?}");
     assert!(plain == cold && cold == warm, "the cache changed the student");
+}
+
+/// `precision: bf16` (products in bf16 with f32 sums, the teacher in this
+/// engine): the student learns its teacher as in f32, a second run with
+/// the same seed writes the same bytes, and the bytes are not f32's (the
+/// products did change). Pooled and stage features reach the engine's
+/// teacher too. A CPU without AVX512-BF16 refuses it at validation.
+#[test]
+fn bf16_distillation_learns_its_teacher_reproducibly() {
+    let bf16 = |dir: &Path, epochs| DistillOptions { precision: Precision::Bf16, ..options(dir, epochs) };
+    if !bf16_available() {
+        let err = PassSpec::Distill(bf16(Path::new("."), 1)).check().unwrap_err();
+        assert!(err.to_string().contains("`distill.precision: bf16` needs a CPU with AVX512-BF16"), "{err}");
+        return;
+    }
+    let (before, after, log, _) = distill_fixture(|dir| bf16(dir, 6));
+    assert!(after < 0.25 * before, "KL on fresh images: before {before:.4}, after {after:.4}");
+    assert!(log.iter().any(|l| l.starts_with("matrix products in bf16")), "{log:?}");
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("train"), 24, 6);
+    let distill = |o: DistillOptions| {
+        let mut passes = student_passes();
+        passes.push(PassSpec::Distill(o));
+        let mut m = teacher();
+        run_passes(&mut m, &passes);
+        cresnet_opt::io::to_bytes(&m).unwrap()
+    };
+    let (first, again, f32) = (distill(bf16(dir.path(), 1)), distill(bf16(dir.path(), 1)), distill(options(dir.path(), 1)));
+    assert!(first == again, "two bf16 runs with one seed differ");
+    assert!(first != f32, "bf16 gave f32's bytes: the products were not rounded");
+    for features in [FeatureSet::Pooled, FeatureSet::Stages] {
+        let (_, _, log, _) = distill_fixture(|dir| DistillOptions { feature_weight: 1.0, features, ..bf16(dir, 1) });
+        assert!(log.iter().any(|l| l.starts_with("feature `") && l.contains("adapter")), "{features:?}: {log:?}");
+    }
 }
 
 #[test]

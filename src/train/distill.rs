@@ -3,6 +3,7 @@
 //! teacher model on augmented images, keeping the best epoch on a hold-out.
 //! Progress goes to a [`Progress`] the caller renders.
 use super::checkpoint::{self, State};
+use super::kernels::Precision;
 use super::optim::{ema_update, warm_cosine, Optimizer};
 use super::{Mode, Network, Param};
 use crate::data::augment::ImagePool;
@@ -94,6 +95,10 @@ pub struct DistillOptions {
     /// lr, epoch count on the same teacher, photos and `seed`):
     /// see `src/train/teacher_cache.rs`. Logits and pooled features only.
     pub teacher_cache: Option<PathBuf>,
+    /// The arithmetic of the matrix products of the student's training and
+    /// of the teacher: `f32`, or `bf16` operands with f32 sums (needs
+    /// AVX512-BF16; the teacher then runs in this engine, not tract).
+    pub precision: super::kernels::Precision,
 }
 
 /// The feature maps feature distillation compares, student against teacher.
@@ -153,6 +158,7 @@ impl Default for DistillOptions {
             teacher_at_model_size: false,
             ema: 0.0,
             teacher_cache: None,
+            precision: Default::default(),
         }
     }
 }
@@ -187,6 +193,9 @@ pub fn distill(
     progress: &dyn Progress,
 ) -> Result<Vec<String>> {
     let mut log = Vec::new();
+    if o.precision == Precision::Bf16 {
+        log.push("matrix products in bf16 with f32 sums (AVX512-BF16): the student's training, and the teacher in this engine".into());
+    }
     let (paths, mut labels, mut pre) = training_images(defaults, o)?;
     let (model_shapes, model_pre) = (shapes, pre.clone());
     let resized;
@@ -201,9 +210,13 @@ pub fn distill(
         }
         None => shapes,
     };
-    let network = |shapes: &Shapes| match o.batchnorm {
-        BatchNormMode::Off => Network::from_graph(graph, shapes),
-        _ => Network::with_batchnorm(graph, shapes),
+    let network = |shapes: &Shapes| {
+        let mut net = match o.batchnorm {
+            BatchNormMode::Off => Network::from_graph(graph, shapes),
+            _ => Network::with_batchnorm(graph, shapes),
+        }?;
+        net.set_precision(o.precision)?;
+        Ok::<_, Error>(net)
     };
     let mut net = network(shapes)?;
     // Progressive resizing: the student at an epoch's smaller size.
@@ -242,7 +255,7 @@ pub fn distill(
         let (model_size, training_size) = (student_input(graph, model_shapes)?, student_input(graph, shapes)?);
         let teacher_input = if o.teacher_at_model_size { &model_size } else { &training_size };
         let teacher_size = (teacher_input != &training_size).then_some(teacher_input[2] as u32);
-        let teacher = Teacher::new(teacher_model, o.batch.min(train.len()), names, teacher_input, o.teacher_cache.as_deref())?;
+        let teacher = Teacher::new(teacher_model, o.batch.min(train.len()), names, teacher_input, o.teacher_cache.as_deref(), o.precision)?;
         Trainer {
             net: &mut net,
             teacher: &teacher,
@@ -311,8 +324,10 @@ impl AtModelSize<'_> {
         let images = ImagePool::load(&paths, self.pre.clone())?;
         let (local_train, local_hold): (Vec<usize>, Vec<usize>) = ((0..chosen.len()).collect(), (chosen.len()..picked.len()).collect());
         let mut full = Network::with_batchnorm(self.graph, self.shapes)?;
+        full.set_precision(o.precision)?;
         copy_params(net, &mut full, |_| true);
-        let teacher = Teacher::new(self.teacher, batch, vec![], &student_input(self.graph, self.shapes)?, o.teacher_cache.as_deref())?;
+        let input = student_input(self.graph, self.shapes)?;
+        let teacher = Teacher::new(self.teacher, batch, vec![], &input, o.teacher_cache.as_deref(), o.precision)?;
         let mut notes = Vec::new();
         let t = Trainer {
             net: &mut full,
@@ -517,12 +532,23 @@ fn student_input(graph: &Graph, shapes: &Shapes) -> Result<Vec<usize>> {
 /// ResNet-50, tract takes ~55 ms per image that way, against ~200 ms per
 /// image at batch 4 or 16 (`cargo bench --bench pipeline -- --train`).
 struct Teacher {
-    runner: Runner,
+    backend: Backend,
+    /// The shape of one input image (batch 1).
+    input_shape: Vec<usize>,
     batch: usize,
     /// Outputs kept between runs (`teacher_cache`).
     cache: Option<Mutex<Cache>>,
     /// Images the teacher ran on (the others came from `cache`).
     ran: AtomicUsize,
+}
+
+/// What computes the teacher's outputs.
+enum Backend {
+    /// tract, for f32 (its products are faster than ours at batch 1).
+    Tract(Runner),
+    /// This engine on the folded teacher, for bf16 products: a whole batch
+    /// per forward, the outputs read from these values.
+    Engine { net: Box<Network>, outputs: Vec<usize> },
 }
 
 /// The teacher's cache, the length of each of its outputs (a stored view
@@ -557,16 +583,36 @@ impl Cache {
 
 impl Teacher {
     /// `input` is the student's input shape: both see the same images.
-    fn new(model: &Model, batch: usize, features: Vec<String>, input: &[usize], cache: Option<&Path>) -> Result<Teacher> {
+    fn new(
+        model: &Model,
+        batch: usize,
+        features: Vec<String>,
+        input: &[usize],
+        cache: Option<&Path>,
+        precision: Precision,
+    ) -> Result<Teacher> {
         let mut shape = input.to_vec();
         shape[0] = 1;
-        let runner = Runner::at(model, &shape, &features)?;
-        let cache = match (cache, runner.output_lens()) {
-            (Some(dir), Some(lens)) => Some(Mutex::new(Cache { store: open_cache(dir, model, &shape, &features)?, lens, failed: None })),
+        let (backend, lens) = match precision {
+            Precision::F32 => {
+                let runner = Runner::at(model, &shape, &features)?;
+                let lens = runner.output_lens();
+                (Backend::Tract(runner), lens)
+            }
+            Precision::Bf16 => {
+                let (net, outputs) = engine_teacher(model, &shape, &features)?;
+                let lens = Some(outputs.iter().map(|&v| net.value_len(v)).collect());
+                (Backend::Engine { net: Box::new(net), outputs }, lens)
+            }
+        };
+        let cache = match (cache, lens) {
+            (Some(dir), Some(lens)) => {
+                Some(Mutex::new(Cache { store: open_cache(dir, model, &shape, &features, precision)?, lens, failed: None }))
+            }
             (Some(_), None) => return Err(fail("`teacher_cache`: the teacher's output shapes are not fixed")),
             (None, _) => None,
         };
-        Ok(Teacher { runner, batch, cache, ran: AtomicUsize::new(0) })
+        Ok(Teacher { backend, input_shape: shape, batch, cache, ran: AtomicUsize::new(0) })
     }
 
     /// Images the teacher has run on so far.
@@ -596,7 +642,7 @@ impl Teacher {
 
     /// Values per input image.
     fn input_len(&self) -> usize {
-        self.runner.input_shape.iter().product()
+        self.input_shape.iter().product()
     }
 
     /// Per image of a batch, its logits and feature outputs: from the
@@ -631,17 +677,27 @@ impl Teacher {
         found.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| fail("teacher cache: a view was left without outputs"))
     }
 
-    /// Per image of a batch, its logits and feature outputs, by tract.
+    /// Per image of a batch, its logits and feature outputs, by tract (an
+    /// image per thread) or by this engine (the batch at once).
     fn compute(&self, x: &[f32]) -> Result<Vec<Vec<Vec<f32>>>> {
         let n = self.input_len().max(1);
-        self.ran.fetch_add(x.len() / n, Ordering::Relaxed);
-        x.par_chunks(n)
-            .map(|xi| {
-                let input = ndarray::ArrayD::from_shape_vec(self.runner.input_shape.clone(), xi.to_vec())
-                    .map_err(|e| fail(format!("teacher input: {e}")))?;
-                Ok(self.runner.run(input)?.iter().map(|o| o.iter().copied().collect()).collect())
-            })
-            .collect()
+        let images = x.len() / n;
+        self.ran.fetch_add(images, Ordering::Relaxed);
+        match &self.backend {
+            Backend::Tract(runner) => x
+                .par_chunks(n)
+                .map(|xi| {
+                    let input = ndarray::ArrayD::from_shape_vec(self.input_shape.clone(), xi.to_vec())
+                        .map_err(|e| fail(format!("teacher input: {e}")))?;
+                    Ok(runner.run(input)?.iter().map(|o| o.iter().copied().collect()).collect())
+                })
+                .collect(),
+            Backend::Engine { net, outputs } => {
+                let acts = net.forward_mode(x.to_vec(), images, Mode::Eval)?;
+                let values: Vec<_> = outputs.iter().map(|&v| (acts.value(v), net.value_len(v))).collect();
+                Ok((0..images).map(|i| values.iter().map(|(all, len)| all[i * len..(i + 1) * len].to_vec()).collect()).collect())
+            }
+        }
     }
 
     /// Logits and feature outputs of a batch, each concatenated over the images.
@@ -664,11 +720,34 @@ const TRACT_VERSION: &str = "0.23.9";
 /// identity names what can change the bits of an output: the model, the
 /// question, tract (its kernels differ by version and by CPU features) and
 /// our runner (its code changes only with our version).
-fn open_cache(dir: &Path, model: &Model, shape: &[usize], features: &[String]) -> Result<TeacherCache> {
+fn open_cache(dir: &Path, model: &Model, shape: &[usize], features: &[String], precision: Precision) -> Result<TeacherCache> {
     let onnx = crate::io::to_bytes(model)?;
-    let engine = format!("cresnet-opt {} / tract {TRACT_VERSION} / {}", env!("CARGO_PKG_VERSION"), cpu());
+    let engine = match precision {
+        Precision::F32 => format!("cresnet-opt {} / tract {TRACT_VERSION} / {}", env!("CARGO_PKG_VERSION"), cpu()),
+        Precision::Bf16 => format!("cresnet-opt {} / engine bf16 / {}", env!("CARGO_PKG_VERSION"), cpu()),
+    };
     let (shape, features) = (format!("{shape:?}"), features.join("\n"));
     TeacherCache::open(dir, &[engine.as_bytes(), &onnx, shape.as_bytes(), features.as_bytes()])
+}
+
+/// The teacher in this engine at input `shape` (batch 1): BN folded into
+/// its convs (the engine trains folded graphs), products in bf16; and the
+/// values of its output and of `features`, in that order.
+fn engine_teacher(model: &Model, shape: &[usize], features: &[String]) -> Result<(Network, Vec<usize>)> {
+    let mut folded = model.clone();
+    let fold = crate::passes::PassSpec::Fold(Default::default());
+    crate::passes::run_pipeline(&mut folded, &[fold], &Default::default(), |_| {})?;
+    let shapes = crate::validate::validate(&folded.graph, &Default::default())?;
+    let shapes = shapes_at(&folded.graph, &shapes, shape[2])?;
+    let mut net = Network::from_graph(&folded.graph, &shapes).map_err(|e| fail(format!("the bf16 teacher: {e}")))?;
+    net.set_precision(Precision::Bf16)?;
+    net.pack_weights();
+    let mut outputs = vec![net.output()];
+    for name in features {
+        let (v, _) = net.value_of(name).ok_or_else(|| fail(format!("the bf16 teacher does not compute `{name}` (a feature to match)")))?;
+        outputs.push(v);
+    }
+    Ok((net, outputs))
 }
 
 /// The architecture and the CPU features tract picks its kernels by.

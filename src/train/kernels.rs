@@ -20,15 +20,30 @@
 use rayon::prelude::*;
 use std::ops::Range;
 
+mod bf16;
+pub use bf16::{available as bf16_available, PackedA};
+
+/// The arithmetic of the matrix products (convs and fully connected
+/// layers); everything else is f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 operands and sums (`matrixmultiply`).
+    #[default]
+    F32,
+    /// bf16 operands, f32 sums (AVX512-BF16; see `kernels/bf16.rs`).
+    Bf16,
+}
+
 /// C[m×n] = op(A)·op(B) + beta·C, all row-major. `A` is stored m×k (k×m
 /// when `at`), `B` k×n (n×k when `bt`).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], at: bool, b: &[f32], bt: bool, c: &mut [f32], beta: f32) {
+pub fn gemm(m: usize, k: usize, n: usize, a: &[f32], at: bool, b: &[f32], bt: bool, c: &mut [f32], beta: f32, precision: Precision) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm: operand too short");
     let a = Strided::new(a, if at { (1, m) } else { (k, 1) });
     let b = Strided::new(b, if bt { (1, k) } else { (n, 1) });
     // SAFETY: `c` is an exclusive borrow.
-    unsafe { gemm_into(m, k, n, a, b, Out::new(c), n, beta) }
+    unsafe { gemm_into(m, k, n, a, b, Out::new(c), n, beta, precision) }
 }
 
 /// A read-only matrix in a slice: element (i, j) at `i·rs + j·cs`.
@@ -87,12 +102,16 @@ impl Out {
 /// # Safety
 /// No other thread touches those m rows of n values of `c` during the call.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(m: usize, k: usize, n: usize, a: Strided, b: Strided, c: Out, rsc: usize, beta: f32) {
+unsafe fn gemm_into(m: usize, k: usize, n: usize, a: Strided, b: Strided, c: Out, rsc: usize, beta: f32, precision: Precision) {
     assert!(a.holds(m, k) && b.holds(k, n), "gemm: operand too short");
     if m == 0 || n == 0 {
         return;
     }
     assert!((m - 1) * rsc + n <= c.len && n <= rsc, "gemm: output too short");
+    if precision == Precision::Bf16 {
+        assert!(bf16::available(), "bf16 products on a CPU without AVX512-BF16");
+        return bf16::gemm(m, k, n, bf16::A::Matrix(a), b, c, rsc, beta);
+    }
     let (a_ptr, b_ptr) = (a.data.as_ptr(), b.data.as_ptr());
     matrixmultiply::sgemm(
         m,
@@ -150,7 +169,7 @@ impl ConvGeom {
     fn taps(&self) -> usize {
         self.kh * self.kw
     }
-    fn is_depthwise(&self) -> bool {
+    pub fn is_depthwise(&self) -> bool {
         self.group > 1 && self.per_group_in() == 1
     }
     /// The output columns ox whose input column for tap `kx` lies inside
@@ -319,8 +338,29 @@ fn per_piece(g: &ConvGeom) -> usize {
     }
 }
 
-/// y = conv(x, w) + b over a batch of `n` images (channel-major).
-pub fn conv_forward(g: &ConvGeom, n: usize, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
+/// The weights of each group of a conv, packed for bf16 products
+/// (`conv_forward`'s `packed`): for weights that will not change.
+///
+/// # Panics
+/// Without AVX512-BF16 (see `bf16_available`).
+pub fn pack_conv_weights(g: &ConvGeom, w: &[f32]) -> Vec<PackedA> {
+    let (og, patch) = (g.per_group_out(), g.patch());
+    (0..g.group).map(|gi| PackedA::new(og, patch, Strided::new(&w[gi * og * patch..], (patch, 1)))).collect()
+}
+
+/// y = conv(x, w) + b over a batch of `n` images (channel-major); with
+/// `packed` (`pack_conv_weights` of `w`), bf16 products on those.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_forward(
+    g: &ConvGeom,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    y: &mut [f32],
+    precision: Precision,
+    packed: Option<&[PackedA]>,
+) {
     let (og, p, patch) = (g.per_group_out(), g.positions(), g.patch());
     if g.is_depthwise() {
         depthwise_forward(g, n, x, w, y);
@@ -331,8 +371,15 @@ pub fn conv_forward(g: &ConvGeom, n: usize, x: &[f32], w: &[f32], b: Option<&[f3
                 for imgs in pieces(r.clone(), per_piece(g)) {
                     let src = operand(g, x, n, gi, &imgs, col);
                     let wg = Strided::new(&w[gi * og * patch..], (patch, 1));
-                    // SAFETY: this thread alone writes the columns of images `r`.
-                    unsafe { gemm_into(og, patch, imgs.len() * p, wg, src, out.at((gi * og * n + imgs.start) * p), n * p, 0.0) };
+                    let (cols, to) = (imgs.len() * p, out.at((gi * og * n + imgs.start) * p));
+                    // SAFETY: this thread alone writes the columns of images `r`;
+                    // a packed A is checked against og×patch.
+                    unsafe {
+                        match packed {
+                            Some(packed) => bf16::gemm(og, patch, cols, bf16::A::Packed(&packed[gi]), src, to, n * p, 0.0),
+                            None => gemm_into(og, patch, cols, wg, src, to, n * p, 0.0, precision),
+                        }
+                    };
                 }
             }
         });
@@ -350,7 +397,7 @@ pub fn add_channel_sums(dy: &[f32], db: &mut [f32]) {
 }
 
 /// Adds dL/dw of a batch of `n` images into `dw`.
-pub fn conv_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+pub fn conv_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut [f32], precision: Precision) {
     let (og, p, patch) = (g.per_group_out(), g.positions(), g.patch());
     if g.is_depthwise() {
         return depthwise_weight_grad(g, n, x, dy, dw);
@@ -364,7 +411,9 @@ pub fn conv_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut 
                     let src = operand(g, x, n, gi, &imgs, &mut col);
                     let dyg = Strided::new(&dy[(gi * og * n + imgs.start) * p..], (n * p, 1));
                     // SAFETY: `part` is this thread's own buffer.
-                    unsafe { gemm_into(og, imgs.len() * p, patch, dyg, src.t(), Out::new(&mut part[gi * og * patch..]), patch, 1.0) };
+                    unsafe {
+                        gemm_into(og, imgs.len() * p, patch, dyg, src.t(), Out::new(&mut part[gi * og * patch..]), patch, 1.0, precision)
+                    };
                 }
             }
             part
@@ -376,7 +425,7 @@ pub fn conv_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut 
 }
 
 /// dL/dx of a batch of `n` images (overwrites `dx`).
-pub fn conv_input_grad(g: &ConvGeom, n: usize, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+pub fn conv_input_grad(g: &ConvGeom, n: usize, w: &[f32], dy: &[f32], dx: &mut [f32], precision: Precision) {
     let (cg, og, p, patch, hw) = (g.per_group_in(), g.per_group_out(), g.positions(), g.patch(), g.plane());
     if g.is_depthwise() {
         return depthwise_input_grad(g, n, w, dy, dx);
@@ -394,11 +443,11 @@ pub fn conv_input_grad(g: &ConvGeom, n: usize, w: &[f32], dy: &[f32], dx: &mut [
                 // SAFETY: this thread alone touches the planes of images `r`.
                 unsafe {
                     if g.is_pointwise() {
-                        gemm_into(cg, og, width, wg, dyg, out.at((gi * cg * n + imgs.start) * hw), n * hw, 0.0);
+                        gemm_into(cg, og, width, wg, dyg, out.at((gi * cg * n + imgs.start) * hw), n * hw, 0.0, precision);
                     } else {
                         col.clear();
                         col.resize(patch * width, 0.0);
-                        gemm_into(patch, og, width, wg, dyg, Out::new(col), width, 0.0);
+                        gemm_into(patch, og, width, wg, dyg, Out::new(col), width, 0.0, precision);
                         col2im(g, col, n, gi, imgs, out);
                     }
                 }
@@ -953,7 +1002,10 @@ mod tests {
             (2, 2, 2, 3, 2, 1, 1, (1, 1), 3),
             (2, 3, 1, 3, 2, 1, 2, (6, 5), 4),
         ] {
-            check_against_direct_loops(&geometry(c_in, c_out, group, k, s, p, d, hw), n, &mut rng);
+            check_against_direct_loops(&geometry(c_in, c_out, group, k, s, p, d, hw), n, &mut rng, Precision::F32);
+            if bf16_available() {
+                check_against_direct_loops(&geometry(c_in, c_out, group, k, s, p, d, hw), n, &mut rng, Precision::Bf16);
+            }
         }
         // Non-square depthwise kernels (they must not take the 3x3 paths), a
         // row stride of 2 with a column stride of 1, and pads past the kernel.
@@ -967,26 +1019,35 @@ mod tests {
             ..base.clone()
         };
         for g in [wide(1, 9, [0, 4]), wide(9, 1, [4, 0]), wide(1, 3, [0, 1]), wide(3, 3, [4, 4])] {
-            check_against_direct_loops(&g, 3, &mut rng);
+            check_against_direct_loops(&g, 3, &mut rng, Precision::F32);
         }
-        check_against_direct_loops(&ConvGeom { stride: [2, 1], ho: 5, ..base }, 2, &mut rng);
+        check_against_direct_loops(&ConvGeom { stride: [2, 1], ho: 5, ..base }, 2, &mut rng, Precision::F32);
     }
 
     /// conv forward, weight and input gradients of `g` on random values
-    /// against `reference`, to 1e-4.
-    fn check_against_direct_loops(g: &ConvGeom, n: usize, rng: &mut Rng) {
-        let mut random = |len: usize| (0..len).map(|_| rng.normal()).collect::<Vec<f32>>();
+    /// against `reference`, to 1e-4. With bf16 products the values are
+    /// bf16 numbers, so that each product is exact and only the order of
+    /// the f32 sums differs: any packing or indexing error shows.
+    fn check_against_direct_loops(g: &ConvGeom, n: usize, rng: &mut Rng, precision: Precision) {
+        let bf = |v: f32| if precision == Precision::Bf16 { f32::from_bits(bf16::to_bf16(v) << 16) } else { v };
+        let mut random = |len: usize| (0..len).map(|_| bf(rng.normal())).collect::<Vec<f32>>();
         let (x, w, dy) = (random(n * g.input_len()), random(g.weight_len()), random(n * g.output_len()));
         let (y0, dw0, dx0) = reference(g, n, &x, &w, &dy);
         let (xc, dyc) = (swap(&x, n, g.c_in, g.plane()), swap(&dy, n, g.c_out, g.positions()));
         let (mut y, mut dw, mut dx) = (vec![9.0; y0.len()], vec![0.0; dw0.len()], vec![9.0; dx0.len()]);
-        conv_forward(g, n, &xc, &w, None, &mut y);
-        conv_weight_grad(g, n, &xc, &dyc, &mut dw);
-        conv_input_grad(g, n, &w, &dyc, &mut dx);
+        conv_forward(g, n, &xc, &w, None, &mut y, precision, None);
+        if precision == Precision::Bf16 && !g.is_depthwise() {
+            // Weights packed beforehand give the same bits.
+            let mut again = vec![9.0; y.len()];
+            conv_forward(g, n, &xc, &w, None, &mut again, precision, Some(&pack_conv_weights(g, &w)));
+            assert!(again.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()), "{g:?}: packed weights changed y");
+        }
+        conv_weight_grad(g, n, &xc, &dyc, &mut dw, precision);
+        conv_input_grad(g, n, &w, &dyc, &mut dx, precision);
         let (y, dx) = (swap(&y, g.c_out, n, g.positions()), swap(&dx, g.c_in, n, g.plane()));
         for (name, a, b) in [("y", &y, &y0), ("dw", &dw, &dw0), ("dx", &dx, &dx0)] {
             let err = a.iter().zip(b.iter()).map(|(u, v)| (u - v).abs()).fold(0.0f32, f32::max);
-            assert!(err < 1e-4, "{g:?} batch {n}: {name} differs by {err}");
+            assert!(err < 1e-4, "{g:?} batch {n} {precision:?}: {name} differs by {err}");
         }
     }
 

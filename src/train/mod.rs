@@ -208,6 +208,10 @@ pub struct Network {
     output: usize,
     pool: Arc<Pool>,
     times: Arc<StepTimes>,
+    /// The matrix products' arithmetic (`set_precision`).
+    precision: kernels::Precision,
+    /// Conv weights packed for bf16 products, by param (`pack_weights`).
+    packed: HashMap<usize, Arc<Vec<kernels::PackedA>>>,
 }
 
 /// Wall time summed per kind of step while `Network::profile` is on: where
@@ -777,6 +781,8 @@ impl Network {
             output: 0,
             pool: Default::default(),
             times: Default::default(),
+            precision: Default::default(),
+            packed: HashMap::new(),
         };
         let mut b = Builder { graph, shapes, net, param_ix: HashMap::new(), with_bn };
         b.net.input = b.value(&input)?;
@@ -814,6 +820,37 @@ impl Network {
         }
     }
 
+    /// Runs the matrix products (convs, fully connected layers) in
+    /// `precision` from now on. bf16 needs AVX512-BF16.
+    pub fn set_precision(&mut self, precision: kernels::Precision) -> Result<()> {
+        if precision == kernels::Precision::Bf16 && !kernels::bf16_available() {
+            return Err(Error::Config("bf16 products need a CPU with AVX512-BF16 (AVX-512 F and BW too); this one has not".into()));
+        }
+        self.precision = precision;
+        Ok(())
+    }
+
+    pub fn precision(&self) -> kernels::Precision {
+        self.precision
+    }
+
+    /// For a network whose weights will not change again (a teacher): packs
+    /// the convs' weights for bf16 products once, so that forward passes
+    /// skip it. Call after the last change of the weights; with f32 products
+    /// it does nothing.
+    pub fn pack_weights(&mut self) {
+        if self.precision != kernels::Precision::Bf16 {
+            return;
+        }
+        for step in &self.steps {
+            if let Step::Conv { w, geom, .. } = step {
+                if !geom.is_depthwise() {
+                    self.packed.insert(*w, Arc::new(kernels::pack_conv_weights(geom, &self.params[*w].data)));
+                }
+            }
+        }
+    }
+
     /// Per-image length of the input and the output.
     pub fn input_len(&self) -> usize {
         self.value_len[self.input]
@@ -823,6 +860,10 @@ impl Network {
     }
     pub fn output(&self) -> usize {
         self.output
+    }
+    /// Values per image of value `v`.
+    pub fn value_len(&self, v: usize) -> usize {
+        self.value_len[v]
     }
     /// The value carrying tensor `name`, with its per-image length.
     pub fn value_of(&self, name: &str) -> Option<(usize, usize)> {
@@ -975,8 +1016,9 @@ impl Network {
         match step {
             Step::Conv { x, y, w, b, geom } => {
                 let mut out = self.pool.take(batch * geom.output_len());
+                let packed = self.packed.get(w).map(|p| p.as_slice());
                 let (w, b) = (&self.params[*w].data, b.map(|b| self.params[b].data.as_slice()));
-                kernels::conv_forward(geom, batch, &vals[*x], w, b, &mut out);
+                kernels::conv_forward(geom, batch, &vals[*x], w, b, &mut out, self.precision, packed);
                 (*y, out)
             }
             Step::Relu { x, y } => {
@@ -1071,6 +1113,7 @@ impl Network {
                     *trans_b,
                     &mut out,
                     if b.is_some() { 1.0 } else { 0.0 },
+                    self.precision,
                 );
                 (*y, out)
             }
@@ -1232,7 +1275,7 @@ impl Network {
         match step {
             Step::Conv { x, w, b, geom, .. } => {
                 let batch = acts.batch;
-                kernels::conv_weight_grad(geom, batch, &vals[*x], dy, &mut pgrads[*w]);
+                kernels::conv_weight_grad(geom, batch, &vals[*x], dy, &mut pgrads[*w], self.precision);
                 if let Some(b) = b {
                     kernels::add_channel_sums(dy, &mut pgrads[*b]);
                 }
@@ -1240,7 +1283,7 @@ impl Network {
                     return vec![];
                 }
                 let mut dx = self.pool.take(vals[*x].len());
-                kernels::conv_input_grad(geom, batch, &self.params[*w].data, dy, &mut dx);
+                kernels::conv_input_grad(geom, batch, &self.params[*w].data, dy, &mut dx, self.precision);
                 vec![(*x, dx)]
             }
             Step::Relu { x, y } => {
@@ -1343,9 +1386,9 @@ impl Network {
                 let batch = acts.batch;
                 let xv = &vals[*x];
                 if *trans_b {
-                    kernels::gemm(*n, batch, *k, dy, true, xv, false, &mut pgrads[*w], 1.0);
+                    kernels::gemm(*n, batch, *k, dy, true, xv, false, &mut pgrads[*w], 1.0, self.precision);
                 } else {
-                    kernels::gemm(*k, batch, *n, xv, true, dy, false, &mut pgrads[*w], 1.0);
+                    kernels::gemm(*k, batch, *n, xv, true, dy, false, &mut pgrads[*w], 1.0, self.precision);
                 }
                 if let Some(b) = b {
                     for row in dy.chunks(*n) {
@@ -1353,7 +1396,7 @@ impl Network {
                     }
                 }
                 let mut dx = vec![0.0; batch * k];
-                kernels::gemm(batch, *n, *k, dy, false, &self.params[*w].data, !*trans_b, &mut dx, 0.0);
+                kernels::gemm(batch, *n, *k, dy, false, &self.params[*w].data, !*trans_b, &mut dx, 0.0, self.precision);
                 vec![(*x, dx)]
             }
         }
