@@ -75,6 +75,9 @@ fn main() {
     if std::env::args().any(|a| a == "--tract") {
         tract_benches(&path, &model);
     }
+    if std::env::args().any(|a| a == "--bf16-accuracy") {
+        bf16_teacher_accuracy(&path, &model);
+    }
     if std::env::args().any(|a| a == "--train") {
         train_engine_vs_frameworks();
         train_benches(&model, true);
@@ -355,4 +358,58 @@ fn dot_bf16(flops: f64) -> f32 {
         }
     }
     _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, a| _mm512_add_ps(s, *a)))
+}
+
+/// What bf16 products do to the teacher (`distill.precision: bf16`): the
+/// shared ResNet-50, folded, in this engine with f32 and with bf16
+/// products, on the 744 evaluation photos of the ImageNet split (the
+/// sample sorted by path, after the first 256): top-1 of each, top-1
+/// agreement, the largest relative change of an output.
+fn bf16_teacher_accuracy(path: &Path, model: &cresnet_opt::ir::Model) {
+    use cresnet_opt::train::{kernels::Precision, Mode, Network};
+    if !cresnet_opt::train::kernels::bf16_available() {
+        println!("bf16 teacher accuracy: skipped, no AVX512-BF16 on this CPU");
+        return;
+    }
+    let data = path.parent().and_then(Path::parent).expect("shared").join("data");
+    let classes = data.join("imagenet-1k-classes.txt");
+    let mut samples = cresnet_opt::data::labelled(&data.join("imagenet-1k-sample"), Some(&classes), 1000).expect("data");
+    samples.sort_by(|a, b| a.path.cmp(&b.path));
+    let eval = &samples[256..];
+    let pre = cresnet_opt::data::Preprocessing::caffe();
+    let mut folded = model.clone();
+    cresnet_opt::passes::run_pipeline(&mut folded, &[PassSpec::Fold(FoldOptions::default())], &Default::default(), |_| {}).expect("fold");
+    let shapes = cresnet_opt::validate::validate(&folded.graph, &Default::default()).expect("valid");
+    let f32_net = Network::from_graph(&folded.graph, &shapes).expect("engine");
+    let mut bf16_net = f32_net.clone();
+    bf16_net.set_precision(Precision::Bf16).expect("bf16");
+    bf16_net.pack_weights();
+    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+    let (mut right, mut agree, mut worst) = ([0usize; 2], 0usize, 0f32);
+    for chunk in eval.chunks(16) {
+        let images: Vec<_> = chunk.iter().map(|s| pre.load(&s.path).expect("image")).collect();
+        let x = cresnet_opt::data::stack(&images, images.len()).into_raw_vec_and_offset().0;
+        let outs: Vec<Vec<f32>> = [&f32_net, &bf16_net]
+            .iter()
+            .map(|net| net.forward_mode(x.clone(), chunk.len(), Mode::Eval).expect("forward").value(net.output()).into_owned())
+            .collect();
+        let k = outs[0].len() / chunk.len();
+        for (i, s) in chunk.iter().enumerate() {
+            let (a, b) = (&outs[0][i * k..(i + 1) * k], &outs[1][i * k..(i + 1) * k]);
+            right[0] += usize::from(argmax(a) == s.label);
+            right[1] += usize::from(argmax(b) == s.label);
+            agree += usize::from(argmax(a) == argmax(b));
+            let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            worst = worst.max(a.iter().zip(b).fold(0f32, |m, (u, v)| m.max((u - v).abs())) / scale);
+        }
+    }
+    let n = eval.len() as f64;
+    println!(
+        "bf16 teacher on {} photos: top-1 f32 {:.4}, bf16 {:.4}; top-1 agreement {:.4}; largest output change {:.4} of the largest output",
+        eval.len(),
+        right[0] as f64 / n,
+        right[1] as f64 / n,
+        agree as f64 / n,
+        worst
+    );
 }

@@ -378,6 +378,17 @@ fn bench_compares_every_model_with_the_first_per_thread_count() {
 /// `--teacher-cache` sets the cache of every `distill` pass: without one it
 /// would do nothing, and with stage features it cannot hold them.
 #[test]
+fn precision_needs_a_distill_pass_and_names_its_values() {
+    let d = out_dir();
+    let out = d.path().join("out.onnx");
+    let o = bin().arg(fixture_path()).arg("-o").arg(&out).args(["--passes", "fold", "--precision", "bf16"]).output().unwrap();
+    assert_fails(&o, "--precision is for the `distill` pass, and the pipeline has none", &out);
+    let o = bin().arg(fixture_path()).arg("-o").arg(&out).args(["--passes", "fold,distill", "--precision", "f16"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("[possible values: f32, bf16]"), "{o:?}");
+    assert!(!out.exists());
+}
+
+#[test]
 fn teacher_cache_needs_a_distill_pass_that_it_can_serve() {
     let d = out_dir();
     let out = d.path().join("out.onnx");

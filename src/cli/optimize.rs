@@ -7,6 +7,7 @@ use cresnet_opt::passes::distill::DistillOptions;
 use cresnet_opt::passes::PassReport;
 use cresnet_opt::passes::{PassSpec, PASS_NAMES};
 use cresnet_opt::shape::InputShapes;
+use cresnet_opt::train::kernels::Precision;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,6 +45,11 @@ pub struct OptimizeArgs {
     /// the same teacher, photos and seed reuse the outputs instead of recomputing them.
     #[arg(long)]
     teacher_cache: Option<PathBuf>,
+    /// Arithmetic of the `distill` pass's matrix products: `bf16` (operands
+    /// rounded to bf16, sums in f32; needs AVX512-BF16) trains and runs the
+    /// teacher ~1.35x faster; `f32` is the default.
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    precision: Option<String>,
     /// No per-pass summary on stderr (warnings still show).
     #[arg(short, long)]
     quiet: bool,
@@ -151,6 +157,11 @@ pub fn run(args: &OptimizeArgs) -> Result<ExitCode> {
     let calibration = file.and_then(|f| f.calibration_with(defaults));
     if let Some(path) = &args.checkpoint {
         distill_options(&mut passes, "--checkpoint")?.for_each(|o| o.checkpoint = Some(path.clone()));
+    }
+    if let Some(p) = &args.precision {
+        let precision = if p == "bf16" { Precision::Bf16 } else { Precision::F32 };
+        distill_options(&mut passes, "--precision")?.for_each(|o| o.precision = precision);
+        passes.iter().try_for_each(PassSpec::check).context("--precision")?;
     }
     if let Some(dir) = &args.teacher_cache {
         distill_options(&mut passes, "--teacher-cache")?.for_each(|o| o.teacher_cache = Some(dir.clone()));
