@@ -50,8 +50,8 @@
 //!
 //! Data: random resized crops + flips of the training images (`data`, else
 //! the calibration images), and with `mixup: p` a share p of them blended
-//! with another image of the batch; the teacher (tract) sees the same
-//! augmented batch. Schedule: cosine from `lr` to 0 over all steps (after
+//! with another image of the batch; the teacher (tract, or this engine with
+//! `precision: bf16`) sees the same augmented batch. Schedule: cosine from `lr` to 0 over all steps (after
 //! `warmup` epochs of linear warm-up, when given); LAMB, Adam with
 //! decoupled weight decay, or SGD with momentum 0.9. A seeded share
 //! (`holdout`) of the images is never trained on: after every epoch the

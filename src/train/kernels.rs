@@ -5,7 +5,8 @@
 //! the weights once per batch and thread (per image before: 16 times a
 //! batch, and late layers' 49-column products ran at 60 % of the GEMM's
 //! speed), and a BN's channel is one contiguous run. Convolutions are
-//! im2col + GEMM (`matrixmultiply`, which picks AVX2 or AVX-512 at run time); a
+//! im2col + GEMM (`matrixmultiply`, which picks AVX2 or AVX-512 at run time;
+//! with `Precision::Bf16`, bf16 operands and f32 sums in `kernels/bf16.rs`); a
 //! 1x1, stride-1, unpadded conv multiplies the input in place, and a
 //! depthwise conv (one input channel per group) runs direct loops over its
 //! taps: there a GEMM per channel would be 1×(kh·kw)×(ho·wo), all call
@@ -266,6 +267,45 @@ fn thread_ranges(n: usize) -> Vec<Range<usize>> {
     image_ranges(n, rayon::current_num_threads())
 }
 
+thread_local! {
+    /// Buffers a thread keeps between kernel calls (`Scratch`).
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An im2col buffer kept by its thread from call to call. Why: allocated
+/// and freed on every conv (tens of MB each for ResNet-50's 3x3 convs),
+/// it came back from the system as fresh pages, faulted in and zeroed
+/// (a bf16 teacher in this engine had ~2 M faults an epoch more than the
+/// f32 run).
+struct Scratch(Vec<f32>);
+
+impl Scratch {
+    fn take() -> Scratch {
+        Scratch(SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        // A thread that is shutting down drops it instead.
+        let _ = SCRATCH.try_with(|s| s.borrow_mut().push(v));
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Vec<f32>;
+    fn deref(&self) -> &Vec<f32> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut Vec<f32> {
+        &mut self.0
+    }
+}
+
 /// Sub-ranges of `r` of at most `per` images.
 fn pieces(r: Range<usize>, per: usize) -> impl Iterator<Item = Range<usize>> {
     r.clone().step_by(per).map(move |s| s..(s + per).min(r.end))
@@ -366,7 +406,7 @@ pub fn conv_forward(
         depthwise_forward(g, n, x, w, y);
     } else {
         let out = Out::new(y);
-        thread_ranges(n).into_par_iter().for_each_init(Vec::new, |col, r| {
+        thread_ranges(n).into_par_iter().for_each_init(Scratch::take, |col, r| {
             for gi in 0..g.group {
                 for imgs in pieces(r.clone(), per_piece(g)) {
                     let src = operand(g, x, n, gi, &imgs, col);
@@ -405,7 +445,7 @@ pub fn conv_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut 
     let partial: Vec<Vec<f32>> = thread_ranges(n)
         .into_par_iter()
         .map(|r| {
-            let (mut part, mut col) = (vec![0.0; g.weight_len()], Vec::new());
+            let (mut part, mut col) = (vec![0.0; g.weight_len()], Scratch::take());
             for gi in 0..g.group {
                 for imgs in pieces(r.clone(), per_piece(g)) {
                     let src = operand(g, x, n, gi, &imgs, &mut col);
@@ -434,7 +474,7 @@ pub fn conv_input_grad(g: &ConvGeom, n: usize, w: &[f32], dy: &[f32], dx: &mut [
         dx.par_iter_mut().for_each(|v| *v = 0.0);
     }
     let out = Out::new(dx);
-    thread_ranges(n).into_par_iter().for_each_init(Vec::new, |col: &mut Vec<f32>, r| {
+    thread_ranges(n).into_par_iter().for_each_init(Scratch::take, |col: &mut Scratch, r| {
         for gi in 0..g.group {
             let wg = Strided::new(&w[gi * og * patch..], (patch, 1)).t();
             for imgs in pieces(r.clone(), per_piece(g)) {
