@@ -830,10 +830,6 @@ impl Network {
         Ok(())
     }
 
-    pub fn precision(&self) -> kernels::Precision {
-        self.precision
-    }
-
     /// For a network whose weights will not change again (a teacher): packs
     /// the convs' weights for bf16 products once, so that forward passes
     /// skip it. Call after the last change of the weights; with f32 products
