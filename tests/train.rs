@@ -266,3 +266,28 @@ fn the_step_profile_counts_every_step_of_a_profiled_round_only() {
     assert!(rows.iter().any(|r| r.0 == "Add+Relu"), "the fixture's residual Add+Relu is fused: {rows:?}");
     assert!(net.step_times().is_empty(), "step_times clears the sums");
 }
+
+/// Weights packed for bf16 (a teacher's) are bf16 operands: a forward in
+/// bf16 reads them, and after `set_precision(F32)` the network is an f32
+/// one again, bit for bit (the packed copy is dropped, not used).
+#[test]
+fn packed_weights_serve_bf16_only() {
+    use cresnet_opt::train::kernels::{bf16_available, Precision};
+    if !bf16_available() {
+        eprintln!("skipped: no AVX512-BF16 on this CPU");
+        return;
+    }
+    let model = tiny();
+    let mut rng = Rng::new(4);
+    let (f32_net, mut net) = (network(&model), network(&model));
+    let x: Vec<f32> = (0..3 * f32_net.input_len()).map(|_| rng.normal()).collect();
+    let out = |net: &Network| net.forward(x.as_slice(), 3).unwrap().value(net.output()).into_owned();
+    let want = out(&f32_net);
+    net.set_precision(Precision::Bf16).unwrap();
+    let bf16 = out(&net);
+    net.pack_weights();
+    assert_eq!(out(&net), bf16, "packed weights give the bf16 products' values");
+    assert_ne!(bf16, want, "bf16 products round their operands");
+    net.set_precision(Precision::F32).unwrap();
+    assert_eq!(out(&net), want, "after set_precision(F32), f32 products");
+}

@@ -693,7 +693,7 @@ impl Teacher {
                 })
                 .collect(),
             Backend::Engine { net, outputs } => {
-                let acts = net.forward_mode(x.to_vec(), images, Mode::Eval)?;
+                let acts = net.forward_mode(x, images, Mode::Eval)?;
                 let values: Vec<_> = outputs.iter().map(|&v| (acts.value(v), net.value_len(v))).collect();
                 Ok((0..images).map(|i| values.iter().map(|(all, len)| all[i * len..(i + 1) * len].to_vec()).collect()).collect())
             }

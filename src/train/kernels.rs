@@ -6,7 +6,9 @@
 //! batch, and late layers' 49-column products ran at 60 % of the GEMM's
 //! speed), and a BN's channel is one contiguous run. Convolutions are
 //! im2col + GEMM (`matrixmultiply`, which picks AVX2 or AVX-512 at run time;
-//! with `Precision::Bf16`, bf16 operands and f32 sums in `kernels/bf16.rs`); a
+//! with `Precision::Bf16`, bf16 operands and f32 sums in `kernels/bf16.rs`,
+//! where the forward's and the weight gradient's im2col matrix is made block
+//! by block as the product packs it, `Im2colBlocks`, not stored whole); a
 //! 1x1, stride-1, unpadded conv multiplies the input in place, and a
 //! depthwise conv (one input channel per group) runs direct loops over its
 //! taps: there a GEMM per channel would be 1×(kh·kw)×(ho·wo), all call
@@ -111,7 +113,7 @@ unsafe fn gemm_into(m: usize, k: usize, n: usize, a: Strided, b: Strided, c: Out
     assert!((m - 1) * rsc + n <= c.len && n <= rsc, "gemm: output too short");
     if precision == Precision::Bf16 {
         assert!(bf16::available(), "bf16 products on a CPU without AVX512-BF16");
-        return bf16::gemm(m, k, n, bf16::A::Matrix(a), b, c, rsc, beta);
+        return bf16::gemm(m, k, n, bf16::A::Matrix(a), bf16::B::Matrix(b), c, rsc, beta);
     }
     let (a_ptr, b_ptr) = (a.data.as_ptr(), b.data.as_ptr());
     matrixmultiply::sgemm(
@@ -357,6 +359,65 @@ unsafe fn col2im(g: &ConvGeom, col: &[f32], n: usize, gi: usize, imgs: Range<usi
     }
 }
 
+/// The im2col matrix of group `gi` for images `imgs` (`im2col`'s), made
+/// by blocks for a bf16 product; transposed (`t`) for a weight gradient's.
+struct Im2colBlocks<'a> {
+    g: &'a ConvGeom,
+    x: &'a [f32],
+    n: usize,
+    gi: usize,
+    imgs: Range<usize>,
+    t: bool,
+}
+
+impl bf16::Blocks for Im2colBlocks<'_> {
+    fn fill(&self, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut [f32]) {
+        if self.t {
+            self.rows_into(j0..j0 + nc, k0..k0 + kc, out)
+        } else {
+            self.rows_into(k0..k0 + kc, j0..j0 + nc, out)
+        }
+    }
+    fn k_contiguous(&self) -> bool {
+        self.t
+    }
+}
+
+impl Im2colBlocks<'_> {
+    /// Rows `rows` × columns `cols` of the im2col matrix into `out`, row
+    /// after row.
+    fn rows_into(&self, rows: Range<usize>, cols: Range<usize>, out: &mut [f32]) {
+        let (g, p, hw) = (self.g, self.g.positions(), self.g.plane());
+        let (j0, nc) = (cols.start, cols.len());
+        for (row, dst) in rows.clone().zip(out[..rows.len() * nc].chunks_exact_mut(nc)) {
+            let (c, ky, kx) = (row / g.taps(), row % g.taps() / g.kw, row % g.kw);
+            let channel = self.gi * g.per_group_in() + c;
+            let inside = g.columns(kx);
+            // Output row by output row: (image, oy, ox) from column j.
+            let mut j = j0;
+            while j < j0 + nc {
+                let (img, oy, ox) = (j / p, j % p / g.wo, j % g.wo);
+                let len = (g.wo - ox).min(j0 + nc - j);
+                let seg = &mut dst[j - j0..][..len];
+                j += len;
+                let Some(iy) = g.source_row(oy, ky) else {
+                    seg.fill(0.0);
+                    continue;
+                };
+                let plane = &self.x[(channel * self.n + self.imgs.start + img) * hw..][..hw];
+                let (lo, hi) = (inside.start.clamp(ox, ox + len), inside.end.clamp(ox, ox + len));
+                let (lo, hi) = (lo - ox, hi.max(lo) - ox);
+                seg[..lo].fill(0.0);
+                seg[hi..].fill(0.0);
+                if hi > lo {
+                    let start = g.input_column(ox + lo, kx);
+                    row_op(&mut seg[lo..hi], &plane[iy * g.w..][..g.w], start, g.stride[1], |o, v| *o = v);
+                }
+            }
+        }
+    }
+}
+
 /// The GEMM operand (patch × images·P) of group `gi` for images `imgs`:
 /// the input itself for a pointwise conv, else its im2col matrix (in `col`).
 fn operand<'a>(g: &ConvGeom, x: &'a [f32], n: usize, gi: usize, imgs: &Range<usize>, col: &'a mut Vec<f32>) -> Strided<'a> {
@@ -402,8 +463,11 @@ pub fn conv_forward(
     packed: Option<&[PackedA]>,
 ) {
     let (og, p, patch) = (g.per_group_out(), g.positions(), g.patch());
+    let bf16 = precision == Precision::Bf16 || packed.is_some();
     if g.is_depthwise() {
         depthwise_forward(g, n, x, w, y);
+    } else if bf16 && !g.is_pointwise() {
+        conv_forward_bf16_blocks(g, n, x, w, y, packed);
     } else {
         let out = Out::new(y);
         thread_ranges(n).into_par_iter().for_each_init(Scratch::take, |col, r| {
@@ -416,7 +480,7 @@ pub fn conv_forward(
                     // a packed A is checked against og×patch.
                     unsafe {
                         match packed {
-                            Some(packed) => bf16::gemm(og, patch, cols, bf16::A::Packed(&packed[gi]), src, to, n * p, 0.0),
+                            Some(packed) => bf16::gemm(og, patch, cols, bf16::A::Packed(&packed[gi]), bf16::B::Matrix(src), to, n * p, 0.0),
                             None => gemm_into(og, patch, cols, wg, src, to, n * p, 0.0, precision),
                         }
                     };
@@ -427,6 +491,29 @@ pub fn conv_forward(
     if let Some(b) = b {
         y.par_chunks_mut(n * p).zip(b).for_each(|(yc, &bc)| yc.iter_mut().for_each(|v| *v += bc));
     }
+}
+
+/// `conv_forward` of a non-pointwise conv in bf16: the im2col matrix
+/// made by blocks inside the product (`Im2colBlocks`), each thread's images
+/// in one product.
+fn conv_forward_bf16_blocks(g: &ConvGeom, n: usize, x: &[f32], w: &[f32], y: &mut [f32], packed: Option<&[PackedA]>) {
+    assert!(bf16::available(), "bf16 products on a CPU without AVX512-BF16");
+    let (og, p, patch) = (g.per_group_out(), g.positions(), g.patch());
+    let out = Out::new(y);
+    thread_ranges(n).into_par_iter().for_each(|imgs| {
+        for gi in 0..g.group {
+            let a = match packed {
+                Some(packed) => bf16::A::Packed(&packed[gi]),
+                None => bf16::A::Matrix(Strided::new(&w[gi * og * patch..], (patch, 1))),
+            };
+            let cols = imgs.len() * p;
+            let to = out.at((gi * og * n + imgs.start) * p);
+            let src = Im2colBlocks { g, x, n, gi, imgs: imgs.clone(), t: false };
+            // SAFETY: AVX512-BF16 checked above; this thread alone writes the
+            // columns of images `imgs`; a packed A is checked against og×patch.
+            unsafe { bf16::gemm(og, patch, cols, a, bf16::B::Blocks(&src), to, n * p, 0.0) };
+        }
+    });
 }
 
 /// Adds each channel's sum of a channel-major `dy` into `db` (a bias's
@@ -447,6 +534,16 @@ pub fn conv_weight_grad(g: &ConvGeom, n: usize, x: &[f32], dy: &[f32], dw: &mut 
         .map(|r| {
             let (mut part, mut col) = (vec![0.0; g.weight_len()], Scratch::take());
             for gi in 0..g.group {
+                if precision == Precision::Bf16 && !g.is_pointwise() {
+                    // The im2col matrix by blocks, as in `conv_forward_bf16_blocks`.
+                    assert!(bf16::available(), "bf16 products on a CPU without AVX512-BF16");
+                    let dyg = Strided::new(&dy[(gi * og * n + r.start) * p..], (n * p, 1));
+                    let src = Im2colBlocks { g, x, n, gi, imgs: r.clone(), t: true };
+                    let to = Out::new(&mut part[gi * og * patch..]);
+                    // SAFETY: AVX512-BF16 checked above; `part` is this thread's own buffer.
+                    unsafe { bf16::gemm(og, r.len() * p, patch, bf16::A::Matrix(dyg), bf16::B::Blocks(&src), to, patch, 0.0) };
+                    continue;
+                }
                 for imgs in pieces(r.clone(), per_piece(g)) {
                     let src = operand(g, x, n, gi, &imgs, &mut col);
                     let dyg = Strided::new(&dy[(gi * og * n + imgs.start) * p..], (n * p, 1));
@@ -570,8 +667,10 @@ impl Correlation<'_> {
             return;
         }
         // Four registers of sums at a time (their adds do not wait on each
-        // other), then one, then single columns.
+        // other), then one, then half of one (most of a 7-wide plane), then
+        // single columns.
         let (wide, narrow) = (out_w / (4 * LANES) * (4 * LANES), out_w / LANES * LANES);
+        let half = narrow + (out_w - narrow) / (LANES / 2) * (LANES / 2);
         for (oy, orow) in out.chunks_exact_mut(out_w).enumerate() {
             let row = |ky: usize| &src[(oy * self.stride + self.rows[ky]) * src_w..][..src_w];
             for ox in (0..wide).step_by(4 * LANES) {
@@ -580,7 +679,10 @@ impl Correlation<'_> {
             for ox in (wide..narrow).step_by(LANES) {
                 orow[ox..][..LANES].copy_from_slice(&self.sums::<LANES>(row, ox));
             }
-            for (ox, o) in orow.iter_mut().enumerate().skip(narrow) {
+            for ox in (narrow..half).step_by(LANES / 2) {
+                orow[ox..][..LANES / 2].copy_from_slice(&self.sums::<{ LANES / 2 }>(row, ox));
+            }
+            for (ox, o) in orow.iter_mut().enumerate().skip(half) {
                 *o = self.sums::<1>(row, ox)[0];
             }
         }
@@ -798,7 +900,14 @@ fn depthwise_weight_grad_3x3(g: &ConvGeom, xs: &[f32], dys: &[f32], planes: &mut
             per_column[t * g.wo + ox..][..LANES].copy_from_slice(a);
         }
     }
-    for ox in narrow..g.wo {
+    let half = narrow + (g.wo - narrow) / (LANES / 2) * (LANES / 2);
+    for ox in (narrow..half).step_by(LANES / 2) {
+        let acc = sums.tap_products::<{ LANES / 2 }>(&operands, ox);
+        for (t, a) in acc.iter().enumerate() {
+            per_column[t * g.wo + ox..][..LANES / 2].copy_from_slice(a);
+        }
+    }
+    for ox in half..g.wo {
         let acc = sums.tap_products::<1>(&operands, ox);
         for (t, a) in acc.iter().enumerate() {
             per_column[t * g.wo + ox] = a[0];
@@ -1046,6 +1155,14 @@ mod tests {
             if bf16_available() {
                 check_against_direct_loops(&geometry(c_in, c_out, group, k, s, p, d, hw), n, &mut rng, Precision::Bf16);
             }
+        }
+        // bf16: im2col matrices of more rows than a k block (540 > 512), made
+        // by blocks that start past row 0.
+        if bf16_available() {
+            check_against_direct_loops(&geometry(60, 5, 1, 3, 1, 1, 1, (6, 5)), 3, &mut rng, Precision::Bf16);
+            check_against_direct_loops(&geometry(60, 5, 1, 3, 2, 1, 1, (7, 6)), 3, &mut rng, Precision::Bf16);
+            // A weight gradient summed over more positions than a k block (576).
+            check_against_direct_loops(&geometry(3, 4, 1, 3, 1, 1, 1, (16, 12)), 3, &mut rng, Precision::Bf16);
         }
         // Non-square depthwise kernels (they must not take the 3x3 paths), a
         // row stride of 2 with a column stride of 1, and pads past the kernel.

@@ -827,13 +827,16 @@ impl Network {
             return Err(Error::Config("bf16 products need a CPU with AVX512-BF16 (AVX-512 F and BW too); this one has not".into()));
         }
         self.precision = precision;
+        // Packed weights are bf16 operands: an f32 network must not use them.
+        self.packed.clear();
         Ok(())
     }
 
     /// For a network whose weights will not change again (a teacher): packs
     /// the convs' weights for bf16 products once, so that forward passes
-    /// skip it. Call after the last change of the weights; with f32 products
-    /// it does nothing.
+    /// skip it. Call after the last change of the weights (a forward pass
+    /// reads the packed copy, not `params`); with f32 products it does
+    /// nothing, and `set_precision` drops them.
     pub fn pack_weights(&mut self) {
         if self.precision != kernels::Precision::Bf16 {
             return;
@@ -974,11 +977,15 @@ impl Network {
     }
 
     /// Runs the network on `x` (batch × input length), BN in training mode.
-    pub fn forward(&self, x: Vec<f32>, batch: usize) -> Result<Activations> {
+    pub fn forward<'x>(&self, x: impl Into<std::borrow::Cow<'x, [f32]>>, batch: usize) -> Result<Activations> {
         self.forward_mode(x, batch, Mode::Train)
     }
 
-    pub fn forward_mode(&self, x: Vec<f32>, batch: usize, mode: Mode) -> Result<Activations> {
+    /// Runs the network on `x` with BN in `mode`. `x` by value or borrowed:
+    /// an image input is rearranged channel-major
+    /// into a new buffer either way, so a borrowed batch is not copied first.
+    pub fn forward_mode<'x>(&self, x: impl Into<std::borrow::Cow<'x, [f32]>>, batch: usize, mode: Mode) -> Result<Activations> {
+        let x = x.into();
         if batch == 0 {
             return Err(Error::Data("distill: an empty batch".into()));
         }
@@ -996,7 +1003,10 @@ impl Network {
             argmax: HashMap::new(),
             bn_batch: HashMap::new(),
         };
-        acts.values[self.input] = self.channel_major(self.input, x, batch);
+        acts.values[self.input] = match self.dims[self.input] {
+            Some((c, hw)) => transpose_blocks(&x, batch, c, hw),
+            None => x.into_owned(),
+        };
         for (i, step) in self.steps.iter().enumerate() {
             let start = self.times.start();
             let (y, out) = self.forward_step(i, step, &mut acts);

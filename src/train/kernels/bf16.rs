@@ -28,6 +28,13 @@ const NR: usize = 32;
 const KC: usize = 512;
 /// Columns of B packed at a time.
 const NC: usize = 512;
+/// Columns of a `B::Blocks` operand made and packed at a time: a block of
+/// KC × 256 f32 (512 KB) and its packed copy stay in a Zen 4 core's 1 MB L2.
+/// (In unit tests a width that splits output rows and strips of NR.)
+#[cfg(not(test))]
+const NC_BLOCKS: usize = 256;
+#[cfg(test)]
+const NC_BLOCKS: usize = 40;
 
 /// Whether this CPU runs the bf16 products.
 pub fn available() -> bool {
@@ -49,8 +56,9 @@ pub(super) fn to_bf16(x: f32) -> u32 {
 }
 
 thread_local! {
-    /// Packed panels of A and B, kept from call to call.
-    static PACKED: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Packed panels of A and B, and a block of a `B::Blocks` operand, kept
+    /// from call to call.
+    static PACKED: std::cell::RefCell<(Vec<u32>, Vec<u32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 /// A panel to pack: `lanes` of `width` (lanes past `live` are zeros), k
@@ -213,25 +221,33 @@ fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     w
 }
 
-/// C (MR x NR, row stride `ldc`) = the sum over `pairs` of A's and B's
-/// packed panels, plus C if `add`.
+/// C (`R` x 16·`H`, row stride `ldc`) = the sum over `pairs` of A's
+/// and B's packed panels (panels of MR rows and NR columns, of which the
+/// first `R` and 16·`H` are used), plus C if `add`. Why the sizes: thin
+/// layers (19–61 output channels in a 1/5 student) spent up to a third of
+/// a 12-row panel's products on padding rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel(pairs: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, add: bool) {
+#[inline(never)] // one symbol per size under `perf`
+unsafe fn kernel<const R: usize, const H: usize>(pairs: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, add: bool) {
+    assert!(R <= MR && 16 * H <= NR, "bf16 kernel: {R} x {H}");
     assert!(a.len() >= pairs * MR && b.len() >= pairs * NR, "bf16 kernel: panel too short");
     let (a, b) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); H]; R];
     // Raw pointers in the loop: with slices the sums did not all stay in
     // registers (1.3x slower on ResNet-50's forward).
     for q in 0..pairs {
         let bq = b.add(q * NR);
-        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq as *const _));
-        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq.add(16) as *const _));
+        let mut bh: [__m512bh; H] = [std::mem::zeroed(); H];
+        for (h, v) in bh.iter_mut().enumerate() {
+            *v = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(bq.add(16 * h) as *const _));
+        }
         let aq = a.add(q * MR);
         for (i, sums) in acc.iter_mut().enumerate() {
             let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(i) as i32));
-            sums[0] = _mm512_dpbf16_ps(sums[0], ai, b0);
-            sums[1] = _mm512_dpbf16_ps(sums[1], ai, b1);
+            for (s, &v) in sums.iter_mut().zip(&bh) {
+                *s = _mm512_dpbf16_ps(*s, ai, v);
+            }
         }
     }
     for (i, sums) in acc.iter().enumerate() {
@@ -240,6 +256,37 @@ unsafe fn kernel(pairs: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, ad
             let v = if add { _mm512_add_ps(_mm512_loadu_ps(p.add(16 * h)), s) } else { s };
             _mm512_storeu_ps(p.add(16 * h), v);
         }
+    }
+}
+
+/// `kernel` for the first `rows` rows and `cols` columns (rounded up to
+/// 16) of the panels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_for(rows: usize, cols: usize, pairs: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, add: bool) {
+    macro_rules! by_rows {
+        ($h:literal) => {
+            match rows {
+                1 => kernel::<1, $h>(pairs, a, b, c, ldc, add),
+                2 => kernel::<2, $h>(pairs, a, b, c, ldc, add),
+                3 => kernel::<3, $h>(pairs, a, b, c, ldc, add),
+                4 => kernel::<4, $h>(pairs, a, b, c, ldc, add),
+                5 => kernel::<5, $h>(pairs, a, b, c, ldc, add),
+                6 => kernel::<6, $h>(pairs, a, b, c, ldc, add),
+                7 => kernel::<7, $h>(pairs, a, b, c, ldc, add),
+                8 => kernel::<8, $h>(pairs, a, b, c, ldc, add),
+                9 => kernel::<9, $h>(pairs, a, b, c, ldc, add),
+                10 => kernel::<10, $h>(pairs, a, b, c, ldc, add),
+                11 => kernel::<11, $h>(pairs, a, b, c, ldc, add),
+                _ => kernel::<MR, $h>(pairs, a, b, c, ldc, add),
+            }
+        };
+    }
+    if cols <= 16 {
+        by_rows!(1)
+    } else {
+        by_rows!(2)
     }
 }
 
@@ -287,6 +334,28 @@ pub(super) enum A<'a> {
     Packed(&'a PackedA),
 }
 
+/// A B operand made block by block as the product packs it, never stored
+/// whole: an im2col matrix. Why: stored whole (tens of MB for a 3x3 conv at
+/// 56×56), it went to memory and came back to be packed; a block made just
+/// before its packing is read from the cache.
+pub(super) trait Blocks: Sync {
+    /// Writes rows `[k0, k0 + kc)` × columns `[j0, j0 + nc)` of the matrix
+    /// into `out`, row after row (`nc` values each).
+    fn fill(&self, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut [f32]);
+    /// Whether `fill` writes the block transposed instead: column after
+    /// column (`kc` values each).
+    fn k_contiguous(&self) -> bool {
+        false
+    }
+}
+
+/// The B operand of a product: a matrix, or one made by blocks.
+#[derive(Clone, Copy)]
+pub(super) enum B<'a> {
+    Matrix(Strided<'a>),
+    Blocks(&'a dyn Blocks),
+}
+
 /// C = A·B + beta·C for an m×n output with row stride `rsc`, with bf16
 /// operands and f32 sums.
 ///
@@ -294,7 +363,7 @@ pub(super) enum A<'a> {
 /// `available()` holds; no other thread touches those m rows of n values
 /// of `c` during the call; a packed A is m×k.
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm(m: usize, k: usize, n: usize, a: A, b: Strided, c: Out, rsc: usize, beta: f32) {
+pub(super) unsafe fn gemm(m: usize, k: usize, n: usize, a: A, b: B, c: Out, rsc: usize, beta: f32) {
     if let A::Packed(p) = a {
         assert!((p.m, p.k) == (m, k), "bf16 gemm: the packed A is {}x{}, not {m}x{k}", p.m, p.k);
     }
@@ -302,7 +371,7 @@ pub(super) unsafe fn gemm(m: usize, k: usize, n: usize, a: A, b: Strided, c: Out
     unreachable!("bf16 products need x86_64");
     #[cfg(target_arch = "x86_64")]
     PACKED.with(|packed| {
-        let (pa, pb) = &mut *packed.borrow_mut();
+        let (pa, pb, block) = &mut *packed.borrow_mut();
         if k == 0 {
             // No terms: C = beta·C.
             for i in 0..m {
@@ -324,22 +393,31 @@ pub(super) unsafe fn gemm(m: usize, k: usize, n: usize, a: A, b: Strided, c: Out
             };
             // The first block writes C (+ beta·C), the others add to it.
             let first = k0 == 0;
-            for j0 in (0..n).step_by(NC) {
-                let strips = (n - j0).min(NC).div_ceil(NR);
+            let nc = if let B::Blocks(_) = b { NC_BLOCKS } else { NC };
+            for j0 in (0..n).step_by(nc) {
+                let live = (n - j0).min(nc);
+                let strips = live.div_ceil(NR);
                 pb.resize(strips * pairs * NR, 0);
-                let cols = Panel { data: &b.data[j0 * b.cs..], ls: b.cs, ks: b.rs, live: (n - j0).min(NC), k0, kc };
-                cols.pack(NR, strips, pb);
+                match b {
+                    B::Matrix(b) => Panel { data: &b.data[j0 * b.cs..], ls: b.cs, ks: b.rs, live, k0, kc }.pack(NR, strips, pb),
+                    B::Blocks(blocks) => {
+                        block.resize(kc * live, 0.0);
+                        blocks.fill(k0, kc, j0, live, block);
+                        let (ls, ks) = if blocks.k_contiguous() { (kc, 1) } else { (1, live) };
+                        Panel { data: block, ls, ks, live, k0: 0, kc }.pack(NR, strips, pb)
+                    }
+                }
                 for s in 0..strips {
                     let (j, width) = (j0 + s * NR, (n - j0 - s * NR).min(NR));
                     for pi in 0..panels {
                         let rows = (m - pi * MR).min(MR);
                         let (ap, bp) = (&pa[pi * pairs * MR..], &pb[s * pairs * NR..]);
                         let off = pi * MR * rsc + j;
-                        if rows == MR && width == NR && (!first || beta == 0.0 || beta == 1.0) {
-                            let out = c.slice(off, (MR - 1) * rsc + NR);
-                            kernel(pairs, ap, bp, out.as_mut_ptr(), rsc, !first || beta == 1.0);
+                        if width % 16 == 0 && (!first || beta == 0.0 || beta == 1.0) {
+                            let out = c.slice(off, (rows - 1) * rsc + width);
+                            kernel_for(rows, width, pairs, ap, bp, out.as_mut_ptr(), rsc, !first || beta == 1.0);
                         } else {
-                            kernel(pairs, ap, bp, tile.as_mut_ptr(), NR, false);
+                            kernel_for(rows, width, pairs, ap, bp, tile.as_mut_ptr(), NR, false);
                             let out = c.slice(off, (rows - 1) * rsc + width);
                             for r in 0..rows {
                                 for (q, t) in tile[r * NR..r * NR + width].iter().enumerate() {
@@ -388,7 +466,7 @@ mod tests {
         let a = Strided::new(a, if at { (1, m) } else { (k, 1) });
         let b = Strided::new(b, if bt { (1, k) } else { (n, 1) });
         // SAFETY: checked `available()`; `c` is an exclusive borrow.
-        unsafe { gemm(m, k, n, A::Matrix(a), b, Out::new(c), n, beta) }
+        unsafe { gemm(m, k, n, A::Matrix(a), B::Matrix(b), Out::new(c), n, beta) }
     }
 
     /// `c` equals the exact sums `want` to f32 rounding: at most k + 2
@@ -442,7 +520,7 @@ mod tests {
         let mut c = vec![f32::NAN; m * n];
         let (sa, sb) = (Strided::new(&a2, (2 * k, 2)), Strided::new(&b3, (3 * n, 3)));
         // SAFETY: checked `available()`; `c` is an exclusive borrow.
-        unsafe { gemm(m, k, n, A::Matrix(sa), sb, Out::new(&mut c), n, 0.0) };
+        unsafe { gemm(m, k, n, A::Matrix(sa), B::Matrix(sb), Out::new(&mut c), n, 0.0) };
         assert_sums(&c, &want, &mag, k, "strided operands");
     }
 
