@@ -1161,8 +1161,9 @@ mod tests {
         if bf16_available() {
             check_against_direct_loops(&geometry(60, 5, 1, 3, 1, 1, 1, (6, 5)), 3, &mut rng, Precision::Bf16);
             check_against_direct_loops(&geometry(60, 5, 1, 3, 2, 1, 1, (7, 6)), 3, &mut rng, Precision::Bf16);
-            // A weight gradient summed over more positions than a k block (576).
-            check_against_direct_loops(&geometry(3, 4, 1, 3, 1, 1, 1, (16, 12)), 3, &mut rng, Precision::Bf16);
+            // A weight gradient summed over more positions than a k block:
+            // 576 in one image (a thread's range may hold a single image).
+            check_against_direct_loops(&geometry(3, 4, 1, 3, 1, 1, 1, (24, 24)), 3, &mut rng, Precision::Bf16);
         }
         // Non-square depthwise kernels (they must not take the 3x3 paths), a
         // row stride of 2 with a column stride of 1, and pads past the kernel.

@@ -826,9 +826,11 @@ impl Network {
         if precision == kernels::Precision::Bf16 && !kernels::bf16_available() {
             return Err(Error::Config("bf16 products need a CPU with AVX512-BF16 (AVX-512 F and BW too); this one has not".into()));
         }
+        if precision != self.precision {
+            // Packed weights are bf16 operands: an f32 network must not use them.
+            self.packed.clear();
+        }
         self.precision = precision;
-        // Packed weights are bf16 operands: an f32 network must not use them.
-        self.packed.clear();
         Ok(())
     }
 

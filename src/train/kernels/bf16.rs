@@ -29,8 +29,9 @@ const KC: usize = 512;
 /// Columns of B packed at a time.
 const NC: usize = 512;
 /// Columns of a `B::Blocks` operand made and packed at a time: a block of
-/// KC × 256 f32 (512 KB) and its packed copy stay in a Zen 4 core's 1 MB L2.
-/// (In unit tests a width that splits output rows and strips of NR.)
+/// KC × 256 f32 (512 KB) and its packed copy (256 KB) stay in a Zen 4
+/// core's 1 MB L2. (In unit tests 40, not a multiple of NR: blocks that end
+/// inside a strip and split a conv's output rows.)
 #[cfg(not(test))]
 const NC_BLOCKS: usize = 256;
 #[cfg(test)]
@@ -279,7 +280,8 @@ unsafe fn kernel_for(rows: usize, cols: usize, pairs: usize, a: &[u32], b: &[u32
                 9 => kernel::<9, $h>(pairs, a, b, c, ldc, add),
                 10 => kernel::<10, $h>(pairs, a, b, c, ldc, add),
                 11 => kernel::<11, $h>(pairs, a, b, c, ldc, add),
-                _ => kernel::<MR, $h>(pairs, a, b, c, ldc, add),
+                12 => kernel::<12, $h>(pairs, a, b, c, ldc, add),
+                _ => unreachable!("bf16 kernel: {rows} rows of a panel of {MR}"),
             }
         };
     }
@@ -340,7 +342,8 @@ pub(super) enum A<'a> {
 /// before its packing is read from the cache.
 pub(super) trait Blocks: Sync {
     /// Writes rows `[k0, k0 + kc)` × columns `[j0, j0 + nc)` of the matrix
-    /// into `out`, row after row (`nc` values each).
+    /// into `out`, row after row (`nc` values each). Runs inside `gemm` on
+    /// this thread's packing buffers: it must not call `gemm` itself.
     fn fill(&self, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut [f32]);
     /// Whether `fill` writes the block transposed instead: column after
     /// column (`kc` values each).
@@ -408,7 +411,8 @@ pub(super) unsafe fn gemm(m: usize, k: usize, n: usize, a: A, b: B, c: Out, rsc:
                     }
                 }
                 for s in 0..strips {
-                    let (j, width) = (j0 + s * NR, (n - j0 - s * NR).min(NR));
+                    // Strips of this block only (`live` columns from j0).
+                    let (j, width) = (j0 + s * NR, (live - s * NR).min(NR));
                     for pi in 0..panels {
                         let rows = (m - pi * MR).min(MR);
                         let (ap, bp) = (&pa[pi * pairs * MR..], &pb[s * pairs * NR..]);
@@ -497,6 +501,52 @@ mod tests {
                 let mut c = c0.clone();
                 run(m, k, n, &a, at, &b, bt, &mut c, beta);
                 assert_sums(&c, &want, &mag, k, &format!("{m}x{k}x{n} at {at} bt {bt} beta {beta}"));
+            }
+        }
+    }
+
+    /// A dense k×n matrix served by blocks, either layout.
+    struct Dense<'a> {
+        b: &'a [f32],
+        n: usize,
+        t: bool,
+    }
+
+    impl Blocks for Dense<'_> {
+        fn fill(&self, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut [f32]) {
+            for k in k0..k0 + kc {
+                for j in j0..j0 + nc {
+                    let at = if self.t { (j - j0) * kc + (k - k0) } else { (k - k0) * nc + (j - j0) };
+                    out[at] = self.b[k * self.n + j];
+                }
+            }
+        }
+        fn k_contiguous(&self) -> bool {
+            self.t
+        }
+    }
+
+    /// A B operand made by blocks (40 columns in tests: blocks ending inside
+    /// a strip of 32) gives the sums, both layouts, beta 0, 1 and 0.5 (each C
+    /// value scaled once), strips of 16 columns stored directly (n = 48).
+    #[test]
+    fn bf16_products_of_an_operand_made_by_blocks() {
+        if !available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let mut rng = Rng::new(11);
+        let bf = |v: f32| f32::from_bits(to_bf16(v) << 16);
+        for (m, k, n) in [(13, 515, 100), (12, 7, 48), (5, 30, 40)] {
+            for (t, beta) in [(false, 0.0), (true, 1.0), (false, 0.5), (true, 0.5)] {
+                let mut random = |len: usize| (0..len).map(|_| bf(rng.normal())).collect::<Vec<f32>>();
+                let (a, b, c0) = (random(m * k), random(k * n), random(m * n));
+                let (want, mag) = reference(m, k, n, &a, false, &b, false, &c0, beta);
+                let mut c = c0.clone();
+                let blocks = Dense { b: &b, n, t };
+                // SAFETY: checked `available()`; `c` is an exclusive borrow.
+                unsafe { gemm(m, k, n, A::Matrix(Strided::new(&a, (k, 1))), B::Blocks(&blocks), Out::new(&mut c), n, beta) };
+                assert_sums(&c, &want, &mag, k, &format!("{m}x{k}x{n} by blocks, transposed {t}, beta {beta}"));
             }
         }
     }
