@@ -984,8 +984,8 @@ impl Network {
     }
 
     /// Runs the network on `x` with BN in `mode`. `x` by value or borrowed:
-    /// an image input is rearranged channel-major
-    /// into a new buffer either way, so a borrowed batch is not copied first.
+    /// an image input is rearranged channel-major into a new buffer either
+    /// way, so a borrowed batch is not copied first.
     pub fn forward_mode<'x>(&self, x: impl Into<std::borrow::Cow<'x, [f32]>>, batch: usize, mode: Mode) -> Result<Activations> {
         let x = x.into();
         if batch == 0 {
@@ -1005,10 +1005,7 @@ impl Network {
             argmax: HashMap::new(),
             bn_batch: HashMap::new(),
         };
-        acts.values[self.input] = match self.dims[self.input] {
-            Some((c, hw)) => transpose_blocks(&x, batch, c, hw),
-            None => x.into_owned(),
-        };
+        acts.values[self.input] = self.channel_major(self.input, x, batch);
         for (i, step) in self.steps.iter().enumerate() {
             let start = self.times.start();
             let (y, out) = self.forward_step(i, step, &mut acts);
@@ -1128,11 +1125,12 @@ impl Network {
         }
     }
 
-    /// An image-major batch of value `v` in the value's stored layout.
-    fn channel_major(&self, v: usize, data: Vec<f32>, batch: usize) -> Vec<f32> {
+    /// An image-major batch of value `v` in the value's stored layout
+    /// (borrowed data is copied only when it keeps its layout).
+    fn channel_major(&self, v: usize, data: std::borrow::Cow<'_, [f32]>, batch: usize) -> Vec<f32> {
         match self.dims[v] {
             Some((c, hw)) => transpose_blocks(&data, batch, c, hw),
-            None => data,
+            None => data.into_owned(),
         }
     }
 
@@ -1198,7 +1196,7 @@ impl Network {
     pub fn backward(&self, acts: &mut Activations, seeds: Vec<(usize, Vec<f32>)>) -> Vec<Vec<f32>> {
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; self.value_len.len()];
         for (v, g) in seeds {
-            self.accumulate(&mut grads[v], self.channel_major(v, g, acts.batch));
+            self.accumulate(&mut grads[v], self.channel_major(v, g.into(), acts.batch));
         }
         let mut pgrads: Vec<Vec<f32>> = self.params.iter().map(|p| vec![0.0; p.data.len()]).collect();
         for (i, step) in self.steps.iter().enumerate().rev() {
@@ -1328,7 +1326,7 @@ impl Network {
                 dx.par_chunks_mut(*hw).zip(dy.par_iter()).for_each(|(plane, &g)| plane.fill(g / *hw as f32));
                 vec![(*x, dx)]
             }
-            Step::Flatten { x, .. } => vec![(*x, self.channel_major(*x, std::mem::take(dy), acts.batch))],
+            Step::Flatten { x, .. } => vec![(*x, self.channel_major(*x, std::mem::take(dy).into(), acts.batch))],
             Step::Act { x, y, f } => {
                 let dx = dy.par_iter().zip(vals[*x].par_iter().zip(&vals[*y])).map(|(g, (&xv, &yv))| g * f.slope(xv, yv)).collect();
                 vec![(*x, dx)]
